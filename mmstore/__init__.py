@@ -1,0 +1,46 @@
+"""mmstore: NumPy datasets shared zero-copy between processes through memory-mapped files.
+
+The public API is what this module exports; every other module is private.
+See README.md for a quickstart and docs/FORMAT.md for the on-disk format.
+"""
+
+from __future__ import annotations
+
+from ._errors import (
+    ClosedError,
+    DatasetExistsError,
+    DatasetNotFoundError,
+    FormatError,
+    InvalidNameError,
+    LockTimeout,
+    MmstoreError,
+    ReadOnlyError,
+    StoreExistsError,
+    StoreFullError,
+    StoreIOError,
+    StoreNotFoundError,
+    UnsupportedDtypeError,
+)
+from ._format import FORMAT_VERSION
+from ._store import Store
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FORMAT_VERSION",
+    "ClosedError",
+    "DatasetExistsError",
+    "DatasetNotFoundError",
+    "FormatError",
+    "InvalidNameError",
+    "LockTimeout",
+    "MmstoreError",
+    "ReadOnlyError",
+    "Store",
+    "StoreExistsError",
+    "StoreFullError",
+    "StoreIOError",
+    "StoreNotFoundError",
+    "UnsupportedDtypeError",
+    "__version__",
+]

@@ -1,0 +1,68 @@
+"""The exception hierarchy.
+
+Every error mmstore raises derives from :class:`MmstoreError` and also from the
+built-in exception a caller would naturally catch (``KeyError`` for a missing
+dataset, ``TimeoutError`` for a lock wait ...), so both ``except
+mmstore.MmstoreError`` and ``except KeyError`` work. ``exit_code`` is what the
+CLI exits with when the error reaches it.
+"""
+
+from __future__ import annotations
+
+
+class MmstoreError(Exception):
+    """Root of every error raised by mmstore."""
+
+    exit_code = 1
+
+    def __str__(self) -> str:
+        # KeyError.__str__ would repr() the message and wrap it in quotes.
+        return str(self.args[0]) if len(self.args) == 1 else super().__str__()
+
+
+class InvalidNameError(MmstoreError, ValueError):
+    """A dataset name that is empty, escapes the store or has forbidden characters."""
+
+
+class UnsupportedDtypeError(MmstoreError, ValueError):
+    """A dtype mmstore cannot store as raw bytes (object dtypes and the like)."""
+
+
+class DatasetNotFoundError(MmstoreError, KeyError):
+    """The named dataset does not exist."""
+
+
+class DatasetExistsError(MmstoreError, FileExistsError):
+    """The named dataset exists and the operation would not replace it."""
+
+
+class StoreNotFoundError(MmstoreError, FileNotFoundError):
+    """The store directory (or its manifest) does not exist."""
+
+
+class StoreExistsError(MmstoreError, FileExistsError):
+    """The store already exists and the mode asked to create it (``w-``)."""
+
+
+class FormatError(MmstoreError, ValueError):
+    """A header, manifest or data file that does not match the on-disk format."""
+
+
+class ReadOnlyError(MmstoreError, PermissionError):
+    """A write to a store opened read-only, or to a dataset through a reader."""
+
+
+class LockTimeout(MmstoreError, TimeoutError):
+    """A writer lock that could not be acquired within the store's timeout."""
+
+
+class StoreFullError(MmstoreError, OSError):
+    """The file system ran out of space (or quota) while writing."""
+
+
+class StoreIOError(MmstoreError, OSError):
+    """An I/O error while writing or syncing; the previous committed state is intact."""
+
+
+class ClosedError(MmstoreError, ValueError):
+    """An operation on a store or handle that has been closed."""

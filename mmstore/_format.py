@@ -1,0 +1,385 @@
+"""The on-disk format: constants, the header type, and parse/validate functions.
+
+This module is the only place that knows what a sidecar or the manifest looks
+like; docs/FORMAT.md is the byte-level spec it implements. Every parse error is
+a FormatError that names the dataset, so one corrupt dataset never hides the
+others.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.lib.format as npy_format
+
+from ._errors import FormatError, UnsupportedDtypeError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "mmstore.json"
+MANIFEST_FORMAT = "mmstore"
+DATASET_FORMAT = "mmstore-dataset"
+CHECKSUM_ALGORITHM = "crc32"
+
+MAX_SIDECAR_BYTES = 64 * 2**20
+MAX_NDIM = 64
+# Anything larger cannot be mapped on a 64-bit machine anyway; the bound also
+# keeps shape * itemsize arithmetic far from any overflow in NumPy.
+MAX_NBYTES = 2**62
+
+_HEADER_KEYS = frozenset(
+    {
+        "format", "version", "name", "dtype", "shape", "byteorder", "data_file",
+        "offset", "generation", "growable", "checksum", "attrs", "created", "modified",
+    }
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """A parsed, validated dataset sidecar (see docs/FORMAT.md)."""
+
+    name: str
+    dtype: np.dtype[Any]
+    shape: tuple[int, ...]
+    data_file: str
+    offset: int
+    generation: int
+    created: float
+    modified: float
+    attrs: dict[str, Any] = field(default_factory=dict)
+    checksum: str | None = None
+    growable: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def to_json(self) -> bytes:
+        record = {
+            "format": DATASET_FORMAT,
+            "version": FORMAT_VERSION,
+            "name": self.name,
+            "dtype": encode_dtype(self.dtype),
+            "shape": list(self.shape),
+            "byteorder": _byteorder_cached(self.dtype),
+            "data_file": self.data_file,
+            "offset": self.offset,
+            "generation": self.generation,
+            "growable": self.growable,
+            "checksum": self.checksum,
+            "attrs": self.attrs,
+            "created": self.created,
+            "modified": self.modified,
+        }
+        return (json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n").encode()
+
+
+# --- dtypes -------------------------------------------------------------------
+
+_ENCODED_DTYPES: dict[np.dtype[Any], Any] = {}
+
+
+def encode_dtype(dtype: np.dtype[Any]) -> Any:
+    """Return the JSON form of ``dtype`` (its NumPy descr), refusing what cannot round-trip."""
+    try:
+        return _ENCODED_DTYPES[dtype]
+    except KeyError:
+        pass
+    except TypeError:  # an unhashable oddity: fall through to the slow path
+        pass
+    if dtype.hasobject or dtype.kind in "OT":
+        raise UnsupportedDtypeError(
+            f"dtype {dtype} holds Python objects; mmstore stores raw bytes only "
+            "(use fixed-width 'S'/'U' strings or numeric fields)"
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # numpy warns before falling back to a lossy form
+        descr = npy_format.dtype_to_descr(dtype)
+    encoded = _descr_to_json(descr)
+    if decode_dtype(encoded) != dtype:
+        raise UnsupportedDtypeError(
+            f"dtype {dtype} cannot be stored exactly (overlapping or reordered fields?); "
+            "pack it first with numpy.lib.recfunctions.repack_fields"
+        )
+    if len(_ENCODED_DTYPES) < 1024:
+        _ENCODED_DTYPES[dtype] = encoded
+    return encoded
+
+
+def _descr_to_json(descr: Any) -> Any:
+    if isinstance(descr, str):
+        return descr
+    return [
+        [list(entry[0]) if isinstance(entry[0], tuple) else entry[0], _descr_to_json(entry[1])]
+        + ([list(entry[2])] if len(entry) > 2 else [])
+        for entry in descr
+    ]
+
+
+def _descr_from_json(obj: Any) -> Any:
+    """Turn the JSON form back into a NumPy descr (lists become the tuples NumPy wants)."""
+    if isinstance(obj, str):
+        return obj
+    if not isinstance(obj, list):
+        raise ValueError(f"a dtype must be a string or a list of fields, not {type(obj).__name__}")
+    fields: list[tuple[Any, ...]] = []
+    for entry in obj:
+        if not isinstance(entry, list) or len(entry) not in (2, 3):
+            raise ValueError(f"bad field entry {entry!r}")
+        name = entry[0]
+        if isinstance(name, list):
+            if len(name) != 2 or not all(isinstance(part, str) for part in name):
+                raise ValueError(f"bad field title {name!r}")
+            name = tuple(name)
+        elif not isinstance(name, str):
+            raise ValueError(f"bad field name {name!r}")
+        sub = _descr_from_json(entry[1])
+        if len(entry) == 3:
+            shape = entry[2]
+            if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
+                raise ValueError(f"bad field shape {shape!r}")
+            fields.append((name, sub, tuple(shape)))
+        else:
+            fields.append((name, sub))
+    return fields
+
+
+_DECODED_DTYPES: dict[str, np.dtype[Any]] = {}
+
+
+def decode_dtype(obj: Any) -> np.dtype[Any]:
+    """Parse the JSON form of a dtype; raises ValueError (callers add the dataset name)."""
+    key = obj if isinstance(obj, str) else json.dumps(obj)
+    cached = _DECODED_DTYPES.get(key)
+    if cached is not None:
+        return cached
+    dtype = _decode_dtype(obj)
+    if len(_DECODED_DTYPES) < 1024:
+        _DECODED_DTYPES[key] = dtype
+    return dtype
+
+
+def _decode_dtype(obj: Any) -> np.dtype[Any]:
+    descr = _descr_from_json(obj)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            dtype = npy_format.descr_to_dtype(descr)
+    except (TypeError, ValueError, KeyError, SyntaxError, Warning) as exc:
+        raise ValueError(f"unknown dtype {obj!r} ({exc})") from None
+    if dtype.hasobject or dtype.kind in "OT":
+        raise ValueError(f"object dtype {obj!r} is not allowed")
+    if dtype.itemsize > MAX_NBYTES:
+        raise ValueError(f"dtype {obj!r} is too large")
+    return dtype
+
+
+_BYTEORDERS: dict[np.dtype[Any], str] = {}
+
+
+def _byteorder_cached(dtype: np.dtype[Any]) -> str:
+    order = _BYTEORDERS.get(dtype)
+    if order is None:
+        order = byteorder_of(dtype)
+        if len(_BYTEORDERS) < 1024:
+            _BYTEORDERS[dtype] = order
+    return order
+
+
+def byteorder_of(dtype: np.dtype[Any]) -> str:
+    """'<', '>', '|' (not applicable) or 'mixed', looking through structured fields."""
+    orders: set[str] = set()
+    _collect_byteorders(dtype, orders)
+    orders.discard("|")
+    if not orders:
+        return "|"
+    return orders.pop() if len(orders) == 1 else "mixed"
+
+
+def _collect_byteorders(dtype: np.dtype[Any], orders: set[str]) -> None:
+    if dtype.fields:
+        for sub, *_ in dtype.fields.values():
+            _collect_byteorders(sub, orders)
+    elif dtype.subdtype is not None:
+        _collect_byteorders(dtype.subdtype[0], orders)
+    else:
+        order = dtype.byteorder
+        if order == "=":
+            order = "<" if np.little_endian else ">"
+        orders.add(order)
+
+
+def check_storable(dtype: np.dtype[Any]) -> None:
+    encode_dtype(dtype)
+
+
+# --- checksums ----------------------------------------------------------------
+
+
+def format_checksum(crc: int) -> str:
+    return f"{CHECKSUM_ALGORITHM}:{crc & 0xFFFFFFFF:08x}"
+
+
+def crc32_update(crc: int, data: Any) -> int:
+    return zlib.crc32(data, crc)
+
+
+# --- parsing ------------------------------------------------------------------
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def parse_header(name: str, raw: bytes) -> Header:
+    """Parse and validate a sidecar; every problem is a FormatError naming ``name``."""
+
+    def bad(problem: str) -> FormatError:
+        return FormatError(f"dataset {name!r}: corrupt header: {problem}")
+
+    if len(raw) > MAX_SIDECAR_BYTES:
+        raise bad(f"sidecar is larger than {MAX_SIDECAR_BYTES} bytes")
+    try:
+        record = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise bad(f"not valid JSON ({exc})") from None
+    if not isinstance(record, dict):
+        raise bad("not a JSON object")
+    if record.get("format") != DATASET_FORMAT:
+        raise bad(f"format is {record.get('format')!r}, expected {DATASET_FORMAT!r}")
+    version: Any = record.get("version")
+    if not _is_count(version) or version < 1:
+        raise bad(f"bad version {version!r}")
+    if version > FORMAT_VERSION:
+        raise FormatError(
+            f"dataset {name!r}: format version {version} is newer than this mmstore "
+            f"supports ({FORMAT_VERSION}); upgrade mmstore"
+        )
+    missing = _HEADER_KEYS - record.keys()
+    if missing:
+        raise bad(f"missing field(s) {', '.join(sorted(missing))}")
+    try:
+        dtype = decode_dtype(record["dtype"])
+    except (ValueError, RecursionError) as exc:
+        raise bad(str(exc)) from None
+    shape = record["shape"]
+    if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
+        raise bad(f"shape {shape!r} is not a list of non-negative integers")
+    if len(shape) > MAX_NDIM:
+        raise bad(f"shape has {len(shape)} dimensions (at most {MAX_NDIM})")
+    if math.prod(shape) * max(dtype.itemsize, 1) > MAX_NBYTES:
+        raise bad(f"shape {shape} of {dtype} is too large to map")
+    if record["byteorder"] != _byteorder_cached(dtype):
+        raise bad(f"byteorder {record['byteorder']!r} does not match dtype {dtype}")
+    data_file = record["data_file"]
+    if (
+        not isinstance(data_file, str)
+        or not data_file
+        or "/" in data_file
+        or "\0" in data_file
+        or data_file.startswith(".")
+    ):
+        raise bad(f"data_file {data_file!r} is not a plain file name inside the store")
+    offset = record["offset"]
+    if not _is_count(offset) or offset > MAX_NBYTES:
+        raise bad(f"offset {offset!r} is not a valid byte offset")
+    generation = record["generation"]
+    if not _is_count(generation) or generation < 1:
+        raise bad(f"generation {generation!r} is not a positive integer")
+    growable = record["growable"]
+    if not isinstance(growable, bool):
+        raise bad(f"growable {growable!r} is not a boolean")
+    if growable and not shape:
+        raise bad("a growable dataset needs at least one dimension")
+    checksum = record["checksum"]
+    if checksum is not None and not (
+        isinstance(checksum, str)
+        and checksum.startswith(CHECKSUM_ALGORITHM + ":")
+        and len(checksum) == len(CHECKSUM_ALGORITHM) + 9
+    ):
+        raise bad(f"checksum {checksum!r} is not of the form 'crc32:xxxxxxxx'")
+    attrs = record["attrs"]
+    if not isinstance(attrs, dict):
+        raise bad("attrs is not a JSON object")
+    created, modified = record["created"], record["modified"]
+    if not _is_number(created) or not _is_number(modified):
+        raise bad("created/modified are not timestamps")
+    recorded_name = record["name"]
+    if not isinstance(recorded_name, str):
+        raise bad("name is not a string")
+    return Header(
+        name=name,
+        dtype=dtype,
+        shape=tuple(shape),
+        data_file=data_file,
+        offset=offset,
+        generation=generation,
+        created=float(created),
+        modified=float(modified),
+        attrs=attrs,
+        checksum=checksum,
+        growable=growable,
+    )
+
+
+def encode_attrs(attrs: Any) -> dict[str, Any]:
+    """Validate user attrs: a mapping of str to JSON values (NumPy scalars/arrays allowed)."""
+    if attrs is None:
+        return {}
+    if not hasattr(attrs, "items"):
+        raise ValueError(f"attrs must be a mapping, not {type(attrs).__name__}")
+    result = {}
+    for key, value in attrs.items():
+        if not isinstance(key, str):
+            raise ValueError(f"attr keys must be strings, got {key!r}")
+        result[key] = value
+    try:
+        # Round-trip through JSON so what we store is exactly what we return later.
+        text = json.dumps(result, default=_json_default, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"attrs must be JSON-serialisable: {exc}") from None
+    decoded: dict[str, Any] = json.loads(text)
+    return decoded
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} value {value!r} is not JSON-serialisable")
+
+
+# --- the manifest -------------------------------------------------------------
+
+
+def manifest_bytes(created: float) -> bytes:
+    record = {"format": MANIFEST_FORMAT, "version": FORMAT_VERSION, "created": created}
+    return (json.dumps(record) + "\n").encode()
+
+
+def parse_manifest(root: str, raw: bytes) -> int:
+    """Validate the store manifest and return its format version."""
+    try:
+        record = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise FormatError(f"store {root!r}: {MANIFEST_NAME} is not valid JSON ({exc})") from None
+    if not isinstance(record, dict) or record.get("format") != MANIFEST_FORMAT:
+        raise FormatError(f"store {root!r}: {MANIFEST_NAME} is not an mmstore manifest")
+    version: Any = record.get("version")
+    if not _is_count(version) or version < 1:
+        raise FormatError(f"store {root!r}: bad format version {version!r}")
+    if version > FORMAT_VERSION:
+        raise FormatError(
+            f"store {root!r}: format version {version} is newer than this mmstore "
+            f"supports ({FORMAT_VERSION}); upgrade mmstore"
+        )
+    return int(version)

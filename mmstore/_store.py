@@ -1,0 +1,623 @@
+"""The Store: a directory of datasets shared through the page cache.
+
+Commit protocol for ``put`` (see _durable.py for the ordering and
+docs/FORMAT.md for the files):
+
+1. Outside any lock: create ``<leaf>.<token>.dat`` exclusively, hold a liveness
+   flock on it (so recovery knows its writer is alive), write the bytes and
+   their CRC-32.
+2. Under the dataset's writer lock: read the current header (for the next
+   generation number), write the new sidecar to a temp file, swap it in.
+3. After the lock: drop the liveness lock and unlink the old generation's data
+   file. Readers that still map it keep a consistent old snapshot.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+import stat
+import threading
+import time
+import weakref
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from . import _durable, _mapping, _names
+from ._errors import (
+    ClosedError,
+    DatasetNotFoundError,
+    FormatError,
+    InvalidNameError,
+    ReadOnlyError,
+    StoreExistsError,
+    StoreIOError,
+    StoreNotFoundError,
+)
+from ._format import (
+    MANIFEST_NAME,
+    Header,
+    encode_attrs,
+    encode_dtype,
+    format_checksum,
+    manifest_bytes,
+    parse_header,
+    parse_manifest,
+)
+from ._locks import DatasetLock, mark_alive
+
+_MODES = ("r", "r+", "a", "w-", "x")
+# Each cached dataset pins a sidecar descriptor (and its map one more); each
+# remembered location may keep a lock descriptor. Bounded so that a process
+# touching many datasets stays far below the usual 1024-descriptor limit.
+_MAX_CACHED_DATASETS = 256
+_MAX_LOCATIONS = 256
+_READ_ALL = 1 << 20
+
+_VANISHED = object()
+
+_live_stores: weakref.WeakSet[Store] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for store in list(_live_stores):
+        store._forget_after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class _Location:
+    """Where one (validated) dataset name lives on disk, and its writer lock."""
+
+    __slots__ = ("directory", "leaf", "lock", "name", "sidecar")
+
+    def __init__(self, root: str, name: str) -> None:
+        self.name = name
+        self.directory, self.leaf = _names.split_leaf(root, name)
+        self.sidecar = self.directory + "/" + self.leaf + ".json"
+        self.lock = DatasetLock(self.directory + "/" + _names.lock_file_name(self.leaf), f"dataset {name!r}")
+
+    def data_path(self, data_file: str) -> str:
+        return self.directory + "/" + data_file
+
+    def temp_path(self) -> str:
+        return self.directory + "/" + _names.temp_file_name(self.leaf, _names.new_token())
+
+
+class _Entry:
+    """A committed header (and, once read, its mapped array) plus the identity
+    of the sidecar it came from.
+
+    The sidecar descriptor is held open so that its inode number cannot be
+    reused by a later sidecar: while we hold it, a stat() that shows the same
+    inode really is the same, unchanged commit (sidecars are never rewritten in
+    place, only replaced by rename). One stat() is all a repeated get costs.
+    """
+
+    __slots__ = ("array", "device", "header", "inode", "sidecar_fd")
+
+    def __init__(self, header: Header, sidecar_fd: int, st: os.stat_result) -> None:
+        self.header = header
+        self.array: np.ndarray | None = None
+        self.sidecar_fd = sidecar_fd
+        self.inode = st.st_ino
+        self.device = st.st_dev
+
+
+class Store:
+    """A directory of NumPy datasets, shared zero-copy between processes.
+
+    ``mode`` follows h5py: ``"r"`` read-only (needs no write permission
+    anywhere), ``"r+"`` read/write on an existing store, ``"a"`` read/write,
+    creating the store if needed (the default), ``"w-"`` (or ``"x"``) create,
+    failing if it exists. ``timeout`` bounds every writer-lock wait (seconds;
+    negative waits forever).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], mode: str = "a", *, timeout: float = 10.0) -> None:
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {', '.join(map(repr, _MODES))}, not {mode!r}")
+        self.path = os.path.abspath(os.fspath(path))
+        self.mode = "w-" if mode == "x" else mode
+        self.timeout = float(timeout)
+        self.readonly = mode == "r"
+        self._closed = False
+        self._pid = os.getpid()
+        self._entries: dict[str, _Entry] = {}
+        self._locations: dict[str, _Location] = {}
+        self._locations_guard = threading.Lock()
+        self._dirty: set[str] = set()  # files and directories to fsync on flush()
+        self._dirty_guard = threading.Lock()
+        self._open_manifest()
+        if not self.readonly:
+            from ._recovery import recover_on_open
+
+            recover_on_open(self)
+        _live_stores.add(self)
+
+    # --- opening --------------------------------------------------------------
+
+    def _open_manifest(self) -> None:
+        manifest = os.path.join(self.path, MANIFEST_NAME)
+        if self.mode in ("r", "r+"):
+            self.format_version = self._read_manifest(manifest)
+            if self.mode == "r+" and not os.access(self.path, os.W_OK):
+                raise ReadOnlyError(f"store {self.path!r} is not writable; open it with mode='r'")
+            return
+        try:
+            os.makedirs(self.path, exist_ok=True)
+        except FileExistsError:
+            raise StoreNotFoundError(f"{self.path!r} exists and is not a directory") from None
+        if self.mode == "a" and os.path.exists(manifest):
+            self.format_version = self._read_manifest(manifest)
+            if not os.access(self.path, os.W_OK):
+                raise ReadOnlyError(f"store {self.path!r} is not writable; open it with mode='r'")
+            return
+        if os.path.lexists(manifest):
+            raise StoreExistsError(f"store {self.path!r} already exists (mode 'w-' creates a new one)")
+        if any(not entry.startswith(".") for entry in os.listdir(self.path)):
+            raise StoreNotFoundError(
+                f"{self.path!r} is a non-empty directory without {MANIFEST_NAME}; refusing to turn it into a store"
+            )
+        self._create_manifest(manifest)
+        self.format_version = self._read_manifest(manifest)
+
+    def _create_manifest(self, manifest: str) -> None:
+        temp = os.path.join(self.path, _names.temp_file_name("mmstore", _names.new_token()))
+        fd = _durable.create_new(temp)
+        try:
+            _durable.write_all(fd, manifest_bytes(time.time()))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(temp, manifest)  # link, not rename: never replace a manifest
+        except FileExistsError:
+            if self.mode == "w-":
+                raise StoreExistsError(f"store {self.path!r} already exists") from None
+        finally:
+            os.unlink(temp)
+        _durable.fsync_dir(self.path)
+
+    def _read_manifest(self, manifest: str) -> int:
+        try:
+            fd = os.open(manifest, _durable.READ_FLAGS)
+        except FileNotFoundError:
+            raise StoreNotFoundError(f"no mmstore store at {self.path!r} ({MANIFEST_NAME} not found)") from None
+        except NotADirectoryError:
+            raise StoreNotFoundError(f"no mmstore store at {self.path!r} (not a directory)") from None
+        try:
+            raw = _read_fd(fd)
+        finally:
+            os.close(fd)
+        return parse_manifest(self.path, raw)
+
+    # --- small helpers --------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(f"store {self.path!r} is closed")
+
+    def _check_writable(self) -> None:
+        if self._closed:
+            raise ClosedError(f"store {self.path!r} is closed")
+        if self.readonly:
+            raise ReadOnlyError(f"store {self.path!r} was opened read-only (mode='r')")
+
+    def _locate(self, name: str) -> _Location:
+        """The location of a dataset name, validating the name on first use."""
+        location = self._locations.get(name)
+        if location is None:
+            self._check_open()
+            _names.validate_name(name)
+            with self._locations_guard:
+                location = self._locations.get(name)
+                if location is None:
+                    if len(self._locations) >= _MAX_LOCATIONS:
+                        self._forget_idle_locations()
+                    location = _Location(self.path, name)
+                    self._locations[name] = location
+        return location
+
+    def _forget_idle_locations(self) -> None:
+        """Drop the older half of the remembered locations whose locks are not held."""
+        for name in list(self._locations)[: _MAX_LOCATIONS // 2]:
+            if self._locations[name].lock.close_if_idle():
+                del self._locations[name]
+
+    def _lock(self, name: str) -> DatasetLock:
+        return self._locate(name).lock
+
+    def _forget_after_fork(self) -> None:
+        """In a forked child: drop inherited lock descriptors and cached sidecar fds."""
+        for location in self._locations.values():
+            location.lock.forget_after_fork()
+        self._locations_guard = threading.Lock()
+        self._dirty_guard = threading.Lock()
+        for entry in self._entries.values():
+            _close_quietly(entry.sidecar_fd)
+        self._entries = {}
+        self._pid = os.getpid()
+
+    def _missing(self, name: str) -> DatasetNotFoundError:
+        return DatasetNotFoundError(f"no dataset {name!r} in store {self.path!r}")
+
+    # --- reading --------------------------------------------------------------
+
+    def get(self, name: str) -> np.ndarray:
+        """Return the dataset as a read-only array mapped from its data file (no copy).
+
+        The array stays valid after the dataset is replaced or deleted and after
+        the store is closed: it keeps mapping the generation it was read from.
+        Never stale: one stat() of the sidecar tells whether another process
+        has committed since the last call.
+        """
+        location = self._locate(name)
+        entry = self._current_entry(location)
+        array = entry.array
+        if array is None:
+            header = entry.header
+            array = entry.array = _mapping.map_readonly(header, location.data_path(header.data_file))
+        return array[...]
+
+    def _current_entry(self, location: _Location) -> _Entry:
+        """The entry of the committed sidecar, re-reading it only if it changed."""
+        entry = self._entries.get(location.name)
+        if entry is not None:
+            try:
+                st = os.stat(location.sidecar)
+            except (FileNotFoundError, NotADirectoryError):
+                self._drop_entry(location.name)
+                raise self._missing(location.name) from None
+            if st.st_ino == entry.inode and st.st_dev == entry.device:
+                return entry
+        return self._read_entry(location)
+
+    def _read_entry(self, location: _Location) -> _Entry:
+        self._check_open()
+        name = location.name
+        try:
+            fd = os.open(location.sidecar, _durable.READ_FLAGS)
+        except (FileNotFoundError, NotADirectoryError):
+            self._drop_entry(name)
+            raise self._missing(name) from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise FormatError(f"dataset {name!r}: sidecar is a symlink; refusing to follow it") from None
+            raise
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise FormatError(f"dataset {name!r}: sidecar is not a regular file")
+            header = parse_header(name, _read_fd(fd))
+        except BaseException:
+            os.close(fd)
+            raise
+        entry = _Entry(header, fd, st)
+        self._remember(name, entry)
+        return entry
+
+    def _remember(self, name: str, entry: _Entry) -> None:
+        old = self._entries.pop(name, None)
+        if old is not None:
+            _close_quietly(old.sidecar_fd)
+        while len(self._entries) >= _MAX_CACHED_DATASETS:
+            oldest = next(iter(self._entries))
+            _close_quietly(self._entries.pop(oldest).sidecar_fd)
+        self._entries[name] = entry
+
+    def _drop_entry(self, name: str) -> None:
+        old = self._entries.pop(name, None)
+        if old is not None:
+            _close_quietly(old.sidecar_fd)
+
+    def header(self, name: str) -> Header:
+        """The current parsed header of ``name`` (refreshed if another process committed)."""
+        return self._current_entry(self._locate(name)).header
+
+    def info(self, name: str) -> dict[str, Any]:
+        """A description of the dataset: name, dtype, shape, nbytes, attrs, generation, times ..."""
+        location = self._locate(name)
+        header = self._current_entry(location).header
+        return {
+            "name": header.name,
+            "dtype": header.dtype,
+            "shape": header.shape,
+            "ndim": len(header.shape),
+            "size": math.prod(header.shape),
+            "itemsize": header.dtype.itemsize,
+            "nbytes": header.nbytes,
+            "attrs": dict(header.attrs),
+            "generation": header.generation,
+            "created": header.created,
+            "modified": header.modified,
+            "growable": header.growable,
+            "checksum": header.checksum,
+            "data_file": location.data_path(header.data_file),
+        }
+
+    def attrs(self, name: str) -> dict[str, Any]:
+        """The dataset's JSON attributes (a copy)."""
+        return dict(self.header(name).attrs)
+
+    def __contains__(self, name: object) -> bool:
+        if not isinstance(name, str):
+            return False
+        try:
+            location = self._locate(name)
+        except InvalidNameError:
+            return False
+        return os.path.isfile(location.sidecar)
+
+    def keys(self, prefix: str = "") -> list[str]:
+        """Sorted names of every dataset (under ``prefix``, a group path, if given)."""
+        self._check_open()
+        start = self.path
+        if prefix:
+            prefix = prefix.strip("/")
+            _names.validate_name(prefix)
+            start = os.path.join(self.path, prefix)
+        names: list[str] = []
+        _collect_names(self.path, start, names)
+        if prefix and os.path.isfile(_names.sidecar_path(self.path, prefix)):
+            names.append(prefix)
+        return sorted(names)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.get(name)
+
+    # --- writing --------------------------------------------------------------
+
+    def put(
+        self,
+        name: str,
+        array: Any,
+        attrs: Mapping[str, Any] | None = None,
+        *,
+        durable: bool = False,
+    ) -> None:
+        """Atomically create or replace dataset ``name`` with a copy of ``array``.
+
+        Readers see the old value or the new one, never a mix. ``durable=True``
+        also fsyncs the data, the sidecar and the directory before returning.
+        """
+        self._check_writable()
+        location = self._locate(name)
+        array = np.asarray(array)
+        encode_dtype(array.dtype)
+        attrs_record = encode_attrs(attrs) if attrs else {}
+        for _attempt in range(3):
+            if self._write_and_commit(location, array, attrs_record, durable):
+                return
+        raise StoreIOError(errno.EIO, f"dataset {name!r}: could not commit (its new data file kept vanishing)")
+
+    def _write_and_commit(self, location: _Location, array: np.ndarray, attrs: dict[str, Any], durable: bool) -> bool:
+        name = location.name
+        data_file = _names.data_file_name(location.leaf, _names.new_token())
+        data_path = location.data_path(data_file)
+        try:
+            fd = _durable.create_new(data_path)
+        except OSError as exc:
+            raise _durable.io_error(exc, f"dataset {name!r}: creating its data file") from None
+        old_header: Header | None = None
+        committed = False
+        try:
+            mark_alive(fd)
+            try:
+                crc = _mapping.write_array(fd, array)
+                if durable:
+                    os.fsync(fd)
+            except OSError as exc:
+                raise _durable.io_error(exc, f"dataset {name!r}: writing {array.nbytes} bytes") from None
+
+            def make_header(generation: int, created: float | None, now: float) -> Header:
+                return Header(
+                    name=name,
+                    dtype=array.dtype,
+                    shape=array.shape,
+                    data_file=data_file,
+                    offset=0,
+                    generation=generation,
+                    created=created if created is not None else now,
+                    modified=now,
+                    attrs=attrs,
+                    checksum=format_checksum(crc),
+                )
+
+            outcome = self._commit(location, fd, make_header, durable)
+            if outcome is _VANISHED:
+                return False  # recovery judged our unfinished file abandoned: write it again
+            old_header = outcome
+            committed = True
+        finally:
+            os.close(fd)  # drops the liveness lock, after the commit
+            if not committed:
+                _durable.unlink_quietly(data_path)
+        if old_header is not None and old_header.data_file != data_file:
+            _durable.unlink_quietly(location.data_path(old_header.data_file))
+        if not durable:
+            self._mark_dirty(data_path, location.sidecar)
+        return True
+
+    def _commit(self, location: _Location, data_fd: int, make_header: Any, durable: bool) -> Any:
+        """Swap in a new sidecar under the dataset lock and return the old header
+        (None if there was none), or _VANISHED if the new data file was unlinked
+        before we got the lock (recovery in another process judged it abandoned).
+        """
+        lock = location.lock
+        lock.acquire(self.timeout)
+        try:
+            if os.fstat(data_fd).st_nlink == 0:
+                return _VANISHED
+            old_header = self._committed_header(location)
+            generation = old_header.generation + 1 if old_header is not None else 1
+            created = old_header.created if old_header is not None else None
+            header: Header = make_header(generation, created, time.time())
+            try:
+                sidecar_fd = _durable.write_file_atomically(
+                    location.sidecar, location.temp_path(), header.to_json(), durable=durable
+                )
+            except OSError as exc:
+                raise _durable.io_error(exc, f"dataset {location.name!r}: committing its header") from None
+            try:
+                self._remember(location.name, _Entry(header, sidecar_fd, os.fstat(sidecar_fd)))
+            except OSError:
+                _close_quietly(sidecar_fd)
+                self._drop_entry(location.name)
+        finally:
+            lock.release()
+        return old_header
+
+    def _committed_header(self, location: _Location) -> Header | None:
+        """The committed header (callers hold the lock), or None if there is none.
+
+        An unreadable header counts as none: put is create-or-replace, and the
+        old data file is left for recovery to remove.
+        """
+        try:
+            return self._current_entry(location).header
+        except DatasetNotFoundError:
+            return None
+        except FormatError:
+            self._drop_entry(location.name)
+            return None
+
+    def __setitem__(self, name: str, array: Any) -> None:
+        self.put(name, array)
+
+    def delete(self, name: str) -> None:
+        """Remove dataset ``name``; arrays already returned by ``get`` stay valid."""
+        self._check_writable()
+        location = self._locate(name)
+        lock = location.lock
+        lock.acquire(self.timeout)
+        try:
+            old_header = self._committed_header(location)
+            try:
+                os.unlink(location.sidecar)
+            except FileNotFoundError:
+                raise self._missing(name) from None
+            self._drop_entry(name)
+        finally:
+            lock.release()
+        if old_header is not None:
+            _durable.unlink_quietly(location.data_path(old_header.data_file))
+        self._mark_dirty(location.directory)
+
+    def __delitem__(self, name: str) -> None:
+        self.delete(name)
+
+    # --- durability and lifetime ---------------------------------------------
+
+    def _mark_dirty(self, *paths: str) -> None:
+        with self._dirty_guard:
+            self._dirty.update(paths)
+            self._dirty.update(os.path.dirname(path) for path in paths)
+
+    def flush(self) -> None:
+        """Make every change committed through this store durable (fsync files, then directories)."""
+        self._check_open()
+        with self._dirty_guard:
+            dirty, self._dirty = self._dirty, set()
+        directories = sorted(path for path in dirty if os.path.isdir(path))
+        files = sorted(dirty.difference(directories))
+        for path in files:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except FileNotFoundError:
+                continue  # replaced or deleted since: nothing of it left to make durable
+            try:
+                os.fsync(fd)
+            except OSError as exc:
+                raise _durable.io_error(exc, f"fsync of {path!r}") from None
+            finally:
+                os.close(fd)
+        for path in sorted(directories, key=len, reverse=True):
+            try:
+                _durable.fsync_dir(path)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise _durable.io_error(exc, f"fsync of directory {path!r}") from None
+
+    def close(self) -> None:
+        """Release descriptors and locks. Arrays already returned stay valid."""
+        if self._closed:
+            return
+        # close() drops bookkeeping only; durability is flush()'s job (DESIGN invariant 4).
+        with self._dirty_guard:
+            self._dirty.clear()
+        for entry in self._entries.values():
+            _close_quietly(entry.sidecar_fd)
+        self._entries.clear()
+        for location in self._locations.values():
+            location.lock.close()
+        self._locations.clear()
+        self._closed = True
+        _live_stores.discard(self)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            if not self._closed:
+                for entry in self._entries.values():
+                    _close_quietly(entry.sidecar_fd)
+                for location in self._locations.values():
+                    location.lock.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"mode={self.mode!r}"
+        return f"<mmstore.Store {self.path!r} {state}>"
+
+
+def _read_fd(fd: int) -> bytes:
+    chunks: list[bytes] = []
+    while True:
+        chunk = os.read(fd, _READ_ALL)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _collect_names(root: str, directory: str, names: list[str]) -> None:
+    try:
+        entries = list(os.scandir(directory))
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            _collect_names(root, entry.path, names)
+        elif entry.name.endswith(".json") and entry.is_file(follow_symlinks=False):
+            name = entry.path[len(root) + 1 : -5]
+            if name != "mmstore":
+                names.append(name)

@@ -1,0 +1,364 @@
+"""The Store API: put/get, the mapping protocol, modes, errors, locking, recovery on open."""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mmstore
+from mmstore import _store
+from tests.conftest import PROCESS_TIMEOUT, store_files
+from tests import workers
+
+
+def test_put_get_round_trip_with_attrs(store: mmstore.Store) -> None:
+    array = np.arange(12, dtype=np.float32).reshape(3, 4)
+    assert store.put("images/train", array, attrs={"unit": "px", "scale": np.float64(0.5)}) is None
+    got = store.get("images/train")
+    np.testing.assert_array_equal(got, array)
+    assert store.attrs("images/train") == {"unit": "px", "scale": 0.5}
+
+
+def test_get_is_zero_copy_and_read_only(store: mmstore.Store) -> None:
+    store.put("x", np.arange(1000.0))
+    got = store.get("x")
+    assert not got.flags.writeable
+    assert not got.flags.owndata
+    with pytest.raises(ValueError):
+        got[0] = 1.0
+    with pytest.raises(ValueError):
+        got.flags.writeable = True  # backed by a read-only map: cannot be made writable
+    base = got
+    while getattr(base, "base", None) is not None and not isinstance(base, memoryview):
+        base = base.base
+    import mmap
+
+    assert isinstance(base, mmap.mmap) or isinstance(getattr(base, "obj", None), mmap.mmap)
+
+
+def test_mapping_protocol(store: mmstore.Store) -> None:
+    store["b"] = np.arange(2)
+    store["a/x"] = np.arange(3)
+    store["a/y"] = np.arange(4)
+    assert "b" in store and "a/x" in store
+    assert "a" not in store and "zz" not in store and 5 not in store and "../x" not in store
+    assert list(store) == ["a/x", "a/y", "b"]
+    assert len(store) == 3
+    assert store.keys("a") == ["a/x", "a/y"]
+    np.testing.assert_array_equal(store["a/y"], np.arange(4))
+    del store["a/x"]
+    assert list(store) == ["a/y", "b"]
+    with pytest.raises(KeyError):
+        store["a/x"]
+    with pytest.raises(KeyError):
+        del store["a/x"]
+
+
+def test_missing_dataset_errors(store: mmstore.Store) -> None:
+    for call in (store.get, store.info, store.attrs, store.delete):
+        with pytest.raises(mmstore.DatasetNotFoundError) as info:
+            call("nope")
+        assert isinstance(info.value, KeyError)
+        assert "nope" in str(info.value) and str(info.value).count("\n") == 0
+
+
+def test_info_fields(store: mmstore.Store) -> None:
+    store.put("x", np.zeros((3, 2), dtype="<i2"), attrs={"a": [1, 2]})
+    info = store.info("x")
+    assert info["name"] == "x"
+    assert info["dtype"] == np.dtype("<i2")
+    assert info["shape"] == (3, 2)
+    assert info["nbytes"] == 12
+    assert info["attrs"] == {"a": [1, 2]}
+    assert info["generation"] == 1
+    assert info["created"] == info["modified"]
+    store.put("x", np.zeros(1))
+    info2 = store.info("x")
+    assert info2["generation"] == 2
+    assert info2["created"] == info["created"]
+    assert info2["modified"] >= info["modified"]
+    assert info2["attrs"] == {}
+
+
+def test_replace_keeps_old_snapshot_valid_and_unlinks_old_file(store: mmstore.Store, store_path: Path) -> None:
+    store.put("x", np.full(1000, 1.0))
+    old = store.get("x")
+    old_file = store.info("x")["data_file"]
+    store.put("x", np.full(10, 2.0))
+    assert not os.path.exists(old_file), "the old generation's file must be unlinked"
+    assert old.shape == (1000,) and (old == 1.0).all()
+    assert (store.get("x") == 2.0).all()
+    store.delete("x")
+    assert (old == 1.0).all()
+    store.close()
+    assert (old == 1.0).all()
+
+
+def test_get_after_close_keeps_arrays_valid(store_path: Path) -> None:
+    with mmstore.Store(store_path) as store:
+        store.put("x", np.arange(5))
+        array = store.get("x")
+    assert store.closed
+    np.testing.assert_array_equal(array, np.arange(5))
+    with pytest.raises(mmstore.ClosedError):
+        store.get("x")
+    with pytest.raises(mmstore.ClosedError):
+        store.put("y", np.arange(2))
+
+
+def test_repeated_get_sees_commits_from_other_processes(store: mmstore.Store, store_path: Path, spawn) -> None:
+    store.put("x", workers.pattern(1, 100))
+    np.testing.assert_array_equal(store.get("x"), workers.pattern(1, 100))
+    for seed in (2, 3, 4):
+        child = spawn.Process(target=workers.put_one, args=(str(store_path), "x", seed, 100 + seed))
+        child.start()
+        child.join(PROCESS_TIMEOUT)
+        assert child.exitcode == 0
+        np.testing.assert_array_equal(store.get("x"), workers.pattern(seed, 100 + seed))
+        assert store.attrs("x") == {"seed": seed}
+    os.unlink(store_path / "x.json")
+    with pytest.raises(KeyError):
+        store.get("x")
+
+
+def test_attrs_must_be_json(store: mmstore.Store) -> None:
+    with pytest.raises(ValueError, match="JSON"):
+        store.put("x", np.zeros(1), attrs={"f": object()})
+    with pytest.raises(ValueError, match="keys"):
+        store.put("x", np.zeros(1), attrs={1: 2})
+    with pytest.raises(ValueError, match="JSON"):
+        store.put("x", np.zeros(1), attrs={"nan": float("nan")})
+    assert "x" not in store
+
+
+def test_durable_put_and_flush(store: mmstore.Store) -> None:
+    store.put("a", np.arange(3), durable=True)
+    store.put("b", np.arange(4))
+    store.flush()
+    np.testing.assert_array_equal(store.get("b"), np.arange(4))
+
+
+# --- modes ------------------------------------------------------------------------
+
+
+def test_modes(store_path: Path) -> None:
+    with pytest.raises(mmstore.StoreNotFoundError):
+        mmstore.Store(store_path, "r")
+    with pytest.raises(mmstore.StoreNotFoundError):
+        mmstore.Store(store_path, "r+")
+    with mmstore.Store(store_path, "w-") as store:
+        store.put("x", np.arange(3))
+    with pytest.raises(mmstore.StoreExistsError):
+        mmstore.Store(store_path, "w-")
+    with mmstore.Store(store_path, "r+") as store:
+        store.put("y", np.arange(2))
+    with mmstore.Store(store_path, "r") as store:
+        assert store.keys() == ["x", "y"]
+        with pytest.raises(mmstore.ReadOnlyError) as info:
+            store.put("z", np.arange(1))
+        assert isinstance(info.value, PermissionError)
+        with pytest.raises(mmstore.ReadOnlyError):
+            store.delete("x")
+    with pytest.raises(ValueError, match="mode"):
+        mmstore.Store(store_path, "w")
+
+
+def test_refuses_to_adopt_a_non_empty_directory(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "important.txt").write_text("x")
+    with pytest.raises(mmstore.StoreNotFoundError, match="non-empty"):
+        mmstore.Store(tmp_path / "data")
+    assert (tmp_path / "data" / "important.txt").read_text() == "x"
+
+
+def test_store_path_that_is_a_file(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(mmstore.MmstoreError):
+        mmstore.Store(tmp_path / "f")
+
+
+READ_ONLY_SCRIPT = """
+import os, sys, numpy as np, mmstore
+os.setgid(65534); os.setuid(65534)
+store = mmstore.Store(sys.argv[1], "r")
+assert store.keys() == ["g/x", "y"], store.keys()
+assert store.get("g/x").sum() == 45
+try:
+    mmstore.Store(sys.argv[1], "a")
+except PermissionError as exc:
+    print("writer refused:", type(exc).__name__)
+print("OK")
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to an unprivileged user")
+def test_read_only_store_needs_no_write_permission() -> None:
+    # pytest's own tmp dirs are private to root; the unprivileged reader needs a way in.
+    top = Path(tempfile.mkdtemp(prefix="mmstore-ro-"))
+    try:
+        _check_read_only_store(top)
+    finally:
+        for directory, _dirs, _files in os.walk(top):
+            os.chmod(directory, 0o755)
+        shutil.rmtree(top)
+
+
+def _check_read_only_store(top: Path) -> None:
+    top.chmod(0o755)
+    path = top / "store"
+    with mmstore.Store(path) as store:
+        store.put("g/x", np.arange(10))
+        store.put("y", np.arange(3))
+    for directory, _dirs, files in os.walk(path):
+        os.chmod(directory, 0o555)
+        for name in files:
+            os.chmod(os.path.join(directory, name), 0o444)
+    before = store_files(path)
+    result = subprocess.run(
+        [sys.executable, "-c", READ_ONLY_SCRIPT, str(path)], capture_output=True, text=True, timeout=PROCESS_TIMEOUT
+    )
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout
+    assert "writer refused: ReadOnlyError" in result.stdout
+    assert store_files(path) == before
+
+
+# --- locking ----------------------------------------------------------------------
+
+
+def test_lock_timeout_names_the_lock(store_path: Path, spawn) -> None:
+    with mmstore.Store(store_path) as store:
+        store.put("ticks", np.arange(3))
+    locked, release = spawn.Event(), spawn.Event()
+    holder = spawn.Process(target=workers.hold_lock, args=(str(store_path), "ticks", locked, release))
+    holder.start()
+    try:
+        assert locked.wait(PROCESS_TIMEOUT)
+        with mmstore.Store(store_path, timeout=0.2) as store:
+            with pytest.raises(mmstore.LockTimeout) as info:
+                store.put("ticks", np.arange(5))
+            assert isinstance(info.value, TimeoutError)
+            assert "ticks" in str(info.value) and ".ticks.lock" in str(info.value)
+            store.put("other", np.arange(2))  # other datasets are not blocked
+            np.testing.assert_array_equal(store.get("ticks"), np.arange(3))
+    finally:
+        release.set()
+        holder.join(PROCESS_TIMEOUT)
+    assert holder.exitcode == 0
+    with mmstore.Store(store_path, timeout=5) as store:
+        store.put("ticks", np.arange(5))
+        assert store.get("ticks").shape == (5,)
+
+
+def test_sigkilled_lock_holder_frees_the_lock(store_path: Path, spawn) -> None:
+    mmstore.Store(store_path).close()
+    locked, release = spawn.Event(), spawn.Event()
+    holder = spawn.Process(target=workers.hold_lock, args=(str(store_path), "x", locked, release))
+    holder.start()
+    assert locked.wait(PROCESS_TIMEOUT)
+    holder.kill()
+    holder.join(PROCESS_TIMEOUT)
+    with mmstore.Store(store_path, timeout=PROCESS_TIMEOUT) as store:
+        store.put("x", np.arange(2))
+        assert store.get("x").tolist() == [0, 1]
+
+
+# --- recovery on open ---------------------------------------------------------------
+
+
+def test_writable_open_removes_dead_writers_leftovers(store_path: Path) -> None:
+    with mmstore.Store(store_path) as store:
+        store.put("g/x", np.arange(3))
+        committed = store_files(store_path)
+    # What a writer killed mid-put leaves: an unreferenced data file and a temp sidecar.
+    (store_path / "g" / "x.0123456789abcdef.dat").write_bytes(b"\0" * 24)
+    (store_path / "g" / ".x.fedcba9876543210.tmp").write_text("{")
+    (store_path / "y.00000000000000aa.dat").write_bytes(b"junk")  # a dataset never committed
+    with mmstore.Store(store_path, "r") as reader:  # readers never clean up
+        assert len(store_files(store_path)) == len(committed) + 3
+        np.testing.assert_array_equal(reader.get("g/x"), np.arange(3))
+    mmstore.Store(store_path).close()
+    # Only the leftovers are gone (recovery may leave a lock file: those are never unlinked).
+    assert [f for f in store_files(store_path) if not f.endswith(".lock")] == [
+        f for f in committed if not f.endswith(".lock")
+    ]
+    with mmstore.Store(store_path, "r") as reader:
+        np.testing.assert_array_equal(reader.get("g/x"), np.arange(3))
+
+
+def test_recovery_keeps_files_of_live_writers(store_path: Path) -> None:
+    from mmstore import _locks
+
+    mmstore.Store(store_path).close()
+    live = store_path / "x.0123456789abcdef.dat"
+    fd = os.open(live, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        _locks.mark_alive(fd)  # as a put in progress holds it
+        mmstore.Store(store_path).close()
+        assert live.exists()
+    finally:
+        os.close(fd)
+    mmstore.Store(store_path).close()
+    assert not live.exists()
+
+
+def test_recovery_leaves_unreadable_datasets_alone(store_path: Path) -> None:
+    with mmstore.Store(store_path) as store:
+        store.put("x", np.arange(3))
+        data_file = Path(store.info("x")["data_file"])
+    (store_path / "x.json").write_text("{corrupt")
+    mmstore.Store(store_path).close()
+    assert data_file.exists(), "data of a corrupt header is never deleted by recovery"
+
+
+# --- fork ---------------------------------------------------------------------------
+
+
+def test_store_used_after_fork(store: mmstore.Store, store_path: Path) -> None:
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork")
+    store.put("x", np.arange(3))
+    store.get("x")
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            os.close(read_fd)
+            store.put("x", np.arange(4))
+            ok = store.get("x").tolist() == [0, 1, 2, 3]
+            code = 0 if ok else 2
+        finally:
+            os.write(write_fd, bytes([code]))
+            os._exit(code)
+    os.close(write_fd)
+    status = os.read(read_fd, 1)
+    os.close(read_fd)
+    _, exit_status = os.waitpid(pid, 0)
+    assert status == b"\0" and os.waitstatus_to_exitcode(exit_status) == 0
+    assert store.get("x").tolist() == [0, 1, 2, 3]
+    store.put("x", np.arange(5))  # the parent's lock still works
+    assert store.get("x").shape == (5,)
+
+
+def test_no_descriptor_leak_over_many_puts_and_gets(store: mmstore.Store) -> None:
+    before = len(os.listdir("/proc/self/fd"))
+    for i in range(600):
+        store.put(f"d{i % 300}", np.arange(i % 7))
+        store.get(f"d{(i * 7) % 300}") if f"d{(i * 7) % 300}" in store else None
+    gc.collect()
+    after = len(os.listdir("/proc/self/fd"))
+    # Bounded by the caches (a pinned sidecar and a map per entry, a lock per location), not by the puts.
+    bound = 2 * _store._MAX_CACHED_DATASETS + _store._MAX_LOCATIONS + 10
+    assert after - before <= bound
+    for i in range(300):
+        store.put(f"more{i}", np.arange(2))
+    assert len(os.listdir("/proc/self/fd")) - before <= bound
