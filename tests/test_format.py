@@ -253,9 +253,8 @@ def test_truncated_data_file_raises_format_error(store: mmstore.Store, store_pat
     data_file = Path(store.info("x")["data_file"])
     with open(data_file, "r+b") as handle:
         handle.truncate(100)
-    with mmstore.Store(store_path, "r") as reader:
-        with pytest.raises(mmstore.FormatError, match="100 bytes"):
-            reader.get("x")
+    with mmstore.Store(store_path, "r") as reader, pytest.raises(mmstore.FormatError, match="100 bytes"):
+        reader.get("x")
 
 
 def test_symlinked_sidecar_is_refused(store: mmstore.Store, store_path: Path, tmp_path: Path) -> None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 import mmstore
 from tests import workers
 from tests.conftest import PROCESS_TIMEOUT, store_files

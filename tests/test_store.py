@@ -15,8 +15,8 @@ import pytest
 
 import mmstore
 from mmstore import _store
-from tests.conftest import PROCESS_TIMEOUT, store_files
 from tests import workers
+from tests.conftest import PROCESS_TIMEOUT, store_files
 
 
 def test_put_get_round_trip_with_attrs(store: mmstore.Store) -> None:
