@@ -94,7 +94,7 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def write_file_atomically(path: str, temp_path: str, content: bytes, *, durable: bool) -> int:
+def write_file_atomically(path: str, temp_path: str, content: bytes, *, durable: bool, root: str) -> int:
     """Write ``content`` to ``temp_path`` and swap it into ``path`` (steps 2-5 above).
 
     Returns an open descriptor of the new file, which the caller may keep
@@ -112,11 +112,21 @@ def write_file_atomically(path: str, temp_path: str, content: bytes, *, durable:
         raise
     if durable:
         try:
-            fsync_dir(os.path.dirname(path))
+            fsync_dir_chain(os.path.dirname(path), root)
         except BaseException:
             os.close(fd)
             raise
     return fd
+
+
+def fsync_dir_chain(directory: str, root: str) -> None:
+    """fsync ``directory`` and every parent up to ``root`` (new group directories
+    are only durable once their own entry in the parent is)."""
+    while True:
+        fsync_dir(directory)
+        if directory == root or not directory.startswith(root):
+            return
+        directory = os.path.dirname(directory)
 
 
 def swap_into_place(temp_path: str, path: str) -> None:

@@ -61,28 +61,32 @@ class Header:
         return math.prod(self.shape) * self.dtype.itemsize
 
     def to_json(self) -> bytes:
-        record = {
-            "format": DATASET_FORMAT,
-            "version": FORMAT_VERSION,
-            "name": self.name,
-            "dtype": encode_dtype(self.dtype),
-            "shape": list(self.shape),
-            "byteorder": _byteorder_cached(self.dtype),
-            "data_file": self.data_file,
-            "offset": self.offset,
-            "generation": self.generation,
-            "growable": self.growable,
-            "checksum": self.checksum,
-            "attrs": self.attrs,
-            "created": self.created,
-            "modified": self.modified,
-        }
-        return (json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n").encode()
+        """The sidecar bytes: one line of JSON (written by hand: this is on every commit's path)."""
+        attrs = json.dumps(self.attrs, separators=(",", ":"), allow_nan=False) if self.attrs else "{}"
+        checksum = "null" if self.checksum is None else f'"{self.checksum}"'
+        return (
+            f'{{"format":"{DATASET_FORMAT}","version":{FORMAT_VERSION},"name":{json.dumps(self.name)},'
+            f'"dtype":{_dtype_json_text(self.dtype)},"shape":[{",".join(map(str, self.shape))}],'
+            f'"byteorder":"{_byteorder_cached(self.dtype)}","data_file":{json.dumps(self.data_file)},'
+            f'"offset":{self.offset},"generation":{self.generation},'
+            f'"growable":{"true" if self.growable else "false"},"checksum":{checksum},"attrs":{attrs},'
+            f'"created":{float(self.created)!r},"modified":{float(self.modified)!r}}}\n'
+        ).encode()
 
 
 # --- dtypes -------------------------------------------------------------------
 
 _ENCODED_DTYPES: dict[np.dtype[Any], Any] = {}
+_DTYPE_JSON_TEXT: dict[np.dtype[Any], str] = {}
+
+
+def _dtype_json_text(dtype: np.dtype[Any]) -> str:
+    text = _DTYPE_JSON_TEXT.get(dtype)
+    if text is None:
+        text = json.dumps(encode_dtype(dtype), separators=(",", ":"))
+        if len(_DTYPE_JSON_TEXT) < 1024:
+            _DTYPE_JSON_TEXT[dtype] = text
+    return text
 
 
 def encode_dtype(dtype: np.dtype[Any]) -> Any:

@@ -1,12 +1,8 @@
-"""Moving array bytes between NumPy and data files: zero-copy maps and streamed writes."""
+"""Streaming array bytes into data files (with their CRC-32) and checksumming them back."""
 
 from __future__ import annotations
 
-import math
-import mmap
 import os
-import stat
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -14,7 +10,7 @@ import numpy as np
 
 from . import _durable
 from ._errors import FormatError
-from ._format import Header, crc32_update
+from ._format import crc32_update
 
 # Above this size the checksum runs in a helper thread while the main thread
 # writes: zlib.crc32 and os.write both release the GIL, so on two cores the
@@ -22,48 +18,6 @@ from ._format import Header, crc32_update
 _PARALLEL_CHECKSUM_BYTES = 8 * 2**20
 _STREAM_CHUNK_BYTES = 32 * 2**20
 _checksum_pool: ThreadPoolExecutor | None = None
-
-_MMAP_EXTRA: dict[str, Any] = {"trackfd": False} if sys.version_info >= (3, 13) else {}
-
-
-def map_readonly(header: Header, data_path: str, length: int | None = None) -> np.ndarray:
-    """Map the dataset's data file read-only and return it as a read-only array.
-
-    ``length`` overrides the first dimension (growable datasets map only their
-    committed prefix). The file is checked against the header first, so a short
-    file raises FormatError instead of a SIGBUS on first touch.
-    """
-    shape = header.shape if length is None else (length, *header.shape[1:])
-    nbytes = math.prod(shape) * header.dtype.itemsize
-    try:
-        fd = os.open(data_path, _durable.READ_FLAGS)
-    except FileNotFoundError:
-        raise FormatError(f"dataset {header.name!r}: data file {header.data_file!r} is missing") from None
-    except OSError as exc:
-        if isinstance(exc, PermissionError):
-            raise
-        raise FormatError(
-            f"dataset {header.name!r}: cannot open data file {header.data_file!r} ({exc.strerror})"
-        ) from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise FormatError(f"dataset {header.name!r}: data file {header.data_file!r} is not a regular file")
-        needed = header.offset + nbytes
-        if st.st_size < needed or (not header.growable and st.st_size != needed):
-            raise FormatError(
-                f"dataset {header.name!r}: data file {header.data_file!r} is {st.st_size} bytes, "
-                f"the header needs {needed} (offset {header.offset} + {nbytes})"
-            )
-        if nbytes == 0:
-            empty = np.empty(shape, header.dtype)
-            empty.flags.writeable = False
-            return empty
-        mapped = mmap.mmap(fd, needed, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ, **_MMAP_EXTRA)
-    finally:
-        os.close(fd)
-    array = np.frombuffer(mapped, dtype=header.dtype, count=math.prod(shape), offset=header.offset)
-    return array.reshape(shape)
 
 
 def _pool() -> ThreadPoolExecutor:
@@ -103,6 +57,12 @@ def _byte_chunks(array: np.ndarray) -> Any:
 def write_array(fd: int, array: np.ndarray) -> int:
     """Write the array's bytes in C order to ``fd`` and return their CRC-32."""
     crc = 0
+    if array.flags.c_contiguous and array.nbytes <= _STREAM_CHUNK_BYTES:
+        if array.nbytes:
+            data = array.reshape(-1).view(np.uint8)
+            _durable.write_all(fd, data)
+            crc = crc32_update(0, data)
+        return crc
     if array.nbytes < _PARALLEL_CHECKSUM_BYTES:
         for chunk in _byte_chunks(array):
             _durable.write_all(fd, chunk)

@@ -47,6 +47,7 @@ from ._format import (
     parse_header,
     parse_manifest,
 )
+from ._growable import MissingDataFile, Reader, Writer, _Mapped, validate_length
 from ._locks import DatasetLock, mark_alive
 
 _MODES = ("r", "r+", "a", "w-", "x")
@@ -98,11 +99,11 @@ class _Entry:
     place, only replaced by rename). One stat() is all a repeated get costs.
     """
 
-    __slots__ = ("array", "device", "header", "inode", "sidecar_fd")
+    __slots__ = ("device", "header", "inode", "mapped", "sidecar_fd")
 
     def __init__(self, header: Header, sidecar_fd: int, st: os.stat_result) -> None:
         self.header = header
-        self.array: np.ndarray | None = None
+        self.mapped: _Mapped | None = None
         self.sidecar_fd = sidecar_fd
         self.inode = st.st_ino
         self.device = st.st_dev
@@ -130,8 +131,10 @@ class Store:
         self._entries: dict[str, _Entry] = {}
         self._locations: dict[str, _Location] = {}
         self._locations_guard = threading.Lock()
-        self._dirty: set[str] = set()  # files and directories to fsync on flush()
+        # What flush() must fsync, in this order: data files, sidecars, directories.
+        self._dirty: tuple[set[str], set[str], set[str]] = (set(), set(), set())
         self._dirty_guard = threading.Lock()
+        self._writers: weakref.WeakSet[Writer] = weakref.WeakSet()
         self._open_manifest()
         if not self.readonly:
             from ._recovery import recover_on_open
@@ -258,11 +261,37 @@ class Store:
         """
         location = self._locate(name)
         entry = self._current_entry(location)
-        array = entry.array
-        if array is None:
+        mapped = entry.mapped
+        if mapped is None:
+            entry, mapped = self._map_entry(location, entry)
+        header = entry.header
+        if not header.growable:
+            return mapped.rows[...]
+        length = int(mapped.control[1])  # type: ignore[index]
+        if length > mapped.capacity:  # the writer grew the file since we mapped it: map it again
+            entry.mapped = None
+            entry, mapped = self._map_entry(location, entry)
             header = entry.header
-            array = entry.array = _mapping.map_readonly(header, location.data_path(header.data_file))
-        return array[...]
+            if not header.growable:
+                return mapped.rows[...]
+            length = int(mapped.control[1])  # type: ignore[index]
+        return mapped.rows[: validate_length(header, mapped, length)]
+
+    def _map_entry(self, location: _Location, entry: _Entry) -> tuple[_Entry, _Mapped]:
+        """Map the entry's data file. If it vanished because a commit replaced the
+        dataset between our reading the sidecar and opening its data file, read
+        the new sidecar and try again; a data file missing under an unchanged
+        sidecar is a corrupt dataset."""
+        for _attempt in range(1000):
+            try:
+                entry.mapped = _Mapped(entry.header, location.data_path(entry.header.data_file), writable=False)
+                return entry, entry.mapped
+            except MissingDataFile:
+                newer = self._current_entry(location)
+                if newer is entry:
+                    raise
+                entry = newer
+        raise FormatError(f"dataset {location.name!r}: replaced too often to read a consistent generation")
 
     def _current_entry(self, location: _Location) -> _Entry:
         """The entry of the committed sidecar, re-reading it only if it changed."""
@@ -446,7 +475,10 @@ class Store:
         if old_header is not None and old_header.data_file != data_file:
             _durable.unlink_quietly(location.data_path(old_header.data_file))
         if not durable:
-            self._mark_dirty(data_path, location.sidecar)
+            with self._dirty_guard:
+                self._dirty[0].add(data_path)
+                self._dirty[1].add(location.sidecar)
+                self._dirty[2].add(location.directory)
         return True
 
     def _commit(self, location: _Location, data_fd: int, make_header: Any, durable: bool) -> Any:
@@ -462,21 +494,24 @@ class Store:
             old_header = self._committed_header(location)
             generation = old_header.generation + 1 if old_header is not None else 1
             created = old_header.created if old_header is not None else None
-            header: Header = make_header(generation, created, time.time())
-            try:
-                sidecar_fd = _durable.write_file_atomically(
-                    location.sidecar, location.temp_path(), header.to_json(), durable=durable
-                )
-            except OSError as exc:
-                raise _durable.io_error(exc, f"dataset {location.name!r}: committing its header") from None
-            try:
-                self._remember(location.name, _Entry(header, sidecar_fd, os.fstat(sidecar_fd)))
-            except OSError:
-                _close_quietly(sidecar_fd)
-                self._drop_entry(location.name)
+            self._write_sidecar_locked(location, make_header(generation, created, time.time()), durable)
         finally:
             lock.release()
         return old_header
+
+    def _write_sidecar_locked(self, location: _Location, header: Header, durable: bool) -> None:
+        """Commit ``header`` as the dataset's sidecar (the caller holds the dataset lock)."""
+        try:
+            sidecar_fd = _durable.write_file_atomically(
+                location.sidecar, location.temp_path(), header.to_json(), durable=durable, root=self.path
+            )
+        except OSError as exc:
+            raise _durable.io_error(exc, f"dataset {location.name!r}: committing its header") from None
+        try:
+            self._remember(location.name, _Entry(header, sidecar_fd, os.fstat(sidecar_fd)))
+        except OSError:
+            _close_quietly(sidecar_fd)
+            self._drop_entry(location.name)
 
     def _committed_header(self, location: _Location) -> Header | None:
         """The committed header (callers hold the lock), or None if there is none.
@@ -491,6 +526,43 @@ class Store:
         except FormatError:
             self._drop_entry(location.name)
             return None
+
+    # --- writer handles and readers -------------------------------------------
+
+    def create(
+        self,
+        name: str,
+        dtype: Any,
+        shape: Any,
+        *,
+        growable: bool = False,
+        attrs: Mapping[str, Any] | None = None,
+        capacity: int | None = None,
+        exist_ok: bool = False,
+    ) -> Writer:
+        """Create a dataset of zeros, commit it at once, and return its writer.
+
+        A growable dataset starts with ``shape[0]`` rows and grows with
+        ``append``; ``capacity`` preallocates rows. The writer holds the
+        dataset's lock until closed. An existing dataset raises
+        DatasetExistsError unless ``exist_ok`` (then it is replaced).
+        """
+        self._check_writable()
+        from ._growable import create_dataset
+
+        return create_dataset(self, self._locate(name), dtype, shape, growable, attrs, capacity, exist_ok)
+
+    def open_writer(self, name: str) -> Writer:
+        """Reopen an existing dataset for appends and in-place edits (waits for its lock)."""
+        self._check_writable()
+        from ._growable import open_dataset_writer
+
+        return open_dataset_writer(self, self._locate(name))
+
+    def open_reader(self, name: str) -> Reader:
+        """A reader that follows the dataset: ``array``, ``refresh()``, ``wait()``, ``follow()``."""
+        self._check_open()
+        return Reader(self, self._locate(name))
 
     def __setitem__(self, name: str, array: Any) -> None:
         self.put(name, array)
@@ -512,26 +584,26 @@ class Store:
             lock.release()
         if old_header is not None:
             _durable.unlink_quietly(location.data_path(old_header.data_file))
-        self._mark_dirty(location.directory)
+        with self._dirty_guard:
+            self._dirty[2].add(location.directory)
 
     def __delitem__(self, name: str) -> None:
         self.delete(name)
 
     # --- durability and lifetime ---------------------------------------------
 
-    def _mark_dirty(self, *paths: str) -> None:
-        with self._dirty_guard:
-            self._dirty.update(paths)
-            self._dirty.update(os.path.dirname(path) for path in paths)
-
     def flush(self) -> None:
-        """Make every change committed through this store durable (fsync files, then directories)."""
+        """Make every change committed through this store durable.
+
+        fsyncs the data files, then the sidecars, then their directories (and
+        each parent up to the store root, for directories created on the way).
+        Commits of other processes are made durable by their own flush().
+        """
         self._check_open()
         with self._dirty_guard:
-            dirty, self._dirty = self._dirty, set()
-        directories = sorted(path for path in dirty if os.path.isdir(path))
-        files = sorted(dirty.difference(directories))
-        for path in files:
+            data_files, sidecars, directories = self._dirty
+            self._dirty = (set(), set(), set())
+        for path in [*sorted(data_files), *sorted(sidecars)]:
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
             except FileNotFoundError:
@@ -542,7 +614,7 @@ class Store:
                 raise _durable.io_error(exc, f"fsync of {path!r}") from None
             finally:
                 os.close(fd)
-        for path in sorted(directories, key=len, reverse=True):
+        for path in _with_parents(self.path, directories):
             try:
                 _durable.fsync_dir(path)
             except FileNotFoundError:
@@ -554,9 +626,11 @@ class Store:
         """Release descriptors and locks. Arrays already returned stay valid."""
         if self._closed:
             return
+        for writer in list(self._writers):
+            writer.close()
         # close() drops bookkeeping only; durability is flush()'s job (DESIGN invariant 4).
         with self._dirty_guard:
-            self._dirty.clear()
+            self._dirty = (set(), set(), set())
         for entry in self._entries.values():
             _close_quietly(entry.sidecar_fd)
         self._entries.clear()
@@ -589,6 +663,18 @@ class Store:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"mode={self.mode!r}"
         return f"<mmstore.Store {self.path!r} {state}>"
+
+
+def _with_parents(root: str, directories: set[str]) -> list[str]:
+    """The directories and their ancestors up to ``root``, deepest first."""
+    found = set()
+    for directory in directories:
+        while directory.startswith(root) and directory not in found:
+            found.add(directory)
+            if directory == root:
+                break
+            directory = os.path.dirname(directory)
+    return sorted(found, key=lambda path: (-path.count("/"), path))
 
 
 def _read_fd(fd: int) -> bytes:

@@ -292,3 +292,24 @@ def test_manifest_version_is_checked(store_path: Path) -> None:
     manifest.write_text(json.dumps({**record, "version": 7}))
     with pytest.raises(mmstore.FormatError, match="newer"):
         mmstore.Store(store_path, "r")
+
+
+@pytest.mark.parametrize("dtype", DTYPES[:3] + DTYPES[-5:], ids=str)
+def test_header_json_round_trips(dtype: np.dtype) -> None:
+    header = _format.Header(
+        name="a/b\u00e9\"q",
+        dtype=dtype,
+        shape=(3, 0, 2),
+        data_file="b.0123456789abcdef.dat",
+        offset=0,
+        generation=7,
+        created=1.5,
+        modified=1795355614.149711,
+        attrs={"unit": "px", "nested": {"a": [1, 2.5, None, True]}},
+        checksum="crc32:0000abcd",
+    )
+    raw = header.to_json()
+    assert raw.endswith(b"\n") and raw.count(b"\n") == 1
+    parsed = _format.parse_header("a/b\u00e9\"q", raw)
+    assert parsed == header
+    assert json.loads(raw)["name"] == "a/b\u00e9\"q"

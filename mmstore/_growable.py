@@ -1,0 +1,586 @@
+"""Writer handles (appends, in-place edits) and readers that follow them.
+
+A growable dataset's data file starts with a 4096-byte control block, then the
+rows (docs/FORMAT.md, "Growable datasets")::
+
+    0   8  magic  b"MMSGROW\\x01"
+    8   8  committed length (rows), u64 little-endian: what readers may see
+    16  8  publish count, u64: +1 on every flush
+    24  4  CRC-32 of the first `checksummed rows` rows
+    28  4  1 if that CRC is valid, 0 once rows were edited in place
+    32  8  checksummed rows, u64
+
+The CRC is brought up to date by flush(durable=True) and close(), not by every
+flush: a CRC per single-row flush would cost as much as the append itself.
+
+Invariant 3: appended rows are written into the file beyond the committed
+length (readers never look there), and only then does flush() store the new
+length, an aligned 8-byte store that readers see whole. The publish count is
+written with pwrite(), which both orders it after the rows and length (a
+system call is a full barrier) and wakes followers through inotify
+(_notify.py). The file only grows (posix_fallocate, so in-place writes through
+the map can never hit ENOSPC as a SIGBUS), so a reader's map never loses pages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import mmap
+import operator
+import os
+import struct
+import time
+import zlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import _durable, _names
+from ._errors import ClosedError, DatasetExistsError, FormatError
+from ._format import Header, encode_attrs, encode_dtype
+from ._locks import mark_alive
+from ._notify import Waiter
+
+if TYPE_CHECKING:
+    from ._store import Store, _Location
+
+CONTROL_BYTES = 4096
+MAGIC = b"MMSGROW\x01"
+_LENGTH, _PUBLISHED, _CRC_ROWS = 1, 2, 4  # u64 slots of the control block
+_CRC, _CRC_KNOWN = 6, 7  # u32 slots
+_PUBLISH_OFFSET = 16
+# Appends up to this size are copied through the map (no system call); larger
+# ones use pwrite(), which avoids a page fault per fresh page.
+_MAPPED_APPEND_BYTES = 64 * 1024
+_MIN_GROWTH_BYTES = 1 << 20
+_PACK_U64 = struct.Struct("<Q").pack
+
+
+def row_bytes(dtype: np.dtype[Any], row_shape: tuple[int, ...]) -> int:
+    return math.prod(row_shape) * dtype.itemsize
+
+
+def initial_control_block() -> bytes:
+    block = bytearray(CONTROL_BYTES)
+    block[0:8] = MAGIC
+    struct.pack_into("<QQIIQ", block, 8, 0, 0, 0, 1, 0)
+    return bytes(block)
+
+
+def _allocate(fd: int, size: int, name: str) -> None:
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        raise _durable.io_error(exc, f"dataset {name!r}: reserving {size} bytes") from None
+
+
+class MissingDataFile(FormatError):
+    """The data file a header names is gone: corrupt, or replaced since the header was read."""
+
+
+class _Mapped:
+    """A map of a data file: the control block (growable datasets) and the rows."""
+
+    def __init__(self, header: Header, path: str, writable: bool, fd: int | None = None) -> None:
+        self.row_shape = header.shape[1:]
+        self.row_bytes = row_bytes(header.dtype, self.row_shape)
+        own_fd = fd is None
+        if fd is None:
+            try:
+                fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise MissingDataFile(f"dataset {header.name!r}: data file {header.data_file!r} is missing") from None
+        try:
+            self.size = size = os.fstat(fd).st_size
+            if header.growable:
+                if header.offset != CONTROL_BYTES or size < CONTROL_BYTES or self.row_bytes == 0:
+                    raise FormatError(f"dataset {header.name!r}: growable data file has no valid control block")
+                self.capacity = (size - CONTROL_BYTES) // self.row_bytes
+            else:
+                self.capacity = header.shape[0] if header.shape else 1
+                if size != header.offset + header.nbytes:
+                    raise FormatError(
+                        f"dataset {header.name!r}: data file is {size} bytes, the header needs "
+                        f"{header.offset + header.nbytes}"
+                    )
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+            self.map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=prot) if size else None
+        finally:
+            if own_fd:
+                os.close(fd)
+        self.control: np.ndarray | None = None
+        self.control_u32: np.ndarray | None = None
+        self.bytes = memoryview(self.map) if self.map is not None else memoryview(b"")
+        if header.growable:
+            assert self.map is not None
+            if self.map[0:8] != MAGIC:
+                raise FormatError(f"dataset {header.name!r}: bad control block magic")
+            self.control = np.frombuffer(self.map, dtype="<u8", count=5)
+            self.control_u32 = self.control.view("<u4")
+            count = self.capacity * math.prod(self.row_shape)
+            rows = np.frombuffer(self.map, header.dtype, count, CONTROL_BYTES).reshape((self.capacity, *self.row_shape))
+        elif self.map is None:
+            rows = np.zeros(header.shape, header.dtype)
+        else:
+            rows = np.frombuffer(self.map, header.dtype, math.prod(header.shape), header.offset).reshape(header.shape)
+        if not writable:
+            rows.flags.writeable = False
+        self.rows = rows
+
+    def committed_length(self, header: Header) -> int:
+        if self.control is None:
+            return header.shape[0] if header.shape else 0
+        return int(self.control[_LENGTH])
+
+    def published(self) -> int:
+        return 0 if self.control is None else int(self.control[_PUBLISHED])
+
+
+def validate_length(header: Header, mapped: _Mapped, length: int) -> int:
+    if length > mapped.capacity:
+        raise FormatError(
+            f"dataset {header.name!r}: committed length {length} exceeds the data file's {mapped.capacity} rows"
+        )
+    return length
+
+
+class Writer:
+    """The one writer of a dataset: appends (growable), in-place edits, flush.
+
+    Holds the dataset's writer lock until close(); a second writer (or a put)
+    waits for the store's timeout, then raises LockTimeout. close() flushes.
+    """
+
+    def __init__(self, store: Store, location: _Location, header: Header, fd: int) -> None:
+        self._store = store
+        self._location = location
+        self._header = header
+        self._fd = fd
+        self._closed = False
+        self.name = header.name
+        self.dtype = header.dtype
+        self.growable = header.growable
+        self._mapped = _Mapped(header, location.data_path(header.data_file), writable=True, fd=fd)
+        self._length = self._mapped.committed_length(header)
+        validate_length(header, self._mapped, self._length)
+        self._committed = self._length
+        halves = self._mapped.control_u32
+        self._crc = int(halves[_CRC]) if halves is not None else 0
+        self._crc_known = bool(halves[_CRC_KNOWN]) if halves is not None else False
+        self._crc_rows = int(self._mapped.control[_CRC_ROWS]) if self._mapped.control is not None else 0
+        if self._crc_rows > self._length:
+            self._crc_known = False
+        self._published = self._mapped.published()
+        self._row_shape = self._mapped.row_shape
+
+    # --- shape and data ---------------------------------------------------------
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self._length, *self._mapped.row_shape) if self._header.shape else ()
+
+    @property
+    def committed_length(self) -> int:
+        return self._committed
+
+    def __len__(self) -> int:
+        if not self._header.shape:
+            raise TypeError("len() of a 0-d dataset")
+        return self._length
+
+    @property
+    def array(self) -> np.ndarray:
+        """A writable view of every row written so far (flushed or not). Edits through it
+        are in place: readers see them at once, and the data checksum becomes unknown."""
+        self._check_open()
+        self._crc_known = False
+        return self._mapped.rows[: self._length] if self._header.shape else self._mapped.rows
+
+    def __getitem__(self, index: Any) -> Any:
+        self._check_open()
+        rows = self._mapped.rows[: self._length] if self._header.shape else self._mapped.rows
+        return rows[index]
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        self._check_open()
+        self._crc_known = False
+        rows = self._mapped.rows[: self._length] if self._header.shape else self._mapped.rows
+        rows[index] = value
+
+    def append(self, rows: Any) -> None:
+        """Append one row or a block of rows; they become visible to readers at flush()."""
+        if self._closed:
+            raise ClosedError(f"writer of dataset {self.name!r} is closed")
+        if not self.growable:
+            raise ValueError(f"dataset {self.name!r} is not growable; create it with growable=True to append")
+        if type(rows) is np.ndarray and rows.shape == self._row_shape and rows.dtype == self.dtype:
+            # One row of the right dtype: the hot path of a producer appending sample by sample.
+            start = self._length
+            if start >= self._mapped.capacity:
+                self._grow(start + 1)
+            mapped = self._mapped
+            mapped.rows[start] = rows
+            self._length = start + 1
+            return
+        block = self._as_rows(rows)
+        count = block.shape[0]
+        if count == 0:
+            return
+        start = self._length
+        end = start + count
+        if end > self._mapped.capacity:
+            self._grow(end)
+        nbytes = count * self._mapped.row_bytes
+        if nbytes <= _MAPPED_APPEND_BYTES:
+            self._mapped.rows[start:end] = block
+        else:
+            block = np.ascontiguousarray(block, dtype=self.dtype)
+            try:
+                position = CONTROL_BYTES + start * self._mapped.row_bytes
+                _durable.write_all(self._fd, block.reshape(-1).view(np.uint8), position)
+            except OSError as exc:
+                raise _durable.io_error(exc, f"dataset {self.name!r}: appending {count} rows") from None
+        self._length = end
+
+    def _as_rows(self, rows: Any) -> np.ndarray:
+        row_shape = self._mapped.row_shape
+        if isinstance(rows, np.ndarray):
+            if rows.dtype != self.dtype and not np.can_cast(rows.dtype, self.dtype, casting="same_kind"):
+                raise ValueError(
+                    f"cannot append rows of dtype {rows.dtype} to dataset {self.name!r} of dtype {self.dtype}"
+                )
+            block = rows
+        else:
+            try:
+                block = np.asarray(rows, dtype=self.dtype)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"cannot convert rows to dataset {self.name!r}'s dtype {self.dtype}: {exc}") from None
+        if block.shape == row_shape and (row_shape or block.ndim == 0):
+            return block.reshape((1, *row_shape))
+        if block.shape[1:] != row_shape or block.ndim == 0:
+            raise ValueError(
+                f"rows of shape {block.shape} do not fit dataset {self.name!r} with rows of shape {row_shape}"
+            )
+        return block
+
+    def _grow(self, needed: int) -> None:
+        capacity = self._mapped.capacity
+        minimum = max(1, _MIN_GROWTH_BYTES // max(self._mapped.row_bytes, 1))
+        new_capacity = max(needed, capacity + capacity // 2, capacity + minimum)
+        _allocate(self._fd, CONTROL_BYTES + new_capacity * self._mapped.row_bytes, self.name)
+        # The old map stays valid for whoever holds arrays from it: the file only grew.
+        self._mapped = _Mapped(self._header, "", writable=True, fd=self._fd)
+
+    # --- publishing -------------------------------------------------------------
+
+    def flush(self, durable: bool = False) -> None:
+        """Publish every appended row to readers; ``durable=True`` also fsyncs first and after."""
+        if self._closed:
+            raise ClosedError(f"writer of dataset {self.name!r} is closed")
+        control = self._mapped.control
+        try:
+            if durable:
+                os.fsync(self._fd)  # rows reach the disk before the length that covers them
+            if control is not None and (self._length != self._committed or durable):
+                if durable:
+                    self._update_checksum(control)
+                control[_LENGTH] = self._length  # one aligned 8-byte store: readers see it whole
+                self._published += 1
+                os.pwrite(self._fd, _PACK_U64(self._published), _PUBLISH_OFFSET)  # orders, and wakes followers
+                if durable:
+                    os.fsync(self._fd)
+        except OSError as exc:
+            raise _durable.io_error(exc, f"dataset {self.name!r}: flush") from None
+        self._committed = self._length
+
+    def _update_checksum(self, control: np.ndarray) -> None:
+        """Extend the CRC over rows written since it was last brought up to date."""
+        halves = self._mapped.control_u32
+        assert halves is not None
+        if self._crc_known and self._length > self._crc_rows:
+            start = CONTROL_BYTES + self._crc_rows * self._mapped.row_bytes
+            end = CONTROL_BYTES + self._length * self._mapped.row_bytes
+            view = self._mapped.bytes
+            for chunk_start in range(start, end, 1 << 26):
+                self._crc = zlib.crc32(view[chunk_start : min(end, chunk_start + (1 << 26))], self._crc)
+            self._crc_rows = self._length
+        # The CRC fields change before the length that would make them matter.
+        halves[_CRC] = self._crc & 0xFFFFFFFF
+        halves[_CRC_KNOWN] = self._crc_known
+        control[_CRC_ROWS] = self._crc_rows
+
+    def close(self) -> None:
+        """Flush, record the committed length in the sidecar, release the writer lock."""
+        if self._closed:
+            return
+        try:
+            self.flush()
+            if self._mapped.control is not None:
+                self._update_checksum(self._mapped.control)
+            if self.growable and self._committed != self._header.shape[0]:
+                # Record the committed length in the sidecar too (same data file and generation).
+                self._header = dataclasses.replace(
+                    self._header, shape=(self._committed, *self._mapped.row_shape), modified=time.time()
+                )
+                self._store._write_sidecar_locked(self._location, self._header, durable=False)
+        finally:
+            self._closed = True
+            os.close(self._fd)
+            self._location.lock.release()
+            self._store._writers.discard(self)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(f"writer of dataset {self.name!r} is closed")
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{self._committed} committed, {self._length} written"
+        return f"<mmstore.Writer {self.name!r} {state}>"
+
+
+class Reader:
+    """Follows one dataset: ``array`` is its committed prefix as of the last refresh."""
+
+    def __init__(self, store: Store, location: _Location) -> None:
+        self._store = store
+        self._location = location
+        self._waiter: Waiter | None = None
+        self._closed = False
+        self.name = location.name
+        self._load()
+
+    def _load(self) -> None:
+        entry, self._mapped = self._store._map_entry(self._location, self._store._current_entry(self._location))
+        self._header = entry.header
+        self._length = validate_length(self._header, self._mapped, self._mapped.committed_length(self._header))
+        self._published = self._mapped.published()
+        if self._waiter is not None:
+            self._waiter.close()
+            self._waiter = None
+
+    @property
+    def generation(self) -> int:
+        return self._header.generation
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        return self._header.dtype
+
+    @property
+    def array(self) -> np.ndarray:
+        """The committed rows (read-only, zero-copy) as of the last refresh()/wait()."""
+        rows = self._mapped.rows
+        return rows[: self._length] if self._header.shape else rows
+
+    def __len__(self) -> int:
+        return self._length
+
+    def refresh(self) -> int:
+        """Pick up new commits (a flush, or a replacement of the dataset); return the length."""
+        if self._closed:
+            raise ClosedError(f"reader of dataset {self.name!r} is closed")
+        entry = self._store._current_entry(self._location)
+        if entry.header.data_file != self._header.data_file:
+            self._load()
+            return self._length
+        self._header = entry.header
+        length = self._mapped.committed_length(self._header)
+        if length > self._mapped.capacity:
+            entry, self._mapped = self._store._map_entry(self._location, entry)
+            self._header = entry.header
+        self._length = validate_length(self._header, self._mapped, length)
+        self._published = self._mapped.published()
+        return self._length
+
+    def wait(self, min_length: int | None = None, timeout: float | None = None) -> bool:
+        """Block until the dataset has at least ``min_length`` committed rows (without
+        ``min_length``: until any new commit), or until it is replaced by a new
+        generation. Return False if ``timeout`` passed first."""
+        generation, published, length = self._header.generation, self._published, self._length
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self.refresh()
+            if self._header.generation != generation:
+                return True
+            if min_length is not None:
+                if self._length >= min_length:
+                    return True
+            elif (self._header.generation, self._published, self._length) != (generation, published, length):
+                return True
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            if self._waiter is None:
+                directory = self._location.directory
+                self._waiter = Waiter([self._location.data_path(self._header.data_file)], [directory])
+                continue  # re-check: a commit may have landed before the watch existed
+            self._waiter.wait(remaining)
+
+    def follow(self, start: int = 0, idle_timeout: float | None = None) -> Iterator[np.ndarray]:
+        """Yield blocks of newly committed rows, in order, each exactly once.
+
+        Starts at row ``start``; stops after ``idle_timeout`` seconds without a
+        new commit (never, by default). If the dataset is replaced, following
+        continues from row 0 of the new generation.
+        """
+        position = start
+        generation = self._header.generation
+        while True:
+            self.refresh()
+            if self._header.generation != generation:
+                generation, position = self._header.generation, 0
+            if self._length > position:
+                block = self.array[position : self._length]
+                position = self._length
+                yield block
+                continue
+            if not self.wait(position + 1, idle_timeout):
+                return
+
+    def close(self) -> None:
+        if self._waiter is not None:
+            self._waiter.close()
+            self._waiter = None
+        self._closed = True
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return self.follow()
+
+    def __repr__(self) -> str:
+        return f"<mmstore.Reader {self.name!r} generation {self._header.generation}, {self._length} rows>"
+
+
+def create_dataset(
+    store: Store,
+    location: _Location,
+    dtype: Any,
+    shape: Any,
+    growable: bool,
+    attrs: Any,
+    capacity: int | None,
+    exist_ok: bool,
+) -> Writer:
+    """Store.create: make the data file, commit its sidecar, return the writer (holding the lock)."""
+    name = location.name
+    dtype = np.dtype(dtype)
+    encode_dtype(dtype)
+    shape = _as_shape(shape, name)
+    if growable and (not shape or row_bytes(dtype, shape[1:]) == 0):
+        raise ValueError(f"a growable dataset needs at least one dimension and non-empty rows; got shape {shape}")
+    attrs_record = encode_attrs(attrs) if attrs else {}
+    lock = location.lock
+    lock.acquire(store.timeout)
+    try:
+        old_header = store._committed_header(location)
+        if old_header is not None and not exist_ok:
+            raise DatasetExistsError(f"dataset {name!r} already exists (use open_writer, or exist_ok=True to replace)")
+        data_file = _names.data_file_name(location.leaf, _names.new_token())
+        data_path = location.data_path(data_file)
+        try:
+            fd = _durable.create_new(data_path)
+        except OSError as exc:
+            raise _durable.io_error(exc, f"dataset {name!r}: creating its data file") from None
+        try:
+            mark_alive(fd)
+            if growable:
+                rows = max(shape[0], capacity or 0)
+                _durable.write_all(fd, initial_control_block())
+                _allocate(fd, CONTROL_BYTES + max(rows, 1) * row_bytes(dtype, shape[1:]), name)
+                if shape[0]:
+                    zeros_crc = 0
+                    zero_block = bytes(min(shape[0] * row_bytes(dtype, shape[1:]), 1 << 24))
+                    remaining = shape[0] * row_bytes(dtype, shape[1:])
+                    while remaining:
+                        step = min(remaining, len(zero_block))
+                        zeros_crc = zlib.crc32(zero_block[:step], zeros_crc)
+                        remaining -= step
+                    os.pwrite(fd, struct.pack("<QQIIQ", shape[0], 0, zeros_crc, 1, shape[0]), 8)
+                offset = CONTROL_BYTES
+            else:
+                nbytes = math.prod(shape) * dtype.itemsize
+                if nbytes:
+                    _allocate(fd, nbytes, name)
+                offset = 0
+            now = time.time()
+            header = Header(
+                name=name,
+                dtype=dtype,
+                shape=shape,
+                data_file=data_file,
+                offset=offset,
+                generation=old_header.generation + 1 if old_header is not None else 1,
+                created=old_header.created if old_header is not None else now,
+                modified=now,
+                attrs=attrs_record,
+                checksum=None,
+                growable=growable,
+            )
+            store._write_sidecar_locked(location, header, durable=False)
+        except BaseException:
+            os.close(fd)
+            _durable.unlink_quietly(data_path)
+            raise
+        os.close(fd)  # the writer reopens it; the file is referenced now
+        if old_header is not None:
+            _durable.unlink_quietly(location.data_path(old_header.data_file))
+        return _open_locked(store, location, header)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def open_dataset_writer(store: Store, location: _Location) -> Writer:
+    """Store.open_writer: take the dataset's lock and open its data file read-write."""
+    lock = location.lock
+    lock.acquire(store.timeout)
+    try:
+        header = store._current_entry(location).header
+        return _open_locked(store, location, header)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _open_locked(store: Store, location: _Location, header: Header) -> Writer:
+    path = location.data_path(header.data_file)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise FormatError(f"dataset {header.name!r}: data file {header.data_file!r} is missing") from None
+    try:
+        writer = Writer(store, location, header, fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    store._writers.add(writer)
+    return writer
+
+
+def _as_shape(shape: Any, name: str) -> tuple[int, ...]:
+    if isinstance(shape, (int, np.integer)):
+        shape = (shape,)
+    try:
+        result = tuple(operator.index(n) for n in shape)
+    except TypeError:
+        raise ValueError(f"dataset {name!r}: shape must be a tuple of integers, not {shape!r}") from None
+    if any(n < 0 for n in result):
+        raise ValueError(f"dataset {name!r}: shape {result} has a negative dimension")
+    return result
