@@ -22,6 +22,8 @@ from ._errors import (
     UnsupportedDtypeError,
 )
 from ._format import FORMAT_VERSION
+from ._growable import Reader, Writer
+from ._recovery import VerifyReport
 from ._store import Store
 
 __version__ = "0.1.0"
@@ -36,11 +38,14 @@ __all__ = [
     "LockTimeout",
     "MmstoreError",
     "ReadOnlyError",
+    "Reader",
     "Store",
     "StoreExistsError",
     "StoreFullError",
     "StoreIOError",
     "StoreNotFoundError",
     "UnsupportedDtypeError",
+    "VerifyReport",
+    "Writer",
     "__version__",
 ]

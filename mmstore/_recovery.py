@@ -21,12 +21,15 @@ from __future__ import annotations
 import os
 import time
 from collections import defaultdict
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from . import _durable, _names
 from ._errors import FormatError, MmstoreError
-from ._format import MANIFEST_NAME, parse_header
+from ._format import MANIFEST_NAME, format_checksum, parse_header
 from ._locks import writer_is_gone
+from ._mapping import checksum_file
 
 if TYPE_CHECKING:
     from ._store import Store
@@ -152,3 +155,126 @@ def _remove_stale_manifest_temps(directory: str, temp_files: list[str]) -> int:
         except FileNotFoundError:
             continue
     return removed
+
+
+# --- verify and recover -------------------------------------------------------
+
+
+@dataclass
+class VerifyReport:
+    """What ``Store.verify`` found. ``ok`` is True when every dataset is readable and
+    every known checksum matches; leftovers of dead writers are listed but are not
+    problems (the next writable open removes them)."""
+
+    checked: int = 0
+    problems: dict[str, str] = field(default_factory=dict)
+    leftovers: list[str] = field(default_factory=list)
+    quarantined: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def __str__(self) -> str:
+        lines = [f"{self.checked} datasets checked, {len(self.problems)} with problems"]
+        lines += [f"  {name}: {problem}" for name, problem in sorted(self.problems.items())]
+        if self.leftovers:
+            lines.append(f"{len(self.leftovers)} leftover files of dead writers (removed by the next writable open)")
+        lines += [f"  quarantined {name} -> {where}" for name, where in sorted(self.quarantined.items())]
+        return "\n".join(lines)
+
+
+def verify_store(store: Store, progress: Callable[[str], None] | None = None) -> VerifyReport:
+    report = VerifyReport()
+    for directory, _dirs, files in _walk(store.path):
+        prefix = "" if directory == store.path else directory[len(store.path) + 1 :] + "/"
+        referenced = set()
+        for file_name in sorted(files):
+            if (
+                not file_name.endswith(".json")
+                or file_name.startswith(".")
+                or (not prefix and file_name == MANIFEST_NAME)
+            ):
+                continue
+            name = prefix + file_name[:-5]
+            if progress is not None:
+                progress(name)
+            report.checked += 1
+            try:
+                _names.validate_name(name)
+                store._drop_entry(name)  # read from disk: the cache trusts that sidecars change only by rename
+                header = store.header(name)
+                referenced.add(header.data_file)
+                problem = _check_data(store, name, header)
+            except MmstoreError as exc:
+                problem = str(exc)
+            except OSError as exc:
+                problem = f"cannot read: {exc.strerror or exc}"
+            if problem is not None:
+                report.problems[name] = problem
+        for file_name in files:
+            if _names.TEMP_FILE_RE.match(file_name) or (
+                _names.DATA_FILE_RE.match(file_name)
+                and file_name not in referenced
+                and os.path.exists(os.path.join(directory, file_name[: file_name.rfind(".", 0, -4)] + ".json"))
+            ):
+                report.leftovers.append(os.path.join(directory, file_name)[len(store.path) + 1 :])
+    return report
+
+
+def _check_data(store: Store, name: str, header: Any) -> str | None:
+    """None if the data file matches the header (and its checksum, where known)."""
+    from ._growable import CONTROL_BYTES, _Mapped
+
+    location = store._locate(name)
+    path = location.data_path(header.data_file)
+    mapped = _Mapped(header, path, writable=False)
+    if not header.growable:
+        if header.checksum is None:
+            return None
+        actual = format_checksum(checksum_file(path, header.offset, header.nbytes))
+        return None if actual == header.checksum else f"checksum mismatch: data {actual}, header {header.checksum}"
+    assert mapped.control is not None and mapped.control_u32 is not None
+    for _attempt in range(3):  # a live writer may move the fields while we read them
+        length, crc_rows = int(mapped.control[1]), int(mapped.control[4])
+        crc_known, crc_value = int(mapped.control_u32[7]), int(mapped.control_u32[6])
+        if length > mapped.capacity:
+            return f"committed length {length} exceeds the data file's {mapped.capacity} rows"
+        if not crc_known or crc_rows == 0:
+            return None
+        if crc_rows > length:
+            return f"checksum covers {crc_rows} rows but only {length} are committed"
+        if checksum_file(path, CONTROL_BYTES, crc_rows * mapped.row_bytes) == crc_value:
+            return None
+    return f"checksum mismatch over the first {crc_rows} rows"
+
+
+def recover_store(store: Store) -> VerifyReport:
+    """Remove dead writers' leftovers, then quarantine (never delete) unreadable datasets."""
+    recover_on_open(store)
+    report = verify_store(store)
+    if not report.problems:
+        return report
+    quarantine = os.path.join(store.path, ".quarantine", time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}")
+    for name in sorted(report.problems):
+        location = store._locate(name)
+        location.lock.acquire(store.timeout)
+        try:
+            target = os.path.join(quarantine, name)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            moved = []
+            for file_name in sorted(os.listdir(location.directory)):
+                match = _names.DATA_FILE_RE.match(file_name)
+                if match is not None and match["leaf"] == location.leaf:
+                    os.rename(
+                        os.path.join(location.directory, file_name), os.path.join(os.path.dirname(target), file_name)
+                    )
+                    moved.append(file_name)
+            # The sidecar goes last: until it moves, the dataset still "exists" for readers.
+            os.rename(location.sidecar, target + ".json")
+            store._drop_entry(name)
+            report.quarantined[name] = os.path.relpath(target, store.path)
+        finally:
+            location.lock.release()
+    _durable.fsync_dir(store.path)
+    return report

@@ -22,7 +22,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -49,6 +49,9 @@ from ._format import (
 )
 from ._growable import MissingDataFile, Reader, Writer, _Mapped, validate_length
 from ._locks import DatasetLock, mark_alive
+
+if TYPE_CHECKING:
+    from ._recovery import VerifyReport
 
 _MODES = ("r", "r+", "a", "w-", "x")
 # Each cached dataset pins a sidecar descriptor (and its map one more); each
@@ -526,6 +529,23 @@ class Store:
         except FormatError:
             self._drop_entry(location.name)
             return None
+
+    # --- checking and repairing ---------------------------------------------
+
+    def verify(self, progress: Any = None) -> VerifyReport:
+        """Check every header, data file and known checksum; return a report (changes nothing)."""
+        self._check_open()
+        from ._recovery import verify_store
+
+        return verify_store(self, progress)
+
+    def recover(self) -> VerifyReport:
+        """Remove dead writers' leftovers and move unreadable datasets to ``.quarantine/``
+        (never deleting them); return what was found and done."""
+        self._check_writable()
+        from ._recovery import recover_store
+
+        return recover_store(self)
 
     # --- writer handles and readers -------------------------------------------
 

@@ -123,8 +123,10 @@ def main() -> int:
     start = time.perf_counter()
     report = run_trials(args.trials, args.mib, args.seed)
     elapsed = time.perf_counter() - start
-    print(f"trials: {report.trials}  failures: {len(report.failures)}  new generations seen: "
-          f"{report.generations_seen}  leftover files cleaned: {report.leftovers_cleaned}  ({elapsed:.0f} s)")
+    print(
+        f"trials: {report.trials}  failures: {len(report.failures)}  new generations seen: "
+        f"{report.generations_seen}  leftover files cleaned: {report.leftovers_cleaned}  ({elapsed:.0f} s)"
+    )
     for failure in report.failures:
         print("  FAIL", failure)
     return 1 if report.failures else 0

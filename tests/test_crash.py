@@ -30,3 +30,22 @@ def test_sigkill_during_put_leaves_old_or_new_value_and_recovery_cleans_up(tmp_p
     assert report.failures == []
     # The kills landed at different points: later generations were committed between them.
     assert report.generations_seen >= 5
+
+
+@pytest.mark.slow
+def test_crash_torture_of_growable_dataset(tmp_path: Path) -> None:
+    torture = load_script("crash_torture")
+    report = torture.run_trials(trials=25, seed=3, path=str(tmp_path / "store"))
+    assert report.trials == 25
+    assert report.failures == []
+    assert report.rows > 0
+    assert report.verify_runs == 2
+
+
+def test_torture_self_check_detects_damage() -> None:
+    torture = load_script("crash_torture")
+    rows = torture.make_rows(10, 100)
+    assert torture.bad_rows(rows, 10) == 0
+    rows["payload"][5, 2] ^= 1
+    rows["seq"][50] += 1
+    assert torture.bad_rows(rows, 10) == 2

@@ -83,3 +83,46 @@ def rss_after_get(path: str, name: str, queue: Any) -> None:
     elapsed = time.perf_counter() - start
     after = rss()
     queue.put((before, after, total, array.shape, elapsed))
+
+
+TICK = np.dtype([("seq", "<u8"), ("value", "<f8"), ("check", "<u8")])
+
+
+def ticks(start: int, count: int) -> np.ndarray:
+    rows = np.zeros(count, TICK)
+    rows["seq"] = np.arange(start, start + count, dtype=np.uint64)
+    rows["value"] = rows["seq"] * 0.5
+    rows["check"] = rows["seq"] * np.uint64(2654435761) + np.uint64(12345)
+    return rows
+
+
+def follow_rows(path: str, name: str, total: int, ready: Any, results: Any) -> None:
+    """Follow ``name`` until ``total`` rows were seen; report what was seen."""
+    with mmstore.Store(path, "r") as store, store.open_reader(name) as reader:
+        ready.set()
+        expected = 0
+        blocks = 0
+        problems = 0
+        for block in reader.follow(idle_timeout=120):
+            blocks += 1
+            seq = block["seq"]
+            problems += int((seq != np.arange(expected, expected + len(block), dtype=np.uint64)).sum())
+            problems += int((block["check"] != seq * np.uint64(2654435761) + np.uint64(12345)).sum())
+            expected += len(block)
+            if expected >= total:
+                break
+        results.put((expected, blocks, problems))
+
+
+def wait_for_rows(path: str, name: str, min_length: int, waiting: Any, results: Any) -> None:
+    with mmstore.Store(path, "r") as store, store.open_reader(name) as reader:
+        waiting.set()
+        woke = reader.wait(min_length, timeout=120)
+        results.put((woke, len(reader), reader.array["seq"].tolist()[-3:]))
+
+
+def hold_writer(path: str, name: str, opened: Any, release: Any) -> None:
+    with mmstore.Store(path) as store, store.open_writer(name) as writer:
+        writer.append(ticks(len(writer), 5))
+        opened.set()
+        release.wait(120)

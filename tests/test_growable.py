@@ -1,0 +1,260 @@
+"""Growable datasets, writer handles, readers that follow them, verify and recover."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mmstore
+from tests import workers
+from tests.conftest import PROCESS_TIMEOUT, store_files
+from tests.workers import TICK, ticks
+
+
+def test_create_append_flush_publishes(store: mmstore.Store) -> None:
+    with store.create("ticks", TICK, (0,), growable=True) as writer:
+        assert len(writer) == 0 and writer.shape == (0,)
+        reader = store.open_reader("ticks")
+        writer.append(ticks(0, 1)[0])  # one row
+        writer.append(ticks(1, 9))  # many rows
+        writer.append([(10, 5.0, 10 * 2654435761 + 12345)])  # anything convertible
+        assert len(writer) == 11
+        # Not flushed: readers see nothing yet.
+        assert reader.refresh() == 0 and len(store.get("ticks")) == 0
+        writer.flush()
+        assert reader.refresh() == 11
+        np.testing.assert_array_equal(reader.array, ticks(0, 11))
+        np.testing.assert_array_equal(store.get("ticks"), ticks(0, 11))
+        assert not reader.array.flags.writeable
+        assert writer.committed_length == 11
+    assert store.info("ticks")["shape"] == (11,)  # close records the committed length in the sidecar
+    np.testing.assert_array_equal(store.get("ticks"), ticks(0, 11))
+
+
+def test_append_checks_dtype_and_shape(store: mmstore.Store) -> None:
+    with store.create("m", np.float32, (0, 3), growable=True) as writer:
+        writer.append(np.ones(3, np.float32))
+        writer.append(np.ones((2, 3), np.float64))  # same kind: cast
+        with pytest.raises(ValueError, match="shape"):
+            writer.append(np.ones(4, np.float32))
+        with pytest.raises(ValueError, match="dtype"):
+            writer.append(np.array(["a", "b", "c"]))
+        with pytest.raises(ValueError):
+            writer.append([[1, 2]])
+        writer.append(np.empty((0, 3), np.float32))
+        assert len(writer) == 3
+    with store.create("s", TICK, (0,), growable=True) as writer, pytest.raises(ValueError, match="dtype"):
+        writer.append(np.zeros(2, [("a", "<i4")]))
+
+
+def test_growth_is_amortised_and_files_only_grow(store: mmstore.Store) -> None:
+    sizes = []
+    with store.create("g", np.int64, (0,), growable=True) as writer:
+        path = store.info("g")["data_file"]
+        for i in range(200_000):
+            writer.append(np.int64(i))
+            if i % 1000 == 0:
+                sizes.append(os.path.getsize(path))
+        writer.flush()
+        assert len(set(sizes)) < 20, "capacity should grow geometrically, not per append"
+        assert sizes == sorted(sizes)
+        assert os.path.getsize(path) <= 4096 + 2 * 200_000 * 8 + (1 << 20)
+    np.testing.assert_array_equal(store.get("g"), np.arange(200_000))
+
+
+def test_in_place_edits_and_fixed_size_writers(store: mmstore.Store) -> None:
+    with store.create("fixed", np.float32, (4, 2)) as writer:
+        assert writer.shape == (4, 2)
+        writer[1] = 7
+        writer.array[3, 1] = 9
+        with pytest.raises(ValueError, match="not growable"):
+            writer.append(np.zeros(2, np.float32))
+    got = store.get("fixed")
+    assert got[1].tolist() == [7, 7] and got[3, 1] == 9 and got.sum() == 23
+    with store.open_writer("fixed") as writer:
+        writer[0, 0] = 1
+    assert store.get("fixed")[0, 0] == 1
+
+
+def test_create_refuses_existing_unless_exist_ok(store: mmstore.Store) -> None:
+    store.put("x", np.arange(3))
+    with pytest.raises(mmstore.DatasetExistsError):
+        store.create("x", np.int64, (0,), growable=True)
+    with store.create("x", np.int64, (0,), growable=True, exist_ok=True) as writer:
+        writer.append(np.arange(5))
+    assert store.get("x").tolist() == [0, 1, 2, 3, 4]
+    assert store.info("x")["generation"] == 2
+    with pytest.raises(ValueError, match="growable"):
+        store.create("y", np.int64, (), growable=True)
+
+
+def test_writers_are_exclusive_across_processes(store_path: Path, spawn) -> None:
+    with mmstore.Store(store_path) as store:
+        store.create("ticks", TICK, (0,), growable=True).close()
+    opened, release = spawn.Event(), spawn.Event()
+    holder = spawn.Process(target=workers.hold_writer, args=(str(store_path), "ticks", opened, release))
+    holder.start()
+    try:
+        assert opened.wait(PROCESS_TIMEOUT)
+        with mmstore.Store(store_path, timeout=0.2) as store:
+            with pytest.raises(mmstore.LockTimeout, match="ticks"):
+                store.open_writer("ticks")
+            with pytest.raises(mmstore.LockTimeout):
+                store.put("ticks", np.zeros(1))
+    finally:
+        release.set()
+        holder.join(PROCESS_TIMEOUT)
+    assert holder.exitcode == 0
+    with mmstore.Store(store_path) as store:
+        np.testing.assert_array_equal(store.get("ticks"), ticks(0, 5))
+        with store.open_writer("ticks") as writer:  # the lock is free again
+            writer.append(ticks(5, 1))
+
+
+def test_writer_in_same_store_blocks_put(store_path: Path) -> None:
+    with mmstore.Store(store_path, timeout=0.1) as store, store.create("t", np.int64, (0,), growable=True):
+        with pytest.raises(mmstore.LockTimeout):
+            store.put("t", np.zeros(2))
+        with pytest.raises(mmstore.LockTimeout):
+            store.open_writer("t")
+
+
+def test_read_only_store_has_readers_not_writers(store_path: Path) -> None:
+    with mmstore.Store(store_path) as store:
+        store.create("t", np.int64, (0,), growable=True).close()
+    with mmstore.Store(store_path, "r") as store:
+        with pytest.raises(mmstore.ReadOnlyError):
+            store.open_writer("t")
+        with pytest.raises(mmstore.ReadOnlyError):
+            store.create("u", np.int64, (0,), growable=True)
+        assert len(store.open_reader("t")) == 0
+
+
+def test_wait_times_out_and_sees_replacement(store: mmstore.Store) -> None:
+    with store.create("t", np.int64, (0,), growable=True) as writer:
+        reader = store.open_reader("t")
+        assert reader.wait(1, timeout=0.01) is False
+        assert reader.wait(timeout=0) is False
+        writer.append(np.arange(3))
+        writer.flush()
+        assert reader.wait(timeout=0) is True
+        assert reader.wait(3, timeout=0) is True and len(reader) == 3
+    store.put("t", np.arange(10))
+    assert reader.wait(100, timeout=5) is True  # a replacement ends the wait too
+    assert reader.generation == 2 and reader.array.tolist() == list(range(10))
+
+
+def test_wait_wakes_on_flush_from_another_process(store_path: Path, spawn) -> None:
+    with mmstore.Store(store_path) as store:
+        writer = store.create("ticks", TICK, (0,), growable=True)
+        waiting, results = spawn.Event(), spawn.Queue()
+        child = spawn.Process(target=workers.wait_for_rows, args=(str(store_path), "ticks", 3, waiting, results))
+        child.start()
+        assert waiting.wait(PROCESS_TIMEOUT)
+        writer.append(ticks(0, 2))
+        writer.flush()
+        writer.append(ticks(2, 2))
+        writer.flush()
+        woke, length, last = results.get(timeout=PROCESS_TIMEOUT)
+        child.join(PROCESS_TIMEOUT)
+        writer.close()
+    assert woke is True and length >= 3 and last[-1] == length - 1
+
+
+@pytest.mark.slow
+def test_one_writer_four_followers_see_every_row_once_in_order(store_path: Path, spawn) -> None:
+    total = 200_000
+    with mmstore.Store(store_path) as store:
+        writer = store.create("ticks", TICK, (0,), growable=True)
+        ready = [spawn.Event() for _ in range(4)]
+        results = spawn.Queue()
+        followers = [
+            spawn.Process(target=workers.follow_rows, args=(str(store_path), "ticks", total, event, results))
+            for event in ready
+        ]
+        for process in followers:
+            process.start()
+        for event in ready:
+            assert event.wait(PROCESS_TIMEOUT)
+        rng = np.random.default_rng(0)
+        position = 0
+        while position < total:
+            count = int(min(total - position, rng.choice([1, 3, 50, 1000, 5000])))
+            writer.append(ticks(position, count))
+            position += count
+            if rng.random() < 0.7 or position == total:
+                writer.flush()
+        writer.close()
+        seen = [results.get(timeout=PROCESS_TIMEOUT) for _ in followers]
+        for process in followers:
+            process.join(PROCESS_TIMEOUT)
+            assert process.exitcode == 0
+    for rows, blocks, problems in seen:
+        assert rows == total
+        assert problems == 0
+        assert blocks >= 1
+
+
+def test_follow_from_start_and_idle_timeout(store: mmstore.Store) -> None:
+    with store.create("t", np.int64, (0,), growable=True) as writer:
+        writer.append(np.arange(5))
+        writer.flush()
+        reader = store.open_reader("t")
+        blocks = list(reader.follow(start=2, idle_timeout=0.05))
+        assert [b.tolist() for b in blocks] == [[2, 3, 4]]
+
+
+# --- verify and recover ----------------------------------------------------------
+
+
+def test_verify_clean_store(store: mmstore.Store) -> None:
+    store.put("a", np.arange(10))
+    with store.create("g", TICK, (0,), growable=True) as writer:
+        writer.append(ticks(0, 1000))
+        writer.flush(durable=True)
+        writer.append(ticks(1000, 10))
+    report = store.verify()
+    assert report.ok and report.checked == 2 and not report.problems, str(report)
+
+
+def test_verify_finds_checksum_mismatch_and_recover_quarantines(store: mmstore.Store, store_path: Path) -> None:
+    store.put("good", np.arange(10))
+    store.put("bad/one", np.arange(1000.0))
+    path = store.info("bad/one")["data_file"]
+    with open(path, "r+b") as handle:  # what a power loss can leave: garbage under a valid sidecar
+        handle.seek(800)
+        handle.write(b"\xff" * 8)
+    report = store.verify()
+    assert not report.ok and list(report.problems) == ["bad/one"]
+    assert "checksum" in report.problems["bad/one"]
+    files_before = {Path(p).name for p in store_files(store_path)}
+    report = store.recover()
+    assert "bad/one" in report.quarantined
+    assert "bad/one" not in store and "good" in store
+    quarantined = {Path(p).name for p in store_files(store_path / ".quarantine")}
+    assert "one.json" in quarantined and Path(path).name in quarantined  # moved, never deleted
+    assert files_before <= {Path(p).name for p in store_files(store_path)}
+    assert store.verify().ok
+
+
+def test_verify_growable_checksum(store: mmstore.Store) -> None:
+    with store.create("g", np.int64, (0,), growable=True) as writer:
+        writer.append(np.arange(5000))
+    assert store.verify().ok
+    path = store.info("g")["data_file"]
+    with open(path, "r+b") as handle:
+        handle.seek(4096 + 8 * 100)
+        handle.write(b"\x01" * 8)
+    report = store.verify()
+    assert "g" in report.problems and "checksum" in report.problems["g"]
+
+
+def test_verify_reports_corrupt_headers_without_hiding_others(store: mmstore.Store, store_path: Path) -> None:
+    store.put("a", np.arange(3))
+    store.put("b", np.arange(3))
+    (store_path / "a.json").write_text("{")
+    report = store.verify()
+    assert list(report.problems) == ["a"] and report.checked == 2
