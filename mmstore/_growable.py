@@ -159,6 +159,7 @@ class Writer:
         self._header = header
         self._fd = fd
         self._closed = False
+        self._closed_reason = "closed"
         self.name = header.name
         self.dtype = header.dtype
         self.growable = header.growable
@@ -212,7 +213,7 @@ class Writer:
     def append(self, rows: Any) -> None:
         """Append one row or a block of rows; they become visible to readers at flush()."""
         if self._closed:
-            raise ClosedError(f"writer of dataset {self.name!r} is closed")
+            raise ClosedError(f"writer of dataset {self.name!r} is {self._closed_reason}")
         if not self.growable:
             raise ValueError(f"dataset {self.name!r} is not growable; create it with growable=True to append")
         if type(rows) is np.ndarray and rows.shape == self._row_shape and rows.dtype == self.dtype:
@@ -278,7 +279,7 @@ class Writer:
     def flush(self, durable: bool = False) -> None:
         """Publish every appended row to readers; ``durable=True`` also fsyncs first and after."""
         if self._closed:
-            raise ClosedError(f"writer of dataset {self.name!r} is closed")
+            raise ClosedError(f"writer of dataset {self.name!r} is {self._closed_reason}")
         control = self._mapped.control
         try:
             if durable:
@@ -333,7 +334,26 @@ class Writer:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise ClosedError(f"writer of dataset {self.name!r} is closed")
+            raise ClosedError(f"writer of dataset {self.name!r} is {self._closed_reason}")
+
+    def _sync_committed(self) -> None:
+        """Make the flushed rows durable (Store.flush); pending rows stay unpublished."""
+        if not self._closed:
+            try:
+                os.fsync(self._fd)
+            except OSError as exc:
+                raise _durable.io_error(exc, f"dataset {self.name!r}: fsync") from None
+
+    def _forget_after_fork(self) -> None:
+        """In a forked child: this handle is the parent's. Close our copy of the
+        descriptor (the parent's lock stays held) and refuse further use."""
+        if not self._closed:
+            self._closed = True
+            self._closed_reason = "owned by the parent process (writers are not inherited across fork)"
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
 
     @property
     def closed(self) -> bool:
@@ -357,6 +377,7 @@ class Reader:
         self._store = store
         self._location = location
         self._waiter: Waiter | None = None
+        self._waiter_pid = os.getpid()
         self._closed = False
         self.name = location.name
         self._load()
@@ -422,7 +443,11 @@ class Reader:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return False
+            if self._waiter is not None and self._waiter_pid != os.getpid():
+                self._waiter.close()  # forked: the inotify instance is shared with the parent
+                self._waiter = None
             if self._waiter is None:
+                self._waiter_pid = os.getpid()
                 directory = self._location.directory
                 self._waiter = Waiter([self._location.data_path(self._header.data_file)], [directory])
                 continue  # re-check: a commit may have landed before the watch existed

@@ -239,7 +239,14 @@ class Store:
         return self._locate(name).lock
 
     def _forget_after_fork(self) -> None:
-        """In a forked child: drop inherited lock descriptors and cached sidecar fds."""
+        """In a forked child: drop inherited lock descriptors and cached sidecar fds.
+
+        Writer handles are not inherited: the child's copy is closed without
+        releasing the parent's lock (the child must open its own writer).
+        """
+        for writer in list(self._writers):
+            writer._forget_after_fork()
+        self._writers = weakref.WeakSet()
         for location in self._locations.values():
             location.lock.forget_after_fork()
         self._locations_guard = threading.Lock()
@@ -616,10 +623,14 @@ class Store:
         """Make every change committed through this store durable.
 
         fsyncs the data files, then the sidecars, then their directories (and
-        each parent up to the store root, for directories created on the way).
-        Commits of other processes are made durable by their own flush().
+        each parent up to the store root, for directories created on the way),
+        and the data files of this store's open writers (their flushed rows;
+        rows appended but not flushed stay unpublished). Commits of other
+        processes are made durable by their own flush().
         """
         self._check_open()
+        for writer in list(self._writers):
+            writer._sync_committed()
         with self._dirty_guard:
             data_files, sidecars, directories = self._dirty
             self._dirty = (set(), set(), set())

@@ -297,7 +297,7 @@ def test_manifest_version_is_checked(store_path: Path) -> None:
 @pytest.mark.parametrize("dtype", DTYPES[:3] + DTYPES[-5:], ids=str)
 def test_header_json_round_trips(dtype: np.dtype) -> None:
     header = _format.Header(
-        name="a/b\u00e9\"q",
+        name='a/b\u00e9"q',
         dtype=dtype,
         shape=(3, 0, 2),
         data_file="b.0123456789abcdef.dat",
@@ -310,6 +310,6 @@ def test_header_json_round_trips(dtype: np.dtype) -> None:
     )
     raw = header.to_json()
     assert raw.endswith(b"\n") and raw.count(b"\n") == 1
-    parsed = _format.parse_header("a/b\u00e9\"q", raw)
+    parsed = _format.parse_header('a/b\u00e9"q', raw)
     assert parsed == header
-    assert json.loads(raw)["name"] == "a/b\u00e9\"q"
+    assert json.loads(raw)["name"] == 'a/b\u00e9"q'
