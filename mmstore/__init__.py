@@ -23,6 +23,7 @@ from ._errors import (
 )
 from ._format import FORMAT_VERSION
 from ._growable import Reader, Writer
+from ._hdf5 import export_hdf5, import_hdf5
 from ._recovery import VerifyReport
 from ._store import Store
 
@@ -48,4 +49,6 @@ __all__ = [
     "VerifyReport",
     "Writer",
     "__version__",
+    "export_hdf5",
+    "import_hdf5",
 ]

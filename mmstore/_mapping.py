@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -35,9 +36,57 @@ def _forget_pool_after_fork() -> None:
 os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 
-def _byte_chunks(array: np.ndarray) -> Any:
+# Array-likes that put() reads in row blocks instead of loading whole: a 50 GB
+# HDF5 dataset can be stored without 50 GB of memory.
+_LAZY_MODULES = frozenset({"h5py", "zarr", "dask"})
+
+
+class RowSource:
+    """An array-like read in row blocks: ``shape``, ``dtype`` and ``source[a:b]``.
+
+    ``view`` reinterprets each block's bytes (HDF5 import of datetime64 or unicode
+    columns stored as integers).
+    """
+
+    def __init__(self, source: Any, view: np.dtype[Any] | None = None) -> None:
+        self.source = source
+        self.source_dtype = np.dtype(source.dtype)
+        self.dtype = view if view is not None else self.source_dtype
+        if self.dtype.itemsize != self.source_dtype.itemsize:
+            # Unicode stored as (..., n) code units: the last axis folds into the item.
+            self.shape = tuple(source.shape)[:-1]
+        else:
+            self.shape = tuple(source.shape)
+        self.ndim = len(self.shape)
+        self.size = math.prod(self.shape)
+        self.nbytes = self.size * self.dtype.itemsize
+
+    def block(self, start: int, stop: int) -> np.ndarray:
+        raw = np.ascontiguousarray(np.asarray(self.source[start:stop] if self.shape else self.source[()]))
+        return raw.view(self.dtype).reshape((stop - start, *self.shape[1:]) if self.shape else ())
+
+
+def as_source(obj: Any) -> np.ndarray | RowSource:
+    """An ndarray, or a RowSource for large lazy array-likes (h5py, zarr, dask)."""
+    if isinstance(obj, (np.ndarray, RowSource)):
+        return obj
+    if type(obj).__module__.partition(".")[0] in _LAZY_MODULES and hasattr(obj, "shape") and hasattr(obj, "dtype"):
+        return RowSource(obj)
+    return np.asarray(obj)
+
+
+def _byte_chunks(array: np.ndarray | RowSource) -> Any:
     """Yield the array's C-order bytes as buffers of at most ~_STREAM_CHUNK_BYTES."""
     if array.size == 0:
+        return
+    if isinstance(array, RowSource):
+        if not array.shape:
+            yield array.block(0, 1).reshape(-1).view(np.uint8)
+            return
+        row_bytes = max(array.nbytes // array.shape[0], 1)
+        rows_per_chunk = max(_STREAM_CHUNK_BYTES // row_bytes, 1)
+        for start in range(0, array.shape[0], rows_per_chunk):
+            yield array.block(start, min(start + rows_per_chunk, array.shape[0])).reshape(-1).view(np.uint8)
         return
     if array.flags.c_contiguous:
         flat = array.reshape(-1).view(np.uint8)
@@ -54,10 +103,10 @@ def _byte_chunks(array: np.ndarray) -> Any:
         yield block.reshape(-1).view(np.uint8)
 
 
-def write_array(fd: int, array: np.ndarray) -> int:
+def write_array(fd: int, array: np.ndarray | RowSource) -> int:
     """Write the array's bytes in C order to ``fd`` and return their CRC-32."""
     crc = 0
-    if array.flags.c_contiguous and array.nbytes <= _STREAM_CHUNK_BYTES:
+    if isinstance(array, np.ndarray) and array.flags.c_contiguous and array.nbytes <= _STREAM_CHUNK_BYTES:
         if array.nbytes:
             data = array.reshape(-1).view(np.uint8)
             _durable.write_all(fd, data)

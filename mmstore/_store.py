@@ -432,7 +432,7 @@ class Store:
         """
         self._check_writable()
         location = self._locate(name)
-        array = np.asarray(array)
+        array = _mapping.as_source(array)
         encode_dtype(array.dtype)
         attrs_record = encode_attrs(attrs) if attrs else {}
         for _attempt in range(3):

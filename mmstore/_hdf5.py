@@ -1,0 +1,284 @@
+"""Export a store to one HDF5 file (``mmstore compact``) and import it back.
+
+Conventions (docs/HDF5.md has the full table):
+
+* dataset ``group/sub/name`` becomes the HDF5 dataset ``/group/sub/name``;
+* every exported dataset carries ``mmstore.dtype`` (the JSON dtype descr of
+  docs/FORMAT.md) and ``mmstore.attrs`` (the attrs as JSON), so an import is
+  exact; each attr that HDF5 can hold natively is also written as an HDF5 attr;
+* dtypes HDF5 has no type for are stored as integers of the same bytes:
+  datetime64/timedelta64 as int64 counts of their unit, fixed-width unicode
+  ``<Un`` as uint32 code points with a trailing axis of n (inside a structured
+  dtype, as a uint32 sub-array field of n); ``mmstore.dtype`` says how to view
+  them back.
+
+The export streams each dataset in bounded blocks read with pread() (not the
+map, whose touched pages would count against our RSS), writes a hidden temp
+file beside the output, fsyncs it and renames it into place: a killed export
+never leaves a partial output file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import _durable, _names
+from ._errors import InvalidNameError, MmstoreError, UnsupportedDtypeError
+from ._format import FORMAT_VERSION, decode_dtype, encode_dtype
+from ._growable import CONTROL_BYTES
+from ._mapping import RowSource
+
+if TYPE_CHECKING:
+    from ._store import Store
+
+DTYPE_ATTR = "mmstore.dtype"
+ATTRS_ATTR = "mmstore.attrs"
+VERSION_ATTR = "mmstore.format_version"
+_BLOCK_BYTES = 16 * 2**20
+
+Progress = Callable[[str, int, int], None]  # (dataset name, bytes done, bytes total)
+
+
+def hdf5_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
+    """A dtype of the same size and layout that h5py can store."""
+    if dtype.fields is not None:
+        names = list(dtype.names or ())
+        fields = dtype.fields
+        return np.dtype(
+            {
+                "names": names,
+                "formats": [hdf5_dtype(fields[name][0]) for name in names],
+                "offsets": [fields[name][1] for name in names],
+                "itemsize": dtype.itemsize,
+            }
+        )
+    if dtype.subdtype is not None:
+        base, shape = dtype.subdtype
+        return np.dtype((hdf5_dtype(base), shape))
+    order = ">" if dtype.byteorder == ">" else "<"
+    if dtype.kind in "mM":
+        return np.dtype(order + "i8")
+    if dtype.kind == "U":
+        return np.dtype((order + "u4", (dtype.itemsize // 4,)))
+    return dtype
+
+
+def _native_attr(value: Any) -> Any:
+    """The value as an HDF5 attribute, or None if HDF5 cannot hold it natively."""
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    numbers = isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    if numbers and value:
+        return np.asarray(value)
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return value
+    return None
+
+
+def _check_tree(names: list[str]) -> None:
+    """HDF5 cannot have a dataset that is also a group: refuse such stores up front."""
+    existing = set(names)
+    for name in names:
+        parts = name.split("/")
+        for depth in range(1, len(parts)):
+            group = "/".join(parts[:depth])
+            if group in existing:
+                raise MmstoreError(
+                    f"cannot export: {group!r} is a dataset and also a group of {name!r}, which HDF5 does not allow "
+                    "(export the two separately with --only)"
+                )
+
+
+def export_hdf5(
+    store: Store,
+    path: str | os.PathLike[str],
+    *,
+    only: str = "",
+    compression: str | None = None,
+    chunks: bool | tuple[int, ...] | None = None,
+    progress: Progress | None = None,
+) -> list[str]:
+    """Write every dataset's committed view (under ``only``) to the HDF5 file ``path``.
+
+    ``compression`` is ``"gzip"``, ``"lzf"`` or None; ``chunks`` is None
+    (contiguous unless compressed), True (h5py's choice) or a chunk shape.
+    Returns the exported names. ``path`` appears only when complete.
+    """
+    import h5py
+
+    if compression not in (None, "gzip", "lzf"):
+        raise ValueError(f"compression must be 'gzip', 'lzf' or None, not {compression!r}")
+    names = store.keys(only)
+    _check_tree(names)
+    headers = {name: store.header(name) for name in names}
+    lengths = {name: _committed_rows(store, name) for name in names}
+    target = os.path.abspath(os.fspath(path))
+    directory = os.path.dirname(target)
+    temp = os.path.join(directory, f".{os.path.basename(target)}.{_names.new_token()}.tmp")
+    try:
+        with h5py.File(temp, "w") as h5:
+            h5.attrs[VERSION_ATTR] = FORMAT_VERSION
+            for name in names:
+                _export_one(store, h5, name, headers[name], lengths[name], compression, chunks, progress)
+        fd = os.open(temp, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, target)
+        _durable.fsync_dir(directory)
+    except OSError as exc:
+        _durable.unlink_quietly(temp)
+        raise _durable.io_error(exc, f"export to {target!r}") from None
+    except BaseException:
+        _durable.unlink_quietly(temp)
+        raise
+    return names
+
+
+def _committed_rows(store: Store, name: str) -> int | None:
+    """The committed length of a growable dataset (fixed once, so the export is one snapshot)."""
+    header = store.header(name)
+    return len(store.get(name)) if header.growable else None
+
+
+def _export_one(
+    store: Store,
+    h5: Any,
+    name: str,
+    header: Any,
+    rows: int | None,
+    compression: str | None,
+    chunks: bool | tuple[int, ...] | None,
+    progress: Progress | None,
+) -> None:
+    dtype = header.dtype
+    shape = header.shape if rows is None else (rows, *header.shape[1:])
+    stored = hdf5_dtype(dtype)
+    extra: tuple[int, ...] = ()
+    if stored.subdtype is not None and dtype.fields is None:  # top-level unicode: a trailing axis
+        stored, extra = stored.subdtype
+    h5_shape = (*shape, *extra)
+    empty = math.prod(h5_shape) == 0 or not h5_shape
+    options: dict[str, Any] = {}
+    if not empty and (compression or chunks):
+        options["chunks"] = chunks if isinstance(chunks, tuple) else True
+        if compression:
+            options["compression"] = compression
+    try:
+        dataset = h5.create_dataset(name, shape=h5_shape, dtype=stored, **options)
+    except (TypeError, ValueError) as exc:
+        raise UnsupportedDtypeError(f"dataset {name!r}: HDF5 cannot store dtype {dtype}: {exc}") from None
+    dataset.attrs[DTYPE_ATTR] = json.dumps(encode_dtype(dtype))
+    dataset.attrs[ATTRS_ATTR] = json.dumps(header.attrs)
+    for key, value in header.attrs.items():
+        native = _native_attr(value)
+        if native is not None and not key.startswith("mmstore."):
+            dataset.attrs[key] = native
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes == 0:
+        if progress is not None:
+            progress(name, 0, 0)
+        return
+    location = store._locate(name)
+    offset = CONTROL_BYTES if header.growable else header.offset
+    fd = os.open(location.data_path(header.data_file), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        if not shape:  # 0-d
+            raw = os.pread(fd, dtype.itemsize, offset)
+            dataset[()] = np.frombuffer(raw, dtype).view(stored).reshape(h5_shape)
+        else:
+            row_bytes = nbytes // shape[0]
+            rows_per_block = max(1, _BLOCK_BYTES // max(row_bytes, 1))
+            buffer = bytearray(rows_per_block * row_bytes)
+            for start in range(0, shape[0], rows_per_block):
+                stop = min(start + rows_per_block, shape[0])
+                view = memoryview(buffer)[: (stop - start) * row_bytes]
+                _pread_exactly(fd, view, offset + start * row_bytes)
+                block = np.frombuffer(view, dtype).reshape((stop - start, *shape[1:]))
+                dataset[start:stop] = block.view(stored).reshape((stop - start, *h5_shape[1:]))
+                if progress is not None:
+                    progress(name, stop * row_bytes, nbytes)
+    finally:
+        os.close(fd)
+
+
+def _pread_exactly(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        count = os.preadv(fd, [view[done:]], offset + done)
+        if count <= 0:
+            raise MmstoreError(f"data file ended early at byte {offset + done}")
+        done += count
+
+
+def import_hdf5(
+    path: str | os.PathLike[str],
+    store: Store,
+    *,
+    only: str = "",
+    progress: Progress | None = None,
+) -> tuple[list[str], dict[str, str]]:
+    """Put every dataset of an HDF5 file (under ``only``) into ``store``, streamed.
+
+    Returns (imported names, {skipped name: reason}) - e.g. variable-length
+    strings, which have no fixed-size NumPy dtype.
+    """
+    import h5py
+
+    found: list[tuple[str, Any]] = []
+    with h5py.File(os.fspath(path), "r") as h5:
+        h5.visititems(lambda key, obj: found.append((key, obj)) if isinstance(obj, h5py.Dataset) else None)
+        prefix = only.strip("/")
+        imported: list[str] = []
+        skipped: dict[str, str] = {}
+        for name, dataset in found:
+            if prefix and not (name == prefix or name.startswith(prefix + "/")):
+                continue
+            try:
+                _names.validate_name(name)
+                source, attrs = _import_source(name, dataset)
+                store.put(name, source, attrs=attrs)
+            except (InvalidNameError, UnsupportedDtypeError, ValueError, TypeError) as exc:
+                skipped[name] = str(exc)
+                continue
+            imported.append(name)
+            if progress is not None:
+                progress(name, source.nbytes, source.nbytes)
+    return imported, skipped
+
+
+def _import_source(name: str, dataset: Any) -> tuple[RowSource, dict[str, Any]]:
+    raw_dtype = dataset.attrs.get(DTYPE_ATTR)
+    if raw_dtype is not None:
+        try:
+            view = decode_dtype(json.loads(raw_dtype))
+        except ValueError as exc:
+            raise UnsupportedDtypeError(f"dataset {name!r}: bad {DTYPE_ATTR} attribute: {exc}") from None
+        source = RowSource(dataset, view=view)
+    else:
+        dtype = np.dtype(dataset.dtype)
+        if dtype.hasobject:
+            raise UnsupportedDtypeError(f"dataset {name!r}: variable-length data ({dataset.dtype}) has no fixed size")
+        source = RowSource(dataset)
+    raw_attrs = dataset.attrs.get(ATTRS_ATTR)
+    if raw_attrs is not None:
+        attrs = json.loads(raw_attrs)
+    else:
+        attrs = {}
+        for key, value in dataset.attrs.items():
+            converted = value.tolist() if isinstance(value, (np.ndarray, np.generic)) else value
+            if isinstance(converted, bytes):
+                converted = converted.decode("utf-8", "replace")
+            try:
+                json.dumps(converted)
+            except (TypeError, ValueError):
+                continue
+            attrs[key] = converted
+    return source, attrs
