@@ -103,14 +103,13 @@ def _byte_chunks(array: np.ndarray | RowSource) -> Any:
         yield block.reshape(-1).view(np.uint8)
 
 
-def write_array(fd: int, array: np.ndarray | RowSource) -> int:
-    """Write the array's bytes in C order to ``fd`` and return their CRC-32."""
-    crc = 0
+def write_array(fd: int, array: np.ndarray | RowSource, crc: int = 0) -> int:
+    """Write the array's bytes in C order to ``fd``; return the CRC-32 continued from ``crc``."""
     if isinstance(array, np.ndarray) and array.flags.c_contiguous and array.nbytes <= _STREAM_CHUNK_BYTES:
         if array.nbytes:
             data = array.reshape(-1).view(np.uint8)
             _durable.write_all(fd, data)
-            crc = crc32_update(0, data)
+            crc = crc32_update(crc, data)
         return crc
     if array.nbytes < _PARALLEL_CHECKSUM_BYTES:
         for chunk in _byte_chunks(array):
@@ -121,10 +120,10 @@ def write_array(fd: int, array: np.ndarray | RowSource) -> int:
     pending = None
     for chunk in _byte_chunks(array):
         # Checksum of chunk k runs while chunk k is written; chain the CRCs in order.
-        future = pool.submit(crc32_update, 0 if pending is None else pending.result(), chunk)
+        future = pool.submit(crc32_update, crc if pending is None else pending.result(), chunk)
         _durable.write_all(fd, chunk)
         pending = future
-    return 0 if pending is None else pending.result()
+    return crc if pending is None else pending.result()
 
 
 def checksum_file(path: str, offset: int, nbytes: int) -> int:

@@ -21,7 +21,7 @@ import stat
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -429,18 +429,71 @@ class Store:
 
         Readers see the old value or the new one, never a mix. ``durable=True``
         also fsyncs the data, the sidecar and the directory before returning.
+        h5py, zarr and dask arrays are read in bounded row blocks.
         """
         self._check_writable()
         location = self._locate(name)
-        array = _mapping.as_source(array)
-        encode_dtype(array.dtype)
+        source = _mapping.as_source(array)
+        encode_dtype(source.dtype)
         attrs_record = encode_attrs(attrs) if attrs else {}
+
+        def write(fd: int) -> tuple[np.dtype[Any], tuple[int, ...], int]:
+            return source.dtype, source.shape, _mapping.write_array(fd, source)
+
         for _attempt in range(3):
-            if self._write_and_commit(location, array, attrs_record, durable):
+            if self._write_and_commit(location, write, attrs_record, durable):
                 return
         raise StoreIOError(errno.EIO, f"dataset {name!r}: could not commit (its new data file kept vanishing)")
 
-    def _write_and_commit(self, location: _Location, array: np.ndarray, attrs: dict[str, Any], durable: bool) -> bool:
+    def put_blocks(
+        self,
+        name: str,
+        blocks: Iterable[Any],
+        *,
+        dtype: Any = None,
+        attrs: Mapping[str, Any] | None = None,
+        durable: bool = False,
+    ) -> int:
+        """Atomically create or replace ``name`` with the concatenation of row ``blocks``.
+
+        For data that does not fit in memory or whose length is not known in
+        advance (a text file parsed in chunks, a stream). Every block must have
+        the same row shape; with ``dtype`` blocks are converted to it (needed if
+        there may be no block at all). Nothing is visible until the last block
+        is written. Returns the number of rows.
+        """
+        self._check_writable()
+        location = self._locate(name)
+        target = np.dtype(dtype) if dtype is not None else None
+        if target is not None:
+            encode_dtype(target)
+        attrs_record = encode_attrs(attrs) if attrs else {}
+
+        def write(fd: int) -> tuple[np.dtype[Any], tuple[int, ...], int]:
+            crc, rows = 0, 0
+            row_shape: tuple[int, ...] | None = None
+            kind = target
+            for raw in blocks:
+                block = np.asarray(raw, dtype=kind)
+                if block.ndim == 0:
+                    raise ValueError(f"dataset {name!r}: blocks must have at least one dimension (rows)")
+                if row_shape is None:
+                    kind, row_shape = block.dtype, block.shape[1:]
+                    encode_dtype(kind)
+                elif block.shape[1:] != row_shape:
+                    raise ValueError(f"dataset {name!r}: block of rows {block.shape[1:]} after rows {row_shape}")
+                crc = _mapping.write_array(fd, block, crc)
+                rows += block.shape[0]
+            if kind is None:
+                raise ValueError(f"dataset {name!r}: no blocks, and no dtype given")
+            return kind, (rows, *(row_shape or ())), crc
+
+        if not self._write_and_commit(location, write, attrs_record, durable):
+            raise StoreIOError(errno.EIO, f"dataset {name!r}: its new data file vanished before the commit")
+        return self.header(name).shape[0]
+
+    def _write_and_commit(self, location: _Location, write: Any, attrs: dict[str, Any], durable: bool) -> bool:
+        """Write a new data file with ``write(fd) -> (dtype, shape, crc)`` and commit it."""
         name = location.name
         data_file = _names.data_file_name(location.leaf, _names.new_token())
         data_path = location.data_path(data_file)
@@ -453,17 +506,17 @@ class Store:
         try:
             mark_alive(fd)
             try:
-                crc = _mapping.write_array(fd, array)
+                dtype, shape, crc = write(fd)
                 if durable:
                     os.fsync(fd)
             except OSError as exc:
-                raise _durable.io_error(exc, f"dataset {name!r}: writing {array.nbytes} bytes") from None
+                raise _durable.io_error(exc, f"dataset {name!r}: writing its data") from None
 
             def make_header(generation: int, created: float | None, now: float) -> Header:
                 return Header(
                     name=name,
-                    dtype=array.dtype,
-                    shape=array.shape,
+                    dtype=dtype,
+                    shape=shape,
                     data_file=data_file,
                     offset=0,
                     generation=generation,
