@@ -1,0 +1,182 @@
+"""File formats at the edge of the CLI: dtype strings, text tables and .npy streams.
+
+Everything here streams: a text file is parsed in blocks of lines, an .npy
+stream is read in blocks of rows, so `mmstore put` of a 10 GB file needs
+memory for one block, not for the file.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import IO, Any
+
+import numpy as np
+import numpy.lib.format as npy_format
+
+from ._errors import MmstoreError, UnsupportedDtypeError
+from ._format import encode_dtype
+
+BLOCK_LINES = 65_536
+BLOCK_BYTES = 32 * 2**20
+
+
+class TextFormatError(MmstoreError, ValueError):
+    """A line of a text table that does not parse with the requested dtype."""
+
+
+def parse_dtype(text: str) -> np.dtype[Any]:
+    """A dtype from the command line: ``f8``, ``<i4``, ``S10,i4,f4`` or ``chr:S10,pos:i4``."""
+    text = text.strip()
+    try:
+        if "," in text or ":" in text:
+            fields = []
+            for index, part in enumerate(p.strip() for p in text.split(",")):
+                name, _, kind = part.rpartition(":")
+                fields.append((name.strip() or f"f{index}", np.dtype(kind.strip())))
+            dtype = np.dtype(fields)
+        else:
+            dtype = np.dtype(text)
+    except (TypeError, ValueError, SyntaxError) as exc:
+        raise ValueError(f"not a dtype: {text!r} ({exc})") from None
+    encode_dtype(dtype)
+    return dtype
+
+
+def text_blocks(
+    stream: IO[str], label: str, dtype: np.dtype[Any], delimiter: str | None, skip_rows: int
+) -> Iterator[np.ndarray]:
+    """Parse a text table in blocks of lines; a bad line raises TextFormatError naming it."""
+    line_number = 0
+    for _ in range(skip_rows):
+        if not stream.readline():
+            return
+        line_number += 1
+    while True:
+        lines = []
+        first = line_number + 1
+        for line in stream:
+            line_number += 1
+            lines.append(line)
+            if len(lines) >= BLOCK_LINES:
+                break
+        if not lines:
+            return
+        try:
+            block = np.loadtxt(lines, dtype=dtype, delimiter=delimiter, ndmin=1, comments="#", encoding=None)
+        except (ValueError, TypeError) as exc:
+            raise _locate_error(lines, first, label, dtype, delimiter, exc) from None
+        if block.size or block.shape[0]:
+            yield block
+
+
+def _locate_error(
+    lines: list[str], first: int, label: str, dtype: np.dtype[Any], delimiter: str | None, exc: Exception
+) -> TextFormatError:
+    """Find the line and column that numpy refused, and say so."""
+    names = dtype.names or ()
+    for offset, line in enumerate(lines):
+        stripped = line.split("#", 1)[0].strip()
+        if not stripped:
+            continue
+        cells = stripped.split(delimiter) if delimiter else stripped.split()
+        if names and len(cells) != len(names):
+            return TextFormatError(
+                f"{label} line {first + offset}: {len(cells)} columns, expected {len(names)} ({', '.join(names)})"
+            )
+        for column, cell in enumerate(cells, start=1):
+            kind = dtype[names[column - 1]] if names else dtype
+            try:
+                np.loadtxt([cell], dtype=kind, ndmin=1, encoding=None)
+            except (ValueError, TypeError):
+                field = f" ({names[column - 1]!r})" if names else ""
+                return TextFormatError(
+                    f"{label} line {first + offset}, column {column}{field}: cannot parse {cell.strip()!r} as {kind}"
+                )
+    match = re.search(r"row (\d+)", str(exc))
+    where = f" line {first + int(match.group(1)) - 1}" if match else ""
+    return TextFormatError(f"{label}{where}: {exc}")
+
+
+def npy_stream(stream: IO[bytes], label: str) -> tuple[np.dtype[Any], tuple[int, ...], Iterator[np.ndarray]]:
+    """Read an .npy header from a stream; return (dtype, shape, row blocks)."""
+    try:
+        version = npy_format.read_magic(stream)
+        if version == (1, 0):
+            shape, fortran, dtype = npy_format.read_array_header_1_0(stream)
+        else:
+            shape, fortran, dtype = npy_format.read_array_header_2_0(stream)
+    except ValueError as exc:
+        raise TextFormatError(f"{label}: not an .npy stream ({exc})") from None
+    if dtype.hasobject:
+        raise UnsupportedDtypeError(f"{label}: holds Python objects (pickles are never loaded)")
+    total = int(np.prod(shape)) * dtype.itemsize
+
+    def blocks() -> Iterator[np.ndarray]:
+        if fortran:  # column-major on the wire: only a whole read can reorder it
+            array = np.frombuffer(_read_exactly(stream, total, label), dtype).reshape(shape, order="F")
+            yield np.ascontiguousarray(array).reshape(shape if shape else (1,))
+            return
+        if not shape:
+            yield np.frombuffer(_read_exactly(stream, dtype.itemsize, label), dtype).reshape(1)
+            return
+        row_bytes = total // shape[0] if shape[0] else 0
+        rows_per_block = max(1, BLOCK_BYTES // max(row_bytes, 1))
+        for start in range(0, shape[0], rows_per_block):
+            count = min(rows_per_block, shape[0] - start)
+            data = _read_exactly(stream, count * row_bytes, label)
+            yield np.frombuffer(data, dtype).reshape((count, *shape[1:]))
+
+    return dtype, tuple(shape), blocks()
+
+
+def _read_exactly(stream: IO[bytes], count: int, label: str) -> bytes:
+    data = stream.read(count)
+    if data is None or len(data) != count:
+        raise TextFormatError(f"{label}: stream ended early ({len(data or b'')} of {count} bytes)")
+    return data
+
+
+def write_npy(stream: IO[bytes], array: np.ndarray) -> None:
+    """Write ``array`` as .npy, in blocks (a mapped array is never copied whole)."""
+    header = npy_format.header_data_from_array_1_0(array)
+    header["fortran_order"] = False
+    if len(repr(header)) > 60_000:  # version 1.0 headers are limited to 64 KiB
+        npy_format.write_array_header_2_0(stream, header)
+    else:
+        npy_format.write_array_header_1_0(stream, header)
+    if array.ndim == 0:
+        stream.write(np.ascontiguousarray(array).tobytes())
+        return
+    rows = max(1, BLOCK_BYTES // max(array[:1].nbytes, 1))
+    for start in range(0, array.shape[0], rows):
+        stream.write(np.ascontiguousarray(array[start : start + rows]).tobytes())
+
+
+def write_text(stream: IO[str], array: np.ndarray, delimiter: str) -> None:
+    """Write rows as delimited text; bytes fields are decoded, floats keep full precision."""
+    if array.ndim == 0:
+        array = array.reshape(1)
+    for start in range(0, array.shape[0], BLOCK_LINES):
+        block = array[start : start + BLOCK_LINES]
+        lines = []
+        for row in block.tolist():
+            cells = row if isinstance(row, (tuple, list)) else (row,)
+            lines.append(delimiter.join(format_cell(cell) for cell in _flatten(cells)))
+        stream.write("\n".join(lines) + "\n")
+
+
+def _flatten(cells: Any) -> Iterator[Any]:
+    for cell in cells:
+        if isinstance(cell, (tuple, list)):
+            yield from _flatten(cell)
+        else:
+            yield cell
+
+
+def format_cell(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
