@@ -192,7 +192,7 @@ def _export_one(
     try:
         if not shape:  # 0-d
             raw = os.pread(fd, dtype.itemsize, offset)
-            dataset[()] = np.frombuffer(raw, dtype).view(stored).reshape(h5_shape)
+            dataset[...] = np.frombuffer(raw, dtype).view(stored).reshape(h5_shape)
         else:
             row_bytes = nbytes // shape[0]
             rows_per_block = max(1, _BLOCK_BYTES // max(row_bytes, 1))

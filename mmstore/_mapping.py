@@ -62,7 +62,7 @@ class RowSource:
         self.nbytes = self.size * self.dtype.itemsize
 
     def block(self, start: int, stop: int) -> np.ndarray:
-        raw = np.ascontiguousarray(np.asarray(self.source[start:stop] if self.shape else self.source[()]))
+        raw = np.ascontiguousarray(np.asarray(self.source[start:stop] if self.shape else self.source[...]))
         return raw.view(self.dtype).reshape((stop - start, *self.shape[1:]) if self.shape else ())
 
 

@@ -43,6 +43,19 @@ def parse_dtype(text: str) -> np.dtype[Any]:
     return dtype
 
 
+def dtype_text(dtype: np.dtype[Any]) -> str:
+    """A short dtype string, in the --dtype syntax where it can be (``chr:S10,pos:i4``)."""
+    if dtype.names is None:
+        return dtype.str.lstrip("|") if dtype.subdtype is None else str(dtype)
+    parts = []
+    for name in dtype.names:
+        field = dtype.fields[name][0]  # type: ignore[index]
+        if field.names is not None or field.subdtype is not None or ":" in name or "," in name:
+            return str(dtype)
+        parts.append(f"{name}:{field.str.lstrip('|')}")
+    return ",".join(parts)
+
+
 def text_blocks(
     stream: IO[str], label: str, dtype: np.dtype[Any], delimiter: str | None, skip_rows: int
 ) -> Iterator[np.ndarray]:

@@ -26,6 +26,7 @@ from rich.table import Table
 import mmstore
 
 from . import _textio
+from ._format import encode_dtype
 
 app = typer.Typer(
     name="mmstore",
@@ -34,7 +35,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-_out = Console(highlight=False)
+# Piped output is for scripts: wide lines, never wrapped mid-value.
+_out = Console(highlight=False, width=None if sys.stdout.isatty() else 240)
 _err = Console(stderr=True, highlight=False)
 _options = {"debug": False, "quiet": False}
 
@@ -100,7 +102,12 @@ def _progress(description: str, total: int | None) -> Iterator[Any]:
 
 
 def _jsonable(info: dict[str, Any]) -> dict[str, Any]:
-    return {**info, "dtype": str(info["dtype"]), "shape": list(info["shape"])}
+    return {
+        **info,
+        "dtype": _textio.dtype_text(info["dtype"]),
+        "descr": encode_dtype(info["dtype"]),
+        "shape": list(info["shape"]),
+    }
 
 
 def _human(nbytes: int) -> str:
@@ -308,10 +315,12 @@ def list_datasets(
             print(json.dumps([_jsonable(info) for info in infos], indent=2))
         else:
             table = Table("name", "dtype", "shape", "size", "modified", box=None)
+            for column in table.columns:
+                column.no_wrap = True
             for info in infos:
                 modified = datetime.datetime.fromtimestamp(info["modified"]).isoformat(sep=" ", timespec="seconds")
                 shape = str(info["shape"]) + (" +" if info["growable"] else "")
-                table.add_row(info["name"], str(info["dtype"]), shape, _human(info["nbytes"]), modified)
+                table.add_row(info["name"], _textio.dtype_text(info["dtype"]), shape, _human(info["nbytes"]), modified)
             _out.print(table)
         for message in broken:
             print(f"mmstore: warning: {message}", file=sys.stderr)

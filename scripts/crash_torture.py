@@ -37,6 +37,7 @@ import mmstore
 LOG = "torture/log"
 SIDE = "torture/side"
 TIMEOUT = 120.0
+MAX_ROWS = 2_000_000  # 128 MB of rows, then the log starts over as a new generation
 ROW = np.dtype([("seq", "<u8"), ("payload", "<u8", (6,)), ("check", "<u8")])  # 64-byte rows
 
 
@@ -92,7 +93,7 @@ def producer(path: str, seed: int, started: Any, appended: Any, handed: Any, ack
 class Report:
     trials: int = 0
     failures: list[str] = field(default_factory=list)
-    rows: int = 0
+    rows: int = 0  # rows committed over all trials
     kills_mid_flush: int = 0
     kills_with_unflushed_rows: int = 0
     verify_runs: int = 0
@@ -155,6 +156,7 @@ def run_trials(trials: int, seed: int = 0, path: str | None = None, max_delay: f
         length = 0
         for trial in range(trials):
             report.trials = trial + 1
+            previous = length
             started = context.Event()
             appended, handed, acknowledged = (context.Value("q", length) for _ in range(3))
             arguments = (store_path, rng.randrange(1 << 30), started, appended, handed, acknowledged)
@@ -170,7 +172,11 @@ def run_trials(trials: int, seed: int = 0, path: str | None = None, max_delay: f
             length = check(
                 store_path, appended.value, handed.value, acknowledged.value, length, report, verify=trial % 10 == 9
             )
-        report.rows = length
+            report.rows += length - previous
+            if length > MAX_ROWS:  # keep the run's disk use bounded: start a fresh generation
+                with mmstore.Store(store_path) as store:
+                    store.create(LOG, ROW, (0,), growable=True, capacity=16, exist_ok=True).close()
+                length = 0
     return report
 
 

@@ -126,3 +126,11 @@ def hold_writer(path: str, name: str, opened: Any, release: Any) -> None:
         writer.append(ticks(len(writer), 5))
         opened.set()
         release.wait(120)
+
+
+def export_forever(path: str, out: str, started: Any) -> None:
+    """Export the store again and again until killed (crash test for compact)."""
+    store = mmstore.Store(path, "r")
+    started.set()
+    while True:
+        mmstore.export_hdf5(store, out)

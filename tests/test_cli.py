@@ -1,0 +1,231 @@
+"""The installed `mmstore` command, run in subprocesses."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+import mmstore
+from tests.conftest import PROCESS_TIMEOUT
+
+BIN = Path(sys.executable).parent
+GENOMIC = "chr:S10,pos:i4,pct:f4,c:i4,t:i4"
+GENOMIC_DTYPE = np.dtype([("chr", "S10"), ("pos", "<i4"), ("pct", "<f4"), ("c", "<i4"), ("t", "<i4")])
+
+
+def mmstore_cli(*args: str, stdin: bytes | None = None, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+    executable = BIN / "mmstore"
+    command = [str(executable)] if executable.exists() else [sys.executable, "-m", "mmstore.cli"]
+    result = subprocess.run(
+        [*command, *args],
+        input=stdin,
+        capture_output=True,
+        timeout=PROCESS_TIMEOUT,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"mmstore {' '.join(args)} exited {result.returncode}: {result.stderr.decode()}")
+    return result
+
+
+def one_line_error(result: subprocess.CompletedProcess[bytes]) -> str:
+    stderr = result.stderr.decode()
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def test_import_mmstore_does_not_import_cli_or_hdf5_packages() -> None:
+    code = "import sys, mmstore; print(sorted(m for m in ('typer', 'rich', 'h5py') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=PROCESS_TIMEOUT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_put_get_npy_round_trip(tmp_path: Path) -> None:
+    array = np.arange(30, dtype=">i2").reshape(10, 3)
+    np.save(tmp_path / "in.npy", array)
+    store = str(tmp_path / "s")
+    mmstore_cli("put", store, "a/b", str(tmp_path / "in.npy"), "--attr", "unit=px", "--attr", "scale=0.5")
+    mmstore_cli("get", store, "a/b", "-o", str(tmp_path / "out.npy"))
+    got = np.load(tmp_path / "out.npy")
+    assert got.dtype == array.dtype and (got == array).all()
+    assert mmstore.Store(store, "r").attrs("a/b") == {"unit": "px", "scale": 0.5}
+
+
+def test_stdin_and_stdout_npy_streams(tmp_path: Path) -> None:
+    store = str(tmp_path / "s")
+    buffer = io.BytesIO()
+    np.save(buffer, np.linspace(0, 1, 1001))
+    mmstore_cli("put", store, "x", "-", stdin=buffer.getvalue())
+    result = mmstore_cli("get", store, "x")  # stdout is a pipe: an .npy stream
+    np.testing.assert_array_equal(np.load(io.BytesIO(result.stdout)), np.linspace(0, 1, 1001))
+    result = mmstore_cli("get", store, "x", "--slice", "100:105")
+    np.testing.assert_array_equal(np.load(io.BytesIO(result.stdout)), np.linspace(0, 1, 1001)[100:105])
+
+
+def test_npz_members_go_under_the_name(tmp_path: Path) -> None:
+    np.savez(tmp_path / "in.npz", first=np.arange(3), second=np.ones((2, 2)))
+    store = str(tmp_path / "s")
+    mmstore_cli("put", store, "bundle", str(tmp_path / "in.npz"))
+    with mmstore.Store(store, "r") as opened:
+        assert opened.keys() == ["bundle/first", "bundle/second"]
+
+
+def test_text_put_and_csv_get(tmp_path: Path) -> None:
+    (tmp_path / "g.txt").write_text("chr pos pct c t\nchr1 10 0.5 3 7\nchrX 20 0.25 1 2\n")
+    store = str(tmp_path / "s")
+    mmstore_cli("put", store, "g", str(tmp_path / "g.txt"), "--dtype", GENOMIC, "--skip-rows", "1")
+    with mmstore.Store(store, "r") as opened:
+        got = opened.get("g")
+        assert got.dtype == GENOMIC_DTYPE
+        assert got.tolist() == [(b"chr1", 10, 0.5, 3, 7), (b"chrX", 20, 0.25, 1, 2)]
+    mmstore_cli("get", store, "g", "-o", str(tmp_path / "g.csv"))
+    assert (tmp_path / "g.csv").read_text() == "chr1,10,0.5,3,7\nchrX,20,0.25,1,2\n"
+    (tmp_path / "m.csv").write_text("1,2\n3,4\n")
+    mmstore_cli("put", store, "m", str(tmp_path / "m.csv"))
+    assert mmstore.Store(store, "r").get("m").tolist() == [[1.0, 2.0], [3.0, 4.0]]
+
+
+def test_big_text_file_streams_in_blocks(tmp_path: Path) -> None:
+    rows = 200_000  # several parse blocks
+    path = tmp_path / "big.csv"
+    with open(path, "w") as out:
+        for i in range(rows):
+            out.write(f"{i},{i * 0.5}\n")
+    store = str(tmp_path / "s")
+    mmstore_cli("put", store, "big", str(path), "--dtype", "i:i8,v:f8")
+    got = mmstore.Store(store, "r").get("big")
+    assert len(got) == rows and got["i"][-1] == rows - 1 and got["v"][-1] == (rows - 1) * 0.5
+
+
+def test_ls_info_rm_json(tmp_path: Path) -> None:
+    store = str(tmp_path / "s")
+    with mmstore.Store(store) as opened:
+        opened.put("a/x", np.zeros((2, 3), np.float32), attrs={"k": 1})
+        opened.put("b", np.arange(4))
+    listing = json.loads(mmstore_cli("ls", store, "--json").stdout)
+    assert [item["name"] for item in listing] == ["a/x", "b"]
+    assert listing[0]["shape"] == [2, 3] and listing[0]["dtype"] == "<f4" and listing[0]["attrs"] == {"k": 1}
+    table = mmstore_cli("ls", store, "a").stdout.decode()
+    assert "a/x" in table and "b " not in table
+    info = json.loads(mmstore_cli("info", store, "b", "--json").stdout)
+    assert info["generation"] == 1 and info["nbytes"] == 32
+    mmstore_cli("rm", store, "a/x", "b")
+    assert json.loads(mmstore_cli("ls", store, "--json").stdout) == []
+
+
+def test_verify_recover_exit_codes(tmp_path: Path) -> None:
+    store = str(tmp_path / "s")
+    with mmstore.Store(store) as opened:
+        opened.put("ok", np.arange(4))
+        opened.put("bad", np.arange(1000))
+        data_file = opened.info("bad")["data_file"]
+    assert mmstore_cli("verify", store).returncode == 0
+    with open(data_file, "r+b") as handle:
+        handle.write(b"\xff\xff")
+    result = mmstore_cli("verify", store, check=False)
+    assert result.returncode == 1 and b"bad" in result.stdout and b"checksum" in result.stdout
+    result = mmstore_cli("recover", store)
+    assert b"quarantined bad" in result.stdout
+    assert mmstore_cli("verify", store).returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "fragment"),
+    [
+        (["get", "{tmp}/missing-store", "x"], 1, "no mmstore store"),
+        (["get", "{store}", "missing"], 1, "no dataset 'missing'"),
+        (["put", "{store}", "../escape", "{npy}"], 1, "invalid dataset name"),
+        (["put", "{store}", "x", "{tmp}/does-not-exist.npy"], 1, "No such file"),
+        (["put", "{store}", "x", "{txt}", "--dtype", "q99"], 2, "not a dtype"),
+        (["put", "{store}", "x", "{badtxt}", "--dtype", GENOMIC], 1, "line 3, column 2 ('pos'): cannot parse 'abc'"),
+        (["put", "{store}", "x", "{badtxt2}", "--dtype", GENOMIC], 1, "line 2: 4 columns, expected 5"),
+        (["get", "{store}", "y", "--slice", "a:b"], 2, "--slice"),
+        (["compact", "{store}", "{tmp}/o.h5", "--compression", "zip"], 2, "--compression"),
+        (["put", "{store}", "x", "{tmp}/data.xyz"], 2, "unknown source type"),
+        (["nosuchcommand"], 2, ""),
+    ],
+)
+def test_bad_input_gives_one_line_and_exit_code(tmp_path: Path, args: list[str], code: int, fragment: str) -> None:
+    store = tmp_path / "s"
+    with mmstore.Store(store) as opened:
+        opened.put("y", np.arange(3))
+    np.save(tmp_path / "ok.npy", np.arange(3))
+    (tmp_path / "ok.txt").write_text("chr1 1 0.5 1 1\n")
+    (tmp_path / "bad.txt").write_text("chr1 1 0.5 1 1\nchr2 2 0.5 1 1\nchr3 abc 0.5 1 1\n")
+    (tmp_path / "bad2.txt").write_text("chr1 1 0.5 1 1\nchr2 2 0.5 1\n")
+    (tmp_path / "data.xyz").write_text("?")
+    values = {
+        "tmp": str(tmp_path), "store": str(store), "npy": str(tmp_path / "ok.npy"),
+        "txt": str(tmp_path / "ok.txt"), "badtxt": str(tmp_path / "bad.txt"), "badtxt2": str(tmp_path / "bad2.txt"),
+    }  # fmt: skip
+    result = mmstore_cli(*(arg.format(**values) for arg in args), check=False)
+    assert result.returncode == code, result.stderr
+    if code == 1:
+        assert fragment in one_line_error(result)
+    else:
+        assert fragment in result.stderr.decode()
+    assert "x" not in mmstore.Store(store, "r")
+
+
+def test_debug_shows_traceback(tmp_path: Path) -> None:
+    result = mmstore_cli("--debug", "get", str(tmp_path / "nope"), "x", check=False)
+    assert result.returncode != 0 and b"Traceback" in result.stderr
+
+
+def test_tail_prints_rows(tmp_path: Path) -> None:
+    store = str(tmp_path / "s")
+    with mmstore.Store(store) as opened, opened.create("t", np.int64, (0,), growable=True) as writer:
+        writer.append(np.arange(25))
+    result = mmstore_cli("tail", store, "t", "-n", "3", "--idle-timeout", "0.05")
+    assert result.stdout.decode().split() == ["22", "23", "24"]
+
+
+def test_compact_and_import_round_trip(tmp_path: Path) -> None:
+    store = str(tmp_path / "s")
+    with mmstore.Store(store) as opened:
+        opened.put("genome/a", np.zeros(3, GENOMIC_DTYPE), attrs={"sample": "a", "depth": [1, 2]})
+        opened.put("times", np.array(["2024-01-01T00:00", "NaT"], "M8[m]"))
+        opened.put("names", np.array(["αβγ", "x"], "<U3"))
+        opened.put("other/z", np.arange(4.0))
+    out = tmp_path / "out.h5"
+    mmstore_cli("compact", store, str(out), "--compression", "gzip", "--chunks", "auto")
+    with h5py.File(out, "r") as h5:
+        assert h5["genome/a"].dtype == GENOMIC_DTYPE
+        assert h5["genome/a"].attrs["sample"] == "a"
+        assert list(h5["genome/a"].attrs["depth"]) == [1, 2]
+        assert h5["times"].attrs["mmstore.dtype"] == '"<M8[m]"'
+        assert h5["genome/a"].compression == "gzip"
+    mmstore_cli("compact", store, str(tmp_path / "only.h5"), "--only", "genome")
+    with h5py.File(tmp_path / "only.h5", "r") as h5:
+        assert list(h5) == ["genome"]
+    back = str(tmp_path / "back")
+    mmstore_cli("import", str(out), back)
+    with mmstore.Store(store, "r") as a, mmstore.Store(back, "r") as b:
+        assert a.keys() == b.keys()
+        for name in a:
+            assert a.get(name).dtype == b.get(name).dtype
+            assert a.get(name).tobytes() == b.get(name).tobytes()
+            assert a.attrs(name) == b.attrs(name)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")], "no temp files left beside the output"
+
+
+def test_genomics_example_script(tmp_path: Path) -> None:
+    script = Path(__file__).resolve().parent.parent / "scripts" / "example_genomics.sh"
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHON": sys.executable}
+    result = subprocess.run(
+        ["bash", str(script), str(tmp_path / "work"), "3", "5000"],
+        capture_output=True, text=True, timeout=PROCESS_TIMEOUT, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "all 15000 records in genomics.h5 match" in result.stdout
