@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 import zlib
 from dataclasses import dataclass, field
@@ -24,7 +25,9 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "mmstore.json"
 MANIFEST_FORMAT = "mmstore"
 DATASET_FORMAT = "mmstore-dataset"
-CHECKSUM_ALGORITHM = "crc32"
+CHECKSUM_ALGORITHM = "crc32"  # growable datasets' control block, and accepted in sidecars
+XXH3_ALGORITHM = "xxh3_64"  # what put writes: xxHash XXH3 64-bit, seed 0, 16 hex digits
+_CHECKSUM_RE = re.compile(r"^(crc32:[0-9a-f]{8}|xxh3_64:[0-9a-f]{16})$")
 
 MAX_SIDECAR_BYTES = 64 * 2**20
 MAX_NDIM = 64
@@ -306,12 +309,8 @@ def parse_header(name: str, raw: bytes) -> Header:
     if growable and not shape:
         raise bad("a growable dataset needs at least one dimension")
     checksum = record["checksum"]
-    if checksum is not None and not (
-        isinstance(checksum, str)
-        and checksum.startswith(CHECKSUM_ALGORITHM + ":")
-        and len(checksum) == len(CHECKSUM_ALGORITHM) + 9
-    ):
-        raise bad(f"checksum {checksum!r} is not of the form 'crc32:xxxxxxxx'")
+    if checksum is not None and not (isinstance(checksum, str) and _CHECKSUM_RE.match(checksum)):
+        raise bad(f"checksum {checksum!r} is not of the form 'xxh3_64:<16 hex>' or 'crc32:<8 hex>'")
     attrs = record["attrs"]
     if not isinstance(attrs, dict):
         raise bad("attrs is not a JSON object")

@@ -1,4 +1,4 @@
-"""Streaming array bytes into data files (with their CRC-32) and checksumming them back."""
+"""Streaming array bytes into data files (hashing them on the way) and checksumming them back."""
 
 from __future__ import annotations
 
@@ -8,14 +8,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+import xxhash
 
 from . import _durable
 from ._errors import FormatError
-from ._format import crc32_update
+from ._format import XXH3_ALGORITHM, crc32_update, format_checksum
 
-# Above this size the checksum runs in a helper thread while the main thread
-# writes: zlib.crc32 and os.write both release the GIL, so on two cores the
-# checksum costs no wall time.
+# Above this size the hash runs in a helper thread while the main thread writes.
 _PARALLEL_CHECKSUM_BYTES = 8 * 2**20
 _STREAM_CHUNK_BYTES = 32 * 2**20
 _checksum_pool: ThreadPoolExecutor | None = None
@@ -103,32 +102,60 @@ def _byte_chunks(array: np.ndarray | RowSource) -> Any:
         yield block.reshape(-1).view(np.uint8)
 
 
-def write_array(fd: int, array: np.ndarray | RowSource, crc: int = 0) -> int:
-    """Write the array's bytes in C order to ``fd``; return the CRC-32 continued from ``crc``."""
+def write_array(fd: int, array: np.ndarray | RowSource, hasher: Any) -> None:
+    """Write the array's bytes in C order to ``fd``, feeding them to ``hasher`` too."""
     if isinstance(array, np.ndarray) and array.flags.c_contiguous and array.nbytes <= _STREAM_CHUNK_BYTES:
         if array.nbytes:
             data = array.reshape(-1).view(np.uint8)
             _durable.write_all(fd, data)
-            crc = crc32_update(crc, data)
-        return crc
+            hasher.update(data)
+        return
     if array.nbytes < _PARALLEL_CHECKSUM_BYTES:
         for chunk in _byte_chunks(array):
             _durable.write_all(fd, chunk)
-            crc = crc32_update(crc, chunk)
-        return crc
+            hasher.update(chunk)
+        return
     pool = _pool()
-    pending = None
+    previous = None
     for chunk in _byte_chunks(array):
-        # Checksum of chunk k runs while chunk k is written; chain the CRCs in order.
-        future = pool.submit(crc32_update, crc if pending is None else pending.result(), chunk)
+        # Chunk k is hashed in the helper thread while the kernel copies it into the
+        # page cache (os.write releases the GIL). One worker keeps the updates in order;
+        # waiting for chunk k-1 bounds the memory held by pending chunks.
+        future = pool.submit(hasher.update, chunk)
         _durable.write_all(fd, chunk)
-        pending = future
-    return crc if pending is None else pending.result()
+        if previous is not None:
+            previous.result()
+        previous = future
+    if previous is not None:
+        previous.result()
 
 
-def checksum_file(path: str, offset: int, nbytes: int) -> int:
+def new_hasher() -> Any:
+    """The hash of put's data files (docs/FORMAT.md: ``xxh3_64``, ~9 GB/s against zlib CRC-32's ~3)."""
+    return xxhash.xxh3_64()
+
+
+def file_digest(path: str, offset: int, nbytes: int, algorithm: str) -> str:
+    """The checksum string (``algorithm:hex``) of ``nbytes`` at ``offset`` in ``path``."""
+    if algorithm == "crc32":
+        return format_checksum(crc32_file(path, offset, nbytes))
+    hasher = new_hasher()
+    _read_chunks(path, offset, nbytes, hasher.update)
+    return f"{XXH3_ALGORITHM}:{hasher.hexdigest()}"
+
+
+def crc32_file(path: str, offset: int, nbytes: int) -> int:
     """CRC-32 of ``nbytes`` at ``offset`` in ``path``, read in bounded chunks."""
-    crc = 0
+    state = [0]
+
+    def update(chunk: bytes) -> None:
+        state[0] = crc32_update(state[0], chunk)
+
+    _read_chunks(path, offset, nbytes, update)
+    return state[0]
+
+
+def _read_chunks(path: str, offset: int, nbytes: int, consume: Any) -> None:
     fd = os.open(path, _durable.READ_FLAGS)
     try:
         position = offset
@@ -137,8 +164,7 @@ def checksum_file(path: str, offset: int, nbytes: int) -> int:
             chunk = os.pread(fd, min(_STREAM_CHUNK_BYTES, end - position), position)
             if not chunk:
                 raise FormatError(f"data file {path!r} ended at byte {position}, expected {end}")
-            crc = crc32_update(crc, chunk)
+            consume(chunk)
             position += len(chunk)
     finally:
         os.close(fd)
-    return crc

@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Any
 
 from . import _durable, _names
 from ._errors import FormatError, MmstoreError
-from ._format import MANIFEST_NAME, format_checksum, parse_header
+from ._format import MANIFEST_NAME, parse_header
 from ._locks import writer_is_gone
-from ._mapping import checksum_file
+from ._mapping import crc32_file, file_digest
 
 if TYPE_CHECKING:
     from ._store import Store
@@ -232,7 +232,8 @@ def _check_data(store: Store, name: str, header: Any) -> str | None:
     if not header.growable:
         if header.checksum is None:
             return None
-        actual = format_checksum(checksum_file(path, header.offset, header.nbytes))
+        algorithm = header.checksum.partition(":")[0]
+        actual = file_digest(path, header.offset, header.nbytes, algorithm)
         return None if actual == header.checksum else f"checksum mismatch: data {actual}, header {header.checksum}"
     assert mapped.control is not None and mapped.control_u32 is not None
     for _attempt in range(3):  # a live writer may move the fields while we read them
@@ -244,7 +245,7 @@ def _check_data(store: Store, name: str, header: Any) -> str | None:
             return None
         if crc_rows > length:
             return f"checksum covers {crc_rows} rows but only {length} are committed"
-        if checksum_file(path, CONTROL_BYTES, crc_rows * mapped.row_bytes) == crc_value:
+        if crc32_file(path, CONTROL_BYTES, crc_rows * mapped.row_bytes) == crc_value:
             return None
     return f"checksum mismatch over the first {crc_rows} rows"
 

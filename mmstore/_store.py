@@ -39,10 +39,10 @@ from ._errors import (
 )
 from ._format import (
     MANIFEST_NAME,
+    XXH3_ALGORITHM,
     Header,
     encode_attrs,
     encode_dtype,
-    format_checksum,
     manifest_bytes,
     parse_header,
     parse_manifest,
@@ -437,8 +437,10 @@ class Store:
         encode_dtype(source.dtype)
         attrs_record = encode_attrs(attrs) if attrs else {}
 
-        def write(fd: int) -> tuple[np.dtype[Any], tuple[int, ...], int]:
-            return source.dtype, source.shape, _mapping.write_array(fd, source)
+        def write(fd: int) -> tuple[np.dtype[Any], tuple[int, ...], str]:
+            hasher = _mapping.new_hasher()
+            _mapping.write_array(fd, source, hasher)
+            return source.dtype, source.shape, f"{XXH3_ALGORITHM}:{hasher.hexdigest()}"
 
         for _attempt in range(3):
             if self._write_and_commit(location, write, attrs_record, durable):
@@ -469,8 +471,8 @@ class Store:
             encode_dtype(target)
         attrs_record = encode_attrs(attrs) if attrs else {}
 
-        def write(fd: int) -> tuple[np.dtype[Any], tuple[int, ...], int]:
-            crc, rows = 0, 0
+        def write(fd: int) -> tuple[np.dtype[Any], tuple[int, ...], str]:
+            hasher, rows = _mapping.new_hasher(), 0
             row_shape: tuple[int, ...] | None = None
             kind = target
             for raw in blocks:
@@ -482,18 +484,18 @@ class Store:
                     encode_dtype(kind)
                 elif block.shape[1:] != row_shape:
                     raise ValueError(f"dataset {name!r}: block of rows {block.shape[1:]} after rows {row_shape}")
-                crc = _mapping.write_array(fd, block, crc)
+                _mapping.write_array(fd, block, hasher)
                 rows += block.shape[0]
             if kind is None:
                 raise ValueError(f"dataset {name!r}: no blocks, and no dtype given")
-            return kind, (rows, *(row_shape or ())), crc
+            return kind, (rows, *(row_shape or ())), f"{XXH3_ALGORITHM}:{hasher.hexdigest()}"
 
         if not self._write_and_commit(location, write, attrs_record, durable):
             raise StoreIOError(errno.EIO, f"dataset {name!r}: its new data file vanished before the commit")
         return self.header(name).shape[0]
 
     def _write_and_commit(self, location: _Location, write: Any, attrs: dict[str, Any], durable: bool) -> bool:
-        """Write a new data file with ``write(fd) -> (dtype, shape, crc)`` and commit it."""
+        """Write a new data file with ``write(fd) -> (dtype, shape, checksum)`` and commit it."""
         name = location.name
         data_file = _names.data_file_name(location.leaf, _names.new_token())
         data_path = location.data_path(data_file)
@@ -506,7 +508,7 @@ class Store:
         try:
             mark_alive(fd)
             try:
-                dtype, shape, crc = write(fd)
+                dtype, shape, checksum = write(fd)
                 if durable:
                     os.fsync(fd)
             except OSError as exc:
@@ -523,7 +525,7 @@ class Store:
                     created=created if created is not None else now,
                     modified=now,
                     attrs=attrs,
-                    checksum=format_checksum(crc),
+                    checksum=checksum,
                 )
 
             outcome = self._commit(location, fd, make_header, durable)

@@ -276,7 +276,7 @@ def test_header_fields_are_documented_and_complete(store: mmstore.Store, store_p
     assert header["byteorder"] == "<"
     assert header["offset"] == 0
     assert header["generation"] == 1
-    assert header["checksum"].startswith("crc32:")
+    assert header["checksum"].startswith("xxh3_64:") and len(header["checksum"]) == 8 + 16
     assert header["growable"] is False
     assert header["created"] <= header["modified"]
     formats_doc = (Path(__file__).parent.parent / "docs" / "FORMAT.md").read_text()
