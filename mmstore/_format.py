@@ -13,8 +13,7 @@ import math
 import re
 import warnings
 import zlib
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.lib.format as npy_format
@@ -43,9 +42,12 @@ _HEADER_KEYS = frozenset(
 )  # fmt: skip
 
 
-@dataclass(frozen=True, slots=True)
-class Header:
-    """A parsed, validated dataset sidecar (see docs/FORMAT.md)."""
+class Header(NamedTuple):
+    """A parsed, validated dataset sidecar (see docs/FORMAT.md). Immutable.
+
+    A NamedTuple rather than a frozen dataclass: it is built on every first
+    get of a dataset, and a frozen dataclass's __init__ costs ~10x more.
+    """
 
     name: str
     dtype: np.dtype[Any]
@@ -55,7 +57,7 @@ class Header:
     generation: int
     created: float
     modified: float
-    attrs: dict[str, Any] = field(default_factory=dict)
+    attrs: dict[str, Any]
     checksum: str | None = None
     growable: bool = False
 
@@ -175,9 +177,12 @@ def decode_dtype(obj: Any) -> np.dtype[Any]:
 def _decode_dtype(obj: Any) -> np.dtype[Any]:
     descr = _descr_from_json(obj)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            dtype = npy_format.descr_to_dtype(descr)
+        if isinstance(descr, str):
+            dtype = np.dtype(descr)  # the common case, and cheap: no warnings machinery
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                dtype = npy_format.descr_to_dtype(descr)
     except (TypeError, ValueError, KeyError, SyntaxError, Warning) as exc:
         raise ValueError(f"unknown dtype {obj!r} ({exc})") from None
     if dtype.hasobject or dtype.kind in "OT":

@@ -24,7 +24,6 @@ the map can never hit ENOSPC as a SIGBUS), so a reader's map never loses pages.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import mmap
 import operator
@@ -112,7 +111,6 @@ class _Mapped:
                 os.close(fd)
         self.control: np.ndarray | None = None
         self.control_u32: np.ndarray | None = None
-        self.bytes = memoryview(self.map) if self.map is not None else memoryview(b"")
         if header.growable:
             assert self.map is not None
             if self.map[0:8] != MAGIC:
@@ -128,6 +126,10 @@ class _Mapped:
         if not writable:
             rows.flags.writeable = False
         self.rows = rows
+
+    @property
+    def bytes(self) -> memoryview:
+        return memoryview(self.map) if self.map is not None else memoryview(b"")
 
     def committed_length(self, header: Header) -> int:
         if self.control is None:
@@ -322,8 +324,8 @@ class Writer:
                 self._update_checksum(self._mapped.control)
             if self.growable and self._committed != self._header.shape[0]:
                 # Record the committed length in the sidecar too (same data file and generation).
-                self._header = dataclasses.replace(
-                    self._header, shape=(self._committed, *self._mapped.row_shape), modified=time.time()
+                self._header = self._header._replace(
+                    shape=(self._committed, *self._mapped.row_shape), modified=time.time()
                 )
                 self._store._write_sidecar_locked(self._location, self._header, durable=False)
         finally:

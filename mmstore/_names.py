@@ -50,6 +50,11 @@ def validate_name(name: object) -> str:
     return name
 
 
+# Printable ASCII without control characters: names made only of these skip the
+# Unicode checks (unicodedata is slow to warm up in a fresh process).
+_PLAIN_ASCII = re.compile(r"[\x20-\x7e]+")
+
+
 def _name_problem(name: str) -> str | None:
     if not name:
         return "it is empty"
@@ -57,11 +62,12 @@ def _name_problem(name: str) -> str | None:
         return f"it is longer than {MAX_NAME_LENGTH} characters"
     if name.startswith("/"):
         return "it is absolute (starts with '/')"
-    for char in name:
-        if unicodedata.category(char) in _FORBIDDEN_CATEGORIES:
-            return f"it contains the control or invisible character U+{ord(char):04X}"
-    if unicodedata.normalize("NFC", name) != name:
-        return "it is not in Unicode normal form NFC"
+    if not _PLAIN_ASCII.fullmatch(name):
+        for char in name:
+            if unicodedata.category(char) in _FORBIDDEN_CATEGORIES:
+                return f"it contains the control or invisible character U+{ord(char):04X}"
+        if unicodedata.normalize("NFC", name) != name:
+            return "it is not in Unicode normal form NFC"
     parts = name.split("/")
     if name in RESERVED_TOP_LEVEL:
         return "the name is reserved for the store's manifest"

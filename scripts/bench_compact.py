@@ -6,7 +6,7 @@ total each), a structured table ("chr" S10, "pos" i4, "pct" f4, "c" i4, "t" i4; 
 int32 index (1/8) and 100 small 1 KiB arrays in a group. Then, round-robin with the order
 rotated every repeat, each method runs as its own subprocess writing a fresh .h5 file:
 
-- compact (CLI):       the `mmstore compact STORE OUT.h5 --quiet` executable (temp file, fsync, rename);
+- compact (CLI):       the `mmstore --quiet compact STORE OUT.h5` executable (temp file, fsync, rename);
 - export_hdf5 (API):   `python -c` calling mmstore.export_hdf5() - the same code without the CLI's
                        typer/rich start-up, and with an in-process timer;
 - h5py + fsync:        `python -c` that reads each array with Store(path, "r").get(name) (a zero-copy
@@ -284,7 +284,8 @@ def clear_outputs(env: Env) -> None:
 def command(env: Env, method: Method, out: Path, result: Path) -> list[str]:
     compression = method.compression or "none"
     if method.kind == "cli":
-        args = ["compact", str(env.store), str(out), "--quiet"]
+        # --quiet is a global option of the mmstore command: it must come before the subcommand.
+        args = ["--quiet", "compact", str(env.store), str(out)]
         if method.compression:
             args += ["--compression", method.compression]
         if env.gnu_time:
