@@ -6,6 +6,7 @@ See README.md for a quickstart and docs/FORMAT.md for the on-disk format.
 
 from __future__ import annotations
 
+from ._cache import Cache
 from ._errors import (
     ClosedError,
     DatasetExistsError,
@@ -31,6 +32,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FORMAT_VERSION",
+    "Cache",
     "ClosedError",
     "DatasetExistsError",
     "DatasetNotFoundError",

@@ -278,6 +278,10 @@ class Store:
         Never stale: one stat() of the sidecar tells whether another process
         has committed since the last call.
         """
+        return self._read(name)[0]
+
+    def _read(self, name: str) -> tuple[np.ndarray, Header]:
+        """get(), also returning the header the array belongs to."""
         location = self._locate(name)
         entry = self._current_entry(location)
         mapped = entry.mapped
@@ -285,16 +289,16 @@ class Store:
             entry, mapped = self._map_entry(location, entry)
         header = entry.header
         if not header.growable:
-            return mapped.rows[...]
+            return mapped.rows[...], header
         length = int(mapped.control[1])  # type: ignore[index]
         if length > mapped.capacity:  # the writer grew the file since we mapped it: map it again
             entry.mapped = None
             entry, mapped = self._map_entry(location, entry)
             header = entry.header
             if not header.growable:
-                return mapped.rows[...]
+                return mapped.rows[...], header
             length = int(mapped.control[1])  # type: ignore[index]
-        return mapped.rows[: validate_length(header, mapped, length)]
+        return mapped.rows[: validate_length(header, mapped, length)], header
 
     def _map_entry(self, location: _Location, entry: _Entry) -> tuple[_Entry, _Mapped]:
         """Map the entry's data file. If it vanished because a commit replaced the

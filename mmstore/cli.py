@@ -476,6 +476,45 @@ def import_(
             raise typer.Exit(1)
 
 
+# --- cache -----------------------------------------------------------------------------
+
+cache_app = typer.Typer(help="Look at or empty a cache made by mmstore.Cache.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("info")
+def cache_info(
+    path: Annotated[Path, typer.Argument(help="Cache directory.", show_default=False)],
+    as_json: JsonOpt = False,
+) -> None:
+    """Entries, bytes, hits, misses and evictions of a cache."""
+    with _errors_to_exit():
+        _require_store(path)
+        with mmstore.Cache(path) as cache:
+            stats = cache.stats()
+        if as_json:
+            print(json.dumps(stats, indent=2))
+        else:
+            for key, value in stats.items():
+                shown = _human(value) if key == "bytes" else value
+                _out.print(f"[bold]{key}[/bold]: {shown}", highlight=False)
+
+
+@cache_app.command("clear")
+def cache_clear(path: Annotated[Path, typer.Argument(help="Cache directory.", show_default=False)]) -> None:
+    """Remove every entry of a cache."""
+    with _errors_to_exit():
+        _require_store(path)
+        with mmstore.Cache(path) as cache:
+            removed = cache.clear()
+        if not _options["quiet"]:
+            _err.print(f"removed {removed} entries")
+
+
+def _require_store(path: Path) -> None:
+    mmstore.Store(path, "r").close()  # a clear "no store" error instead of creating one
+
+
 # --- demo ----------------------------------------------------------------------------
 
 

@@ -1,0 +1,486 @@
+"""A persistent, cross-process cache of NumPy results on top of a Store.
+
+Layout inside the cache directory (itself a store):
+
+    e/<h2>/<h>                 one entry: the array, or an empty marker whose attrs
+                               list the parts of a tuple/list/dict result
+    p/<h2>/<h>/<token>/<i>     the parts of such a result (written before the marker)
+    .mmstore-cache             shared control file: byte accounting, counters, and an
+                               access-time table used to pick the least recently used
+    .mmstore-cache-lock        the lock that serialises byte accounting and eviction
+    .compute/<stripe>.lock     compute locks: one process computes a missing key while
+                               the others wait (a dead computer's flock is released)
+
+``h`` is a BLAKE2b digest of the key. The byte bound works by *reservation*: an
+insert reserves its bytes (evicting least-recently-used entries first, under the
+cache lock) before it writes, and a removal releases them after it deletes, so the
+committed entries never exceed ``max_bytes``. A process killed between the two
+steps leaves bytes reserved that nothing uses; that errs on the safe side, and
+``Cache.resync()`` recounts when no other process is writing.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import mmap
+import os
+import struct
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from . import _durable, _keys, _names
+from ._errors import DatasetNotFoundError, FormatError, MmstoreError
+from ._locks import DatasetLock
+from ._store import Store
+
+_CONTROL_NAME = ".mmstore-cache"
+_MAGIC = b"MMSCACH\x01"
+_HEADER_BYTES = 4096
+_SLOTS = 65536  # access-time slots (u64 milliseconds); keys share a slot by hash
+_RESERVED, _HITS, _MISSES, _EVICTIONS = 1, 2, 3, 4  # u64 fields of the header
+_STRIPES = 4096
+_MISSING = object()
+_SCALAR_KINDS = (bool, int, float, str, type(None))
+
+
+class Cache:
+    """A cache of NumPy results shared by every process on the machine, surviving restarts.
+
+    ``max_bytes`` bounds the bytes of cached arrays (least recently used go
+    first); ``ttl`` (seconds) is the default time to live. ``lock_timeout``
+    bounds how long a process waits for another one computing the same key.
+    Hits return read-only arrays mapped from the cache, never copies.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        max_bytes: int | None = None,
+        ttl: float | None = None,
+        *,
+        lock_timeout: float = 600.0,
+        timeout: float = 10.0,
+    ) -> None:
+        if max_bytes is not None and max_bytes <= 0:
+            raise ValueError(f"max_bytes must be positive, not {max_bytes!r}")
+        if ttl is not None and ttl <= 0:
+            raise ValueError(f"ttl must be positive, not {ttl!r}")
+        self.store = Store(path, "a", timeout=timeout)
+        self.path = self.store.path
+        self.max_bytes = max_bytes
+        self.ttl = ttl
+        self.lock_timeout = lock_timeout
+        self._control = _open_control(self.path)
+        self._header = np.frombuffer(self._control, dtype="<u8", count=8)
+        self._access = np.frombuffer(self._control, dtype="<u8", count=_SLOTS, offset=_HEADER_BYTES)
+        self._lock = DatasetLock(os.path.join(self.path, _CONTROL_NAME + "-lock"), f"cache {self.path!r}")
+        self._compute_locks: dict[int, DatasetLock] = {}
+        self._held = threading.local()
+        self._names: dict[Any, tuple[str, int]] = {}
+
+    # --- keys -------------------------------------------------------------------
+
+    def _locate(self, key: Any) -> tuple[str, int]:
+        """(entry name, access slot) of a key (str or bytes)."""
+        found = self._names.get(key)
+        if found is None:
+            if isinstance(key, str):
+                raw = b"s" + key.encode("utf-8", "surrogatepass")
+            elif isinstance(key, bytes):
+                raw = b"b" + key
+            else:
+                raise TypeError(f"cache keys are str or bytes, not {type(key).__name__}")
+            digest = hashlib.blake2b(raw, digest_size=16).hexdigest()
+            found = (f"e/{digest[:2]}/{digest}", int(digest[:8], 16) % _SLOTS)
+            if len(self._names) > 65536:
+                self._names.clear()
+            self._names[key] = found
+        return found
+
+    # --- reading ----------------------------------------------------------------
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        """The cached value (read-only, zero-copy arrays), or ``default`` on a miss."""
+        value = self._lookup(key)
+        return default if value is _MISSING else value
+
+    def _lookup(self, key: Any) -> Any:
+        name, slot = self._locate(key)
+        header = self._header
+        try:
+            array, entry = self.store._read(name)
+        except DatasetNotFoundError:
+            header[_MISSES] += 1
+            return _MISSING
+        attrs = entry.attrs
+        expires = attrs.get("expires")
+        if expires is not None and time.time() >= expires:
+            header[_MISSES] += 1
+            return _MISSING
+        kind = attrs.get("kind", "array")
+        if kind == "array":
+            value: Any = array
+        else:
+            value = self._assemble(kind, attrs, array)
+            if value is _MISSING:
+                header[_MISSES] += 1
+                return _MISSING
+        self._access[slot] = int(time.time() * 1000)
+        header[_HITS] += 1
+        return value
+
+    def _assemble(self, kind: str, attrs: dict[str, Any], array: np.ndarray) -> Any:
+        if kind == "scalar":
+            return array[()]
+        if kind == "json":
+            return attrs.get("value")
+        parts = []
+        for part in attrs.get("parts", ()):
+            try:
+                parts.append(self.store.get(part))
+            except DatasetNotFoundError:
+                return _MISSING  # evicted or replaced while we read it
+        scalars = attrs.get("scalars") or [False] * len(parts)
+        parts = [part[()] if scalar else part for part, scalar in zip(parts, scalars, strict=True)]
+        if kind == "tuple":
+            return tuple(parts)
+        if kind == "list":
+            return parts
+        if kind == "dict":
+            return dict(zip(attrs.get("keys", ()), parts, strict=True))
+        raise FormatError(f"cache entry of unknown kind {kind!r}")
+
+    def __contains__(self, key: Any) -> bool:
+        name, _slot = self._locate(key)
+        try:
+            _array, entry = self.store._read(name)
+        except DatasetNotFoundError:
+            return False
+        expires = entry.attrs.get("expires")
+        return expires is None or time.time() < expires
+
+    def __len__(self) -> int:
+        return len(self.store.keys("e"))
+
+    # --- writing ----------------------------------------------------------------
+
+    def set(self, key: Any, value: Any, ttl: float | None = None) -> None:
+        """Cache ``value``: an array, a NumPy or Python scalar, or a tuple/list/dict of arrays."""
+        name, slot = self._locate(key)
+        kind, arrays, extra = _split(value)
+        nbytes = sum(array.nbytes for array in arrays)
+        if self.max_bytes is not None and nbytes > self.max_bytes:
+            raise ValueError(f"a value of {nbytes} bytes cannot fit in a cache of max_bytes={self.max_bytes}")
+        ttl = self.ttl if ttl is None else ttl
+        attrs: dict[str, Any] = {"kind": kind, "nbytes": nbytes, "expires": time.time() + ttl if ttl else None}
+        if isinstance(key, str) and len(key) <= 512:
+            attrs["key"] = key
+        attrs.update(extra)
+        old = self._entry_attrs(name)
+        self._reserve(nbytes)
+        try:
+            if kind in ("tuple", "list", "dict"):
+                base = f"p/{name[2:]}/{_names.new_token()}"
+                attrs["parts"] = [f"{base}/{index}" for index in range(len(arrays))]
+                for part, array in zip(attrs["parts"], arrays, strict=True):
+                    self.store.put(part, array)
+                self.store.put(name, np.zeros(0, np.uint8), attrs=attrs)
+            else:
+                self.store.put(name, arrays[0] if arrays else np.zeros(0, np.uint8), attrs=attrs)
+        except BaseException:
+            self._release(nbytes)
+            if "parts" in attrs:
+                self._delete_parts(attrs["parts"])
+            raise
+        self._access[slot] = int(time.time() * 1000)
+        if old is not None:
+            self._release(int(old.get("nbytes", 0)))
+            self._delete_parts(old.get("parts", ()))
+
+    def get_or_compute(self, key: Any, compute: Callable[[], Any], ttl: float | None = None) -> Any:
+        """The cached value, or ``compute()`` stored and returned. When several processes
+        miss the same key at once, one computes and the others wait for its result."""
+        value = self._lookup(key)
+        if value is not _MISSING:
+            return value
+        name, _slot = self._locate(key)
+        stripe = int(name[-8:], 16) % _STRIPES
+        held = self._held.__dict__.setdefault("stripes", set())
+        if stripe in held:  # a memoized function calling another: this thread already holds it
+            return self._compute_and_store(key, compute, ttl)
+        lock = self._compute_lock(stripe)
+        lock.acquire(self.lock_timeout)
+        held.add(stripe)
+        try:
+            value = self._lookup(key)
+            if value is not _MISSING:
+                return value  # another process computed it while we waited
+            return self._compute_and_store(key, compute, ttl)
+        finally:
+            held.discard(stripe)
+            lock.release()
+
+    def _compute_and_store(self, key: Any, compute: Callable[[], Any], ttl: float | None) -> Any:
+        result = compute()
+        try:
+            self.set(key, result, ttl)
+        except ValueError:
+            return result  # larger than the whole cache: hand it back uncached
+        value = self._lookup(key)
+        return result if value is _MISSING else value
+
+    def delete(self, key: Any) -> bool:
+        """Remove ``key``; True if it was there."""
+        name, _slot = self._locate(key)
+        attrs = self._entry_attrs(name)
+        try:
+            self.store.delete(name)
+        except DatasetNotFoundError:
+            return False
+        if attrs is not None:
+            self._release(int(attrs.get("nbytes", 0)))
+            self._delete_parts(attrs.get("parts", ()))
+        return True
+
+    def clear(self) -> int:
+        """Remove every entry; return how many there were."""
+        count = 0
+        for name in self.store.keys("e"):
+            attrs = self._entry_attrs(name)
+            try:
+                self.store.delete(name)
+            except DatasetNotFoundError:
+                continue
+            count += 1
+            if attrs is not None:
+                self._release(int(attrs.get("nbytes", 0)))
+        for name in self.store.keys("p"):
+            try:
+                self.store.delete(name)
+            except DatasetNotFoundError:
+                pass
+        return count
+
+    def _entry_attrs(self, name: str) -> dict[str, Any] | None:
+        try:
+            return dict(self.store.header(name).attrs)
+        except (DatasetNotFoundError, FormatError):
+            return None
+
+    def _delete_parts(self, parts: Any) -> None:
+        for part in parts:
+            try:
+                self.store.delete(part)
+            except DatasetNotFoundError:
+                pass
+
+    # --- byte accounting and eviction ---------------------------------------------
+
+    def _reserve(self, nbytes: int) -> None:
+        """Reserve room for ``nbytes``, evicting least-recently-used entries first."""
+        self._lock.acquire(self.store.timeout)
+        try:
+            if self.max_bytes is not None and int(self._header[_RESERVED]) + nbytes > self.max_bytes:
+                self._evict(int(self._header[_RESERVED]) + nbytes - self.max_bytes)
+                if int(self._header[_RESERVED]) + nbytes > self.max_bytes:
+                    self._resync_locked()
+                    if int(self._header[_RESERVED]) + nbytes > self.max_bytes:
+                        raise MmstoreError(
+                            f"cache {self.path!r} is full: {int(self._header[_RESERVED])} bytes are reserved "
+                            f"by writes in progress; cannot add {nbytes}"
+                        )
+            self._header[_RESERVED] += nbytes
+        finally:
+            self._lock.release()
+
+    def _release(self, nbytes: int) -> None:
+        if not nbytes:
+            return
+        self._lock.acquire(self.store.timeout)
+        try:
+            self._header[_RESERVED] = max(0, int(self._header[_RESERVED]) - nbytes)
+        finally:
+            self._lock.release()
+
+    def _entries(self) -> list[tuple[float, str, int, Any]]:
+        """(last use, name, nbytes, parts) of every entry; expired ones sort first."""
+        now = time.time()
+        found = []
+        for name in self.store.keys("e"):
+            try:
+                header = self.store.header(name)
+            except (DatasetNotFoundError, FormatError):
+                continue
+            attrs = header.attrs
+            expires = attrs.get("expires")
+            slot = int(name[-32:-24], 16) % _SLOTS
+            used = max(header.modified, int(self._access[slot]) / 1000)
+            if expires is not None and now >= expires:
+                used = -1.0
+            found.append((used, name, int(attrs.get("nbytes", 0)), attrs.get("parts", ())))
+        found.sort()
+        return found
+
+    def _evict(self, needed: int) -> None:
+        """Delete least-recently-used entries (expired first) until ``needed`` bytes are free."""
+        freed = 0
+        for _used, name, nbytes, parts in self._entries():
+            if freed >= needed:
+                break
+            try:
+                self.store.delete(name)
+            except DatasetNotFoundError:
+                continue
+            self._delete_parts(parts)
+            freed += nbytes
+            self._header[_RESERVED] = max(0, int(self._header[_RESERVED]) - nbytes)
+            self._header[_EVICTIONS] += 1
+
+    def _resync_locked(self) -> None:
+        self._header[_RESERVED] = sum(nbytes for _used, _name, nbytes, _parts in self._entries())
+
+    def resync(self) -> int:
+        """Recount the reserved bytes from the entries (use when no other process is
+        writing, e.g. after a crash left bytes reserved); return the new figure."""
+        self._lock.acquire(self.store.timeout)
+        try:
+            self._resync_locked()
+            return int(self._header[_RESERVED])
+        finally:
+            self._lock.release()
+
+    def stats(self) -> dict[str, Any]:
+        """hits, misses, evictions (shared by all processes; concurrent updates of the
+        hit/miss counters can drop a few), bytes (reserved), entries, max_bytes."""
+        return {
+            "hits": int(self._header[_HITS]),
+            "misses": int(self._header[_MISSES]),
+            "evictions": int(self._header[_EVICTIONS]),
+            "bytes": int(self._header[_RESERVED]),
+            "entries": len(self),
+            "max_bytes": self.max_bytes,
+            "path": self.path,
+        }
+
+    def _compute_lock(self, stripe: int) -> DatasetLock:
+        lock = self._compute_locks.get(stripe)
+        if lock is None:
+            path = os.path.join(self.path, ".compute", f"{stripe:03x}.lock")
+            lock = self._compute_locks[stripe] = DatasetLock(path, f"computation of a cache key in {self.path!r}")
+        return lock
+
+    # --- memoize --------------------------------------------------------------------
+
+    def memoize(
+        self,
+        function: Callable[..., Any] | None = None,
+        *,
+        ttl: float | None = None,
+        key: Callable[..., Any] | None = None,
+        version: Any = None,
+    ) -> Any:
+        """Decorator: cache a function's results by its qualified name, ``version`` and arguments.
+
+        Arguments are keyed by value (arrays by dtype, shape and content); pass
+        ``key=`` (a function of the same arguments) for arguments that have no
+        canonical value. Bump ``version`` when the function's code changes.
+        """
+
+        def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+            prefix = f"memo:{func.__module__}.{func.__qualname__}:{version!r}:"
+
+            def key_for(*args: Any, **kwargs: Any) -> str:
+                if key is not None:
+                    return prefix + _keys.digest(key(*args, **kwargs))
+                return prefix + _keys.digest((args, kwargs) if kwargs else args)
+
+            @functools.wraps(func)
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                return self.get_or_compute(key_for(*args, **kwargs), lambda: func(*args, **kwargs), ttl)
+
+            wrapper.cache = self  # type: ignore[attr-defined]
+            wrapper.key_for = key_for  # type: ignore[attr-defined]
+            return wrapper
+
+        return decorate(function) if function is not None else decorate
+
+    # --- lifetime ---------------------------------------------------------------------
+
+    def close(self) -> None:
+        self.store.close()
+        self._lock.close()
+        for lock in self._compute_locks.values():
+            lock.close()
+
+    def __enter__(self) -> Cache:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<mmstore.Cache {self.path!r} max_bytes={self.max_bytes} ttl={self.ttl}>"
+
+
+def _split(value: Any) -> tuple[str, list[np.ndarray], dict[str, Any]]:
+    """(kind, arrays, extra attrs) of a value to cache."""
+    if isinstance(value, np.ndarray):
+        return "array", [value], {}
+    if isinstance(value, np.generic):
+        return "scalar", [np.asarray(value)], {}
+    if isinstance(value, _SCALAR_KINDS):
+        return "json", [], {"value": value}
+    if isinstance(value, (tuple, list)):
+        arrays = [_as_part(item) for item in value]
+        scalars = [isinstance(item, (np.generic, *_SCALAR_KINDS)) for item in value]
+        return ("tuple" if isinstance(value, tuple) else "list"), arrays, {"scalars": scalars}
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        arrays = [_as_part(item) for item in value.values()]
+        scalars = [isinstance(item, (np.generic, *_SCALAR_KINDS)) for item in value.values()]
+        return "dict", arrays, {"keys": list(value), "scalars": scalars}
+    raise TypeError(
+        f"cannot cache a {type(value).__qualname__}: use an array, a scalar, or a tuple/list/dict (str keys) of them"
+    )
+
+
+def _as_part(item: Any) -> np.ndarray:
+    if isinstance(item, np.ndarray):
+        return item
+    if isinstance(item, (np.generic, bool, int, float)):
+        return np.asarray(item)
+    raise TypeError(f"cannot cache a {type(item).__qualname__} inside a result: use arrays or numbers")
+
+
+def _open_control(root: str) -> mmap.mmap:
+    """Map the shared control file, creating it (atomically, zeroed) if needed."""
+    path = os.path.join(root, _CONTROL_NAME)
+    size = _HEADER_BYTES + _SLOTS * 8
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        # Not a store temp-file name: recovery must not take this for a dataset's sidecar.
+        temp = os.path.join(root, f"{_CONTROL_NAME}-new-{_names.new_token()}")
+        new = _durable.create_new(temp)
+        try:
+            os.posix_fallocate(new, 0, size)
+            os.pwrite(new, _MAGIC + struct.pack("<Q", 1), 0)
+        finally:
+            os.close(new)
+        try:
+            os.link(temp, path)  # never replace a control file another process made first
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(temp)
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if os.fstat(fd).st_size != size or os.pread(fd, 8, 0) != _MAGIC:
+            raise FormatError(f"cache {root!r}: {_CONTROL_NAME} is not an mmstore cache control file")
+        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
