@@ -42,7 +42,8 @@ _CONTROL_NAME = ".mmstore-cache"
 _MAGIC = b"MMSCACH\x01"
 _HEADER_BYTES = 4096
 _SLOTS = 65536  # access-time slots (u64 milliseconds); keys share a slot by hash
-_RESERVED, _HITS, _MISSES, _EVICTIONS = 1, 2, 3, 4  # u64 fields of the header
+_RESERVED, _HITS, _MISSES, _EVICTIONS, _VERSION_SLOT = 1, 2, 3, 4, 7  # u64 fields of the header
+_VERSION = 1
 _STRIPES = 4096
 _MISSING = object()
 _SCALAR_KINDS = (bool, int, float, str, type(None))
@@ -468,7 +469,8 @@ def _open_control(root: str) -> mmap.mmap:
         new = _durable.create_new(temp)
         try:
             os.posix_fallocate(new, 0, size)
-            os.pwrite(new, _MAGIC + struct.pack("<Q", 1), 0)
+            os.pwrite(new, _MAGIC, 0)
+            os.pwrite(new, struct.pack("<Q", _VERSION), 8 * _VERSION_SLOT)
         finally:
             os.close(new)
         try:

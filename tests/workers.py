@@ -134,3 +134,70 @@ def export_forever(path: str, out: str, started: Any) -> None:
     started.set()
     while True:
         mmstore.export_hdf5(store, out)
+
+
+def memo_worker(path: str, log: str, keys: list[int], barrier: Any, results: Any) -> None:
+    """Call a memoized function on overlapping keys; log every real computation."""
+    cache = mmstore.Cache(path)
+
+    @cache.memoize
+    def expensive(k: int, scale: np.ndarray) -> np.ndarray:
+        with open(log, "a") as out:  # one O_APPEND line per real computation
+            out.write(f"{k}\n")
+        time.sleep(0.01)  # widen the window in which others miss the same key
+        return np.arange(1000, dtype=np.float64) * k + scale
+
+    barrier.wait()
+    digests = {}
+    for k in keys:
+        value = expensive(k, np.ones(1000))
+        digests[k] = (value.tobytes() == (np.arange(1000, dtype=np.float64) * k + 1).tobytes(), value.flags.writeable)
+    results.put(digests)
+
+
+def fill_cache(path: str, max_bytes: int, seed: int, count: int, barrier: Any) -> None:
+    rng = np.random.default_rng(seed)
+    cache = mmstore.Cache(path, max_bytes=max_bytes)
+    barrier.wait()
+    for i in range(count):
+        size = int(rng.integers(1, 40_000))
+        cache.set(f"{seed}-{i}", np.zeros(size, np.uint8))
+        if i % 3 == 0:
+            cache.get(f"{seed}-{i // 2}")
+
+
+def watch_cache(path: str, max_bytes: int, stop: Any, results: Any) -> None:
+    """Observe the committed bytes of the cache until told to stop; report the maximum."""
+    store = mmstore.Store(path, "r")
+    cache_bytes = 0
+    highest = 0
+    observations = 0
+    while not stop.is_set():
+        total = 0
+        for name in store.keys("e"):
+            try:
+                total += int(store.header(name).attrs.get("nbytes", 0))
+            except mmstore.MmstoreError:
+                continue
+        highest = max(highest, total)
+        cache_bytes = max(cache_bytes, mmstore.Cache(path).stats()["bytes"]) if observations % 10 == 0 else cache_bytes
+        observations += 1
+    results.put((highest, cache_bytes, observations))
+
+
+def slow_compute(path: str, started: Any) -> None:
+    """Start computing a key and hang (the test kills us mid-compute)."""
+    cache = mmstore.Cache(path)
+
+    def compute() -> np.ndarray:
+        started.set()
+        time.sleep(3600)
+        return np.zeros(1)
+
+    cache.get_or_compute("slow", compute)
+
+
+def compute_after_wait(path: str, results: Any) -> None:
+    cache = mmstore.Cache(path, lock_timeout=120)
+    value = cache.get_or_compute("slow", lambda: np.full(3, 7.0))
+    results.put(value.tolist())

@@ -1,0 +1,197 @@
+"""mmstore.Cache: values, memoize keys, TTL, LRU bound, stampedes, with real processes."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mmstore
+from tests import workers
+from tests.conftest import PROCESS_TIMEOUT
+
+
+@pytest.fixture
+def cache(tmp_path: Path):
+    with mmstore.Cache(tmp_path / "cache") as opened:
+        yield opened
+
+
+def test_values_round_trip(cache: mmstore.Cache) -> None:
+    cache.set("a", np.arange(5))
+    got = cache.get("a")
+    assert got.tolist() == [0, 1, 2, 3, 4] and not got.flags.writeable
+    cache.set("t", (np.ones(2), np.float32(1.5), 3))
+    first, second, third = cache.get("t")
+    assert first.tolist() == [1, 1] and second == np.float32(1.5) and third == 3
+    cache.set("l", [np.zeros(1)])
+    assert isinstance(cache.get("l"), list)
+    cache.set("d", {"x": np.arange(2), "y": np.int64(4)})
+    assert cache.get("d")["x"].tolist() == [0, 1] and cache.get("d")["y"] == 4
+    cache.set("j", {"not": "arrays"}) if False else cache.set("j", 42)
+    assert cache.get("j") == 42
+    cache.set(b"bytes-key", np.zeros(1))
+    assert b"bytes-key" in cache and "bytes-key" not in cache
+    assert cache.get("missing") is None and cache.get("missing", 7) == 7
+    assert len(cache) == 6
+    assert cache.delete("a") and not cache.delete("a") and "a" not in cache
+    assert cache.clear() == 5 and len(cache) == 0
+    with pytest.raises(TypeError):
+        cache.set("bad", object())
+    with pytest.raises(TypeError):
+        cache.get(3)
+
+
+def test_ttl_expiry_is_exact(cache: mmstore.Cache) -> None:
+    cache.set("short", np.zeros(1), ttl=0.2)
+    cache.set("long", np.zeros(1))
+    assert "short" in cache
+    deadline = time.time() + 0.2
+    while time.time() < deadline:
+        time.sleep(0.05)
+    assert "short" not in cache and cache.get("short") is None
+    assert "long" in cache
+
+
+def test_default_ttl(tmp_path: Path) -> None:
+    with mmstore.Cache(tmp_path / "c", ttl=0.1) as cache:
+        cache.set("k", np.zeros(1))
+        time.sleep(0.15)
+        assert cache.get("k") is None
+
+
+def test_memoize_keys_by_value(cache: mmstore.Cache) -> None:
+    calls = []
+
+    @cache.memoize
+    def f(x: np.ndarray, k: int = 1) -> np.ndarray:
+        calls.append((x.dtype.str, x.shape, k))
+        return x * k
+
+    a = np.arange(6.0)
+    f(a)
+    f(a.copy())  # same value: a hit
+    f(a.reshape(2, 3))  # same bytes, other shape: a miss
+    f(a.astype(np.float32))  # other dtype: a miss
+    f(a, k=2)
+    f(a, 2)  # positional and keyword are different calls; both are cached
+    f(a, k=2)
+    assert len(calls) == 5
+    assert not f(a).flags.writeable
+    with pytest.raises(TypeError, match="cannot make a cache key"):
+        f(object())
+
+    @cache.memoize(key=lambda x, label: label, version=2)
+    def g(x: object, label: str) -> np.ndarray:
+        return np.full(2, len(label))
+
+    assert g(object(), "abc").tolist() == [3, 3]
+    assert g.key_for(None, "abc") != f.key_for(a)
+
+
+def test_memoize_returns_tuples_and_dicts(cache: mmstore.Cache) -> None:
+    @cache.memoize
+    def stats(x: np.ndarray) -> tuple[np.ndarray, np.float64]:
+        return x.cumsum(), x.sum()
+
+    for _ in range(2):
+        cumulative, total = stats(np.arange(4))
+        assert cumulative.tolist() == [0, 1, 3, 6] and total == 6
+
+
+def test_lru_eviction_and_byte_bound(tmp_path: Path) -> None:
+    with mmstore.Cache(tmp_path / "c", max_bytes=3000) as cache:
+        cache.set("a", np.zeros(1000, np.uint8))
+        time.sleep(0.002)
+        cache.set("b", np.zeros(1000, np.uint8))
+        time.sleep(0.002)
+        cache.set("c", np.zeros(1000, np.uint8))
+        time.sleep(0.002)
+        held = cache.get("a")  # "a" is now the most recently used; a reader holds it
+        cache.set("d", np.zeros(1000, np.uint8))
+        assert "b" not in cache and "a" in cache and "c" in cache and "d" in cache
+        assert cache.stats()["bytes"] <= 3000 and cache.stats()["evictions"] == 1
+        cache.set("e", np.zeros(2500, np.uint8))
+        assert cache.stats()["bytes"] <= 3000
+        assert held.sum() == 0 and len(held) == 1000  # evicted or not, the reader's map stays valid
+        with pytest.raises(ValueError, match="cannot fit"):
+            cache.set("huge", np.zeros(4000, np.uint8))
+        assert cache.resync() <= 3000
+
+
+def test_cache_cli(tmp_path: Path) -> None:
+    from tests.test_cli import mmstore_cli
+
+    with mmstore.Cache(tmp_path / "c") as cache:
+        cache.set("k", np.zeros(10))
+    assert b"entries" in mmstore_cli("cache", "info", str(tmp_path / "c")).stdout
+    mmstore_cli("cache", "clear", str(tmp_path / "c"))
+    with mmstore.Cache(tmp_path / "c") as cache:
+        assert len(cache) == 0
+    result = mmstore_cli("cache", "info", str(tmp_path / "nope"), check=False)
+    assert result.returncode == 1 and not (tmp_path / "nope").exists()
+
+
+@pytest.mark.slow
+def test_eight_processes_compute_each_key_exactly_once(tmp_path: Path, spawn) -> None:
+    path, log = str(tmp_path / "cache"), str(tmp_path / "computations.log")
+    barrier, results = spawn.Barrier(8), spawn.Queue()
+    key_sets = [[(w + i) % 12 for i in range(8)] for w in range(8)]  # heavy overlap
+    processes = [
+        spawn.Process(target=workers.memo_worker, args=(path, log, keys, barrier, results)) for keys in key_sets
+    ]
+    for process in processes:
+        process.start()
+    outcomes = [results.get(timeout=PROCESS_TIMEOUT) for _ in processes]
+    for process in processes:
+        process.join(PROCESS_TIMEOUT)
+        assert process.exitcode == 0
+    computed = Path(log).read_text().split()
+    assert sorted(computed, key=int) == [str(k) for k in range(12)], "each key computed exactly once"
+    for outcome in outcomes:
+        assert all(correct and not writeable for correct, writeable in outcome.values())
+
+
+@pytest.mark.slow
+def test_size_bound_holds_under_concurrent_inserts(tmp_path: Path, spawn) -> None:
+    path, max_bytes = str(tmp_path / "cache"), 200_000
+    mmstore.Cache(path, max_bytes=max_bytes).close()
+    barrier, stop, results = spawn.Barrier(4), spawn.Event(), spawn.Queue()
+    watcher = spawn.Process(target=workers.watch_cache, args=(path, max_bytes, stop, results))
+    watcher.start()
+    fillers = [spawn.Process(target=workers.fill_cache, args=(path, max_bytes, s, 60, barrier)) for s in range(4)]
+    for process in fillers:
+        process.start()
+    for process in fillers:
+        process.join(PROCESS_TIMEOUT)
+        assert process.exitcode == 0
+    stop.set()
+    highest, reserved, observations = results.get(timeout=PROCESS_TIMEOUT)
+    watcher.join(PROCESS_TIMEOUT)
+    assert observations > 0
+    assert highest <= max_bytes and reserved <= max_bytes
+    with mmstore.Cache(path, max_bytes=max_bytes) as cache:
+        stats = cache.stats()
+        assert stats["evictions"] > 0 and stats["bytes"] <= max_bytes
+        assert cache.resync() <= max_bytes
+
+
+@pytest.mark.slow
+def test_killed_computer_does_not_block_others(tmp_path: Path, spawn) -> None:
+    path = str(tmp_path / "cache")
+    mmstore.Cache(path).close()
+    started, results = spawn.Event(), spawn.Queue()
+    computer = spawn.Process(target=workers.slow_compute, args=(path, started))
+    computer.start()
+    assert started.wait(PROCESS_TIMEOUT)
+    waiter = spawn.Process(target=workers.compute_after_wait, args=(path, results))
+    waiter.start()
+    computer.kill()  # SIGKILL mid-compute: its compute lock dies with it
+    computer.join(PROCESS_TIMEOUT)
+    assert results.get(timeout=PROCESS_TIMEOUT) == [7.0, 7.0, 7.0]
+    waiter.join(PROCESS_TIMEOUT)
+    assert waiter.exitcode == 0
+    assert not [n for n in os.listdir(path) if n.endswith(".tmp")]
