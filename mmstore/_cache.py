@@ -28,6 +28,7 @@ import os
 import struct
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -47,6 +48,16 @@ _VERSION = 1
 _STRIPES = 4096
 _MISSING = object()
 _SCALAR_KINDS = (bool, int, float, str, type(None))
+
+_live_caches: weakref.WeakSet[Cache] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for cache in list(_live_caches):
+        cache._forget_after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Cache:
@@ -79,6 +90,12 @@ class Cache:
         self._control = _open_control(self.path)
         self._header = np.frombuffer(self._control, dtype="<u8", count=8)
         self._access = np.frombuffer(self._control, dtype="<u8", count=_SLOTS, offset=_HEADER_BYTES)
+        # The hit path writes through a memoryview (cheaper than a NumPy scalar store)
+        # and counts hits and misses locally, adding them to the shared counters in batches.
+        self._access_slots = memoryview(self._control)[_HEADER_BYTES:].cast("Q")
+        self._hits = 0
+        self._misses = 0
+        _live_caches.add(self)
         self._lock = DatasetLock(os.path.join(self.path, _CONTROL_NAME + "-lock"), f"cache {self.path!r}")
         self._compute_locks: dict[int, DatasetLock] = {}
         self._held = threading.local()
@@ -112,16 +129,16 @@ class Cache:
 
     def _lookup(self, key: Any) -> Any:
         name, slot = self._locate(key)
-        header = self._header
         try:
             array, entry = self.store._read(name)
         except DatasetNotFoundError:
-            header[_MISSES] += 1
+            self._count_miss()
             return _MISSING
         attrs = entry.attrs
+        now = time.time()
         expires = attrs.get("expires")
-        if expires is not None and time.time() >= expires:
-            header[_MISSES] += 1
+        if expires is not None and now >= expires:
+            self._count_miss()
             return _MISSING
         kind = attrs.get("kind", "array")
         if kind == "array":
@@ -129,11 +146,28 @@ class Cache:
         else:
             value = self._assemble(kind, attrs, array)
             if value is _MISSING:
-                header[_MISSES] += 1
+                self._count_miss()
                 return _MISSING
-        self._access[slot] = int(time.time() * 1000)
-        header[_HITS] += 1
+        self._access_slots[slot] = int(now * 1000)
+        self._hits += 1
+        if self._hits >= 1024:
+            self._publish_counts()
         return value
+
+    def _count_miss(self) -> None:
+        self._misses += 1
+        if self._misses >= 1024:
+            self._publish_counts()
+
+    def _publish_counts(self) -> None:
+        """Add this process's hits and misses to the shared counters."""
+        hits, misses, self._hits, self._misses = self._hits, self._misses, 0, 0
+        self._lock.acquire(self.store.timeout)
+        try:
+            self._header[_HITS] += hits
+            self._header[_MISSES] += misses
+        finally:
+            self._lock.release()
 
     def _assemble(self, kind: str, attrs: dict[str, Any], array: np.ndarray) -> Any:
         if kind == "scalar":
@@ -198,7 +232,7 @@ class Cache:
             if "parts" in attrs:
                 self._delete_parts(attrs["parts"])
             raise
-        self._access[slot] = int(time.time() * 1000)
+        self._access_slots[slot] = int(time.time() * 1000)
         if old is not None:
             self._release(int(old.get("nbytes", 0)))
             self._delete_parts(old.get("parts", ()))
@@ -356,8 +390,10 @@ class Cache:
             self._lock.release()
 
     def stats(self) -> dict[str, Any]:
-        """hits, misses, evictions (shared by all processes; concurrent updates of the
-        hit/miss counters can drop a few), bytes (reserved), entries, max_bytes."""
+        """hits, misses and evictions (of all processes: each adds its hits and misses
+        in batches, so other processes' latest few may not show yet), bytes
+        (reserved), entries, max_bytes."""
+        self._publish_counts()
         return {
             "hits": int(self._header[_HITS]),
             "misses": int(self._header[_MISSES]),
@@ -367,6 +403,15 @@ class Cache:
             "max_bytes": self.max_bytes,
             "path": self.path,
         }
+
+    def _forget_after_fork(self) -> None:
+        """In a forked child: the parent's locks and pending counts are not ours."""
+        self._lock.forget_after_fork()
+        for lock in self._compute_locks.values():
+            lock.forget_after_fork()
+        self._compute_locks = {}
+        self._held = threading.local()
+        self._hits = self._misses = 0
 
     def _compute_lock(self, stripe: int) -> DatasetLock:
         lock = self._compute_locks.get(stripe)
@@ -413,6 +458,9 @@ class Cache:
     # --- lifetime ---------------------------------------------------------------------
 
     def close(self) -> None:
+        if self._hits or self._misses:
+            self._publish_counts()
+        self._access_slots.release()
         self.store.close()
         self._lock.close()
         for lock in self._compute_locks.values():

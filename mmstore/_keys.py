@@ -11,7 +11,6 @@ keying by ``repr`` would silently break on objects whose repr has an address.
 from __future__ import annotations
 
 import hashlib
-import math
 import struct
 from typing import Any
 
@@ -28,59 +27,90 @@ class UnhashableArgument(TypeError):
 def digest(value: Any) -> str:
     """A hex digest of ``value``'s canonical encoding."""
     hasher = hashlib.blake2b(digest_size=_DIGEST_BYTES)
-    _feed(hasher, value, "argument")
+    _feed(hasher, value, ())
     return hasher.hexdigest()
 
 
-def _feed(hasher: Any, value: Any, where: str) -> None:
-    update = hasher.update
-    if value is None:
-        update(b"N")
-    elif value is True or value is False:
-        update(b"T" if value else b"F")
-    elif isinstance(value, int) and not isinstance(value, (bool, np.integer)):
-        text = str(value).encode()
-        update(b"i" + struct.pack("<I", len(text)) + text)
-    elif isinstance(value, float):
-        update(b"f" + struct.pack("<d", value) if not math.isnan(value) else b"fnan")
-    elif isinstance(value, str):
+_PACK_Q = struct.Struct("<Q").pack
+_PACK_D = struct.Struct("<d").pack
+_ARRAY_HEADERS: dict[tuple[np.dtype[Any], tuple[int, ...]], bytes] = {}
+
+
+def _feed(hasher: Any, value: Any, where: tuple[Any, ...]) -> None:
+    kind = type(value)
+    # Exact-type dispatch first: memoized calls go through here on every hit.
+    if kind is np.ndarray:
+        _feed_array(hasher, value, where)
+    elif kind is tuple or kind is list:
+        hasher.update((b"t" if kind is tuple else b"l") + _PACK_Q(len(value)))
+        for index, item in enumerate(value):
+            _feed(hasher, item, (*where, index))
+    elif kind is str:
         data = value.encode("utf-8", "surrogatepass")
-        update(b"s" + struct.pack("<Q", len(data)) + data)
-    elif isinstance(value, bytes):
-        update(b"b" + struct.pack("<Q", len(value)) + value)
+        hasher.update(b"s" + _PACK_Q(len(data)) + data)
+    elif kind is int:
+        text = str(value).encode()
+        hasher.update(b"i" + _PACK_Q(len(text)) + text)
+    elif kind is float:
+        hasher.update(b"f" + _PACK_D(value) if value == value else b"fnan")
+    elif value is None:
+        hasher.update(b"N")
+    elif kind is bool:
+        hasher.update(b"T" if value else b"F")
+    else:
+        _feed_other(hasher, value, where)
+
+
+def _feed_other(hasher: Any, value: Any, where: tuple[Any, ...]) -> None:
+    update = hasher.update
+    if isinstance(value, bool):
+        update(b"T" if value else b"F")
     elif isinstance(value, np.ndarray):
         _feed_array(hasher, value, where)
     elif isinstance(value, np.generic):
         _feed_array(hasher, np.asarray(value), where)
+    elif isinstance(value, int):
+        _feed(hasher, int(value), where)
+    elif isinstance(value, float):
+        _feed(hasher, float(value), where)
+    elif isinstance(value, str):
+        _feed(hasher, str(value), where)
+    elif isinstance(value, bytes):
+        update(b"b" + _PACK_Q(len(value)) + bytes(value))
     elif isinstance(value, (tuple, list)):
-        update((b"t" if isinstance(value, tuple) else b"l") + struct.pack("<Q", len(value)))
-        for index, item in enumerate(value):
-            _feed(hasher, item, f"{where}[{index}]")
+        _feed(hasher, tuple(value) if isinstance(value, tuple) else list(value), where)
     elif isinstance(value, dict):
-        try:
-            items = sorted(value.items(), key=lambda item: digest(item[0]))
-        except UnhashableArgument:
-            raise
-        update(b"d" + struct.pack("<Q", len(items)))
+        items = sorted(value.items(), key=lambda item: digest(item[0]))
+        update(b"d" + _PACK_Q(len(items)))
         for key, item in items:
-            _feed(hasher, key, f"{where} key")
-            _feed(hasher, item, f"{where}[{key!r}]")
+            _feed(hasher, key, (*where, "key"))
+            _feed(hasher, item, (*where, key))
     elif isinstance(value, (frozenset, set)):
         members = sorted(digest(member) for member in value)
-        update(b"S" + struct.pack("<Q", len(members)) + "".join(members).encode())
+        update(b"S" + _PACK_Q(len(members)) + "".join(members).encode())
     else:
         raise UnhashableArgument(
-            f"cannot make a cache key from {where} of type {type(value).__qualname__}; "
+            f"cannot make a cache key from {_describe(where)} of type {type(value).__qualname__}; "
             "use numbers, strings, bytes, NumPy arrays, or tuples/lists/dicts of them, or pass key= to memoize"
         )
 
 
-def _feed_array(hasher: Any, array: np.ndarray, where: str) -> None:
-    if array.dtype.hasobject:
-        raise UnhashableArgument(f"cannot make a cache key from {where}: an object array")
-    header = f"{array.dtype.descr if array.dtype.fields else array.dtype.str}|{array.shape}".encode()
-    hasher.update(b"a" + struct.pack("<Q", len(header)) + header)
+def _feed_array(hasher: Any, array: np.ndarray, where: tuple[Any, ...]) -> None:
+    header = _ARRAY_HEADERS.get((array.dtype, array.shape))
+    if header is None:
+        if array.dtype.hasobject:
+            raise UnhashableArgument(f"cannot make a cache key from {_describe(where)}: an object array")
+        text = f"{array.dtype.descr if array.dtype.fields else array.dtype.str}|{array.shape}".encode()
+        header = b"a" + _PACK_Q(len(text)) + text
+        if len(_ARRAY_HEADERS) < 4096:
+            _ARRAY_HEADERS[(array.dtype, array.shape)] = header
     # The content goes in as a fast 128-bit XXH3 of the C-order bytes: BLAKE2b runs at
     # ~1 GB/s, XXH3 at ~9, and a memoized call on a 100 MiB argument should not crawl.
-    data = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
-    hasher.update(xxhash.xxh3_128_digest(data.data))
+    if not array.flags.c_contiguous:
+        array = np.ascontiguousarray(array)
+    hasher.update(header + xxhash.xxh3_128_digest(array.reshape(-1).view(np.uint8).data))
+
+
+def _describe(where: tuple[Any, ...]) -> str:
+    """Where in the arguments a value sits: ``argument[0]['k']``."""
+    return "argument" + "".join(f"[{step!r}]" for step in where)
