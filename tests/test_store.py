@@ -365,3 +365,50 @@ def test_no_descriptor_leak_over_many_puts_and_gets(store: mmstore.Store) -> Non
     for i in range(300):
         store.put(f"more{i}", np.arange(2))
     assert len(os.listdir("/proc/self/fd")) - before <= bound
+
+
+# --- streamed sources and failures -----------------------------------------------------
+
+
+def test_put_streams_h5py_datasets_and_blocks(store: mmstore.Store, tmp_path: Path) -> None:
+    import h5py
+
+    with h5py.File(tmp_path / "in.h5", "w") as h5:
+        h5["big"] = np.arange(300_000, dtype=">i4").reshape(-1, 3)
+        store.put("from_h5", h5["big"])  # read in row blocks, not loaded whole
+    got = store.get("from_h5")
+    assert got.dtype == np.dtype(">i4") and got.shape == (100_000, 3) and got[-1, -1] == 299_999
+    rows = store.put_blocks("blocks", (np.full((n, 2), n, np.int16) for n in (3, 0, 5)), attrs={"a": 1})
+    assert rows == 8 and store.get("blocks").shape == (8, 2) and store.attrs("blocks") == {"a": 1}
+    assert store.verify().ok
+    with pytest.raises(ValueError, match="rows"):
+        store.put_blocks("bad", [np.zeros((2, 2)), np.zeros((2, 3))])
+    with pytest.raises(ValueError, match="no blocks"):
+        store.put_blocks("bad", [])
+    assert "bad" not in store
+
+
+@pytest.mark.parametrize("failing", ["write", "open", "rename"])
+def test_failed_put_raises_clearly_and_keeps_the_old_value(
+    store: mmstore.Store, store_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    import errno
+
+    store.put("x", np.arange(3))
+    files = store_files(store_path)
+    real = getattr(os, failing)
+
+    def full_disk(*args: object, **kwargs: object) -> object:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, failing, full_disk)
+    if failing == "rename":
+        monkeypatch.setattr("mmstore._durable._exchange_supported", False)
+    with pytest.raises(mmstore.StoreFullError) as info:
+        store.put("x", np.arange(1000))
+    assert isinstance(info.value, OSError) and "'x'" in str(info.value)
+    monkeypatch.setattr(os, failing, real)
+    assert store.get("x").tolist() == [0, 1, 2]
+    assert store_files(store_path) == files, "no leftover files from the failed put"
+    store.put("x", np.arange(4))  # the next operation works
+    assert store.get("x").tolist() == [0, 1, 2, 3]
