@@ -24,8 +24,8 @@ start-up and imports included); peak RSS is GNU time's %M (the child's max RSS),
 child's own VmHWM when /usr/bin/time is missing. Each method's first output is checked byte
 for byte against the store (not timed).
 
-    python scripts/bench_compact.py                  # 2 GiB store, 3 repeats (about 10 minutes)
-    python scripts/bench_compact.py --no-lzf         # the same without compression (a few minutes)
+    python scripts/bench_compact.py                  # 2 GiB store, 3 repeats (about 5 minutes)
+    python scripts/bench_compact.py --no-lzf         # the same without compression (about 2 minutes)
     python scripts/bench_compact.py --quick          # smoke run, 0.25 GiB, no lzf (under 30 s)
     python scripts/bench_compact.py --json out.json  # also dump every sample as JSON
 """
@@ -403,7 +403,7 @@ def machine_lines(env: Env, args: argparse.Namespace, layout: dict[str, Any], bu
         f"- Command: `{shlex.join(sys.orig_argv)}`",
         f"- Machine: {cpu}, nproc={nproc} (cpu_count={os.cpu_count()}), {memory:.1f} GiB RAM, {platform.platform()}",
         f"- Python {platform.python_version()}, NumPy {np.__version__}, h5py {h5py.__version__} "
-        f"(HDF5 {h5py.version.hdf5_version}), mmstore {mmstore.__version__}",
+        f"(HDF5 {h5py.version.hdf5_version}), mmstore {mmstore.__version__} (git {_git_revision()})",
         f"- Temp dir: {env.workdir} on {_fs_type(env.workdir)} ({usage.free / GIB:.0f} GiB free)",
         f"- Load average at start: {load} (shared box: other jobs may be running); "
         f"started {time.strftime('%Y-%m-%d %H:%M:%S %z')}",
@@ -413,6 +413,23 @@ def machine_lines(env: Env, args: argparse.Namespace, layout: dict[str, Any], bu
         f"peak RSS from {rss}",
         "",
     ]
+
+
+def _git_revision() -> str:
+    """The commit of the mmstore checkout being measured, and whether its library code is modified."""
+    package = Path(mmstore.__file__).resolve().parent
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(package), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        changed = subprocess.run(
+            ["git", "-C", str(package), "status", "--porcelain", "--", "."], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "not a git checkout"
+    if head.returncode != 0:
+        return "not a git checkout"
+    return head.stdout.strip() + (" + uncommitted changes in mmstore/" if changed.stdout.strip() else "")
 
 
 def _fs_type(path: Path) -> str:
@@ -545,6 +562,8 @@ NOTES = [
     "- The h5py baseline reads the store through get()'s maps, so every page of the store it touches counts in its "
     "RSS (shared page cache, not private memory); the RSS target applies to compact only.",
     "- Untimed before every run: outputs deleted, os.sync(), store read once into the page cache.",
+    "- Targets compare medians; on a noisy shared machine compare min vs min too. The lzf section times only "
+    "compact and h5py + fsync (compression is CPU-bound, so fsync and start-up matter less there).",
 ]
 
 

@@ -33,6 +33,7 @@ import multiprocessing
 import os
 import platform
 import random
+import resource
 import shlex
 import shutil
 import statistics
@@ -67,8 +68,9 @@ class Config:
     repeats: int
     seconds: float  # time budget of one throughput measurement
     max_rows: int  # row budget of one throughput measurement (bounds file sizes)
-    samples: int  # latency samples per method (after warm-up)
-    warmup: int  # latency samples discarded at the start
+    samples: int  # latency samples per method (after warm-up), split over rounds
+    rounds: int  # latency rounds: each method gets a fresh follower per round
+    warmup: int  # latency samples discarded at the start of every round
     gap_ms: tuple[float, float]
     quick: bool
 
@@ -520,7 +522,7 @@ def part_throughput(ctx: Any, workdir: str, cfg: Config) -> dict[str, Any]:
         bench.cfg = saved
         bench.follower_stats = {size: [] for size in BATCH_SIZES}
         for repeat in range(cfg.repeats):
-            _progress(f"Part 1: repeat {repeat + 1}/{cfg.repeats}")
+            _progress(f"Part 1: repeat {repeat + 1}/{cfg.repeats} ({_load()})")
             order_rng.shuffle(plan)
             for key, size in plan:
                 rates[key][size].append(bench.measure(key, size))
@@ -553,12 +555,13 @@ def _zero_d_rows(rows: np.ndarray) -> list[np.ndarray]:
     return [rows[i : i + 1].reshape(()) for i in range(len(rows))]
 
 
-def _latency_run(ctx: Any, workdir: str, cfg: Config, method: str) -> dict[str, Any]:
-    total = cfg.warmup + cfg.samples
-    rng = np.random.default_rng(SEED)
+def _latency_run(ctx: Any, workdir: str, cfg: Config, method: str, round_index: int, samples: int) -> dict[str, Any]:
+    """One round: a fresh follower process and file, ``cfg.warmup`` discarded commits, then ``samples``."""
+    total = cfg.warmup + samples
+    rng = np.random.default_rng(SEED + round_index)
     rows = _make_rows(total, rng)
     gaps = rng.uniform(cfg.gap_ms[0] / 1e3, cfg.gap_ms[1] / 1e3, total)
-    tag = os.path.join(workdir, f"lat-{method}")
+    tag = os.path.join(workdir, f"lat-{method}-{round_index}")
     params: dict[str, Any] = {"method": method, "total": total}
     channel: Any = None
     cleanup: list[Callable[[], None]] = []
@@ -678,21 +681,42 @@ def _latency_run(ctx: Any, workdir: str, cfg: Config, method: str) -> dict[str, 
         "latency_us": latency_us.tolist(),
         "from_append_us": from_append_us.tolist(),
         "commit_call_us": commit_us.tolist(),
-        "follower_cpu_percent": 100.0 * cpu_ns / wall_ns if wall_ns > 0 else float("nan"),
         "follower_cpu_s": cpu_ns / 1e9,
         "follower_wall_s": wall_ns / 1e9,
     }
 
 
 def part_latency(ctx: Any, workdir: str, cfg: Config) -> dict[str, Any]:
-    results: dict[str, Any] = {}
-    for method, label, _ in LATENCY_METHODS:
-        _progress(f"Part 2: {label}")
-        results[method] = _latency_run(ctx, workdir, cfg, method)
+    """Methods round-robin (shuffled per round), so a burst of outside load is spread over all of them."""
+    results: dict[str, Any] = {
+        method: {"latency_us": [], "from_append_us": [], "commit_call_us": [], "rounds": []}
+        for method, _, _ in LATENCY_METHODS
+    }
+    labels = {method: label for method, label, _ in LATENCY_METHODS}
+    order = [method for method, _, _ in LATENCY_METHODS]
+    order_rng = random.Random(SEED)
+    per_round = [cfg.samples // cfg.rounds + (i < cfg.samples % cfg.rounds) for i in range(cfg.rounds)]
+    for round_index, samples in enumerate(per_round):
+        order_rng.shuffle(order)
+        for method in order:
+            _progress(f"Part 2, round {round_index + 1}/{cfg.rounds}: {labels[method]} ({_load()})")
+            run = _latency_run(ctx, workdir, cfg, method, round_index, samples)
+            merged = results[method]
+            for key in ("latency_us", "from_append_us", "commit_call_us"):
+                merged[key] += run[key]
+            merged["rounds"].append({"cpu_s": run["follower_cpu_s"], "wall_s": run["follower_wall_s"]})
+    for merged in results.values():
+        cpu = sum(r["cpu_s"] for r in merged["rounds"])
+        wall = sum(r["wall_s"] for r in merged["rounds"])
+        merged["follower_cpu_percent"] = 100.0 * cpu / wall if wall > 0 else float("nan")
     return results
 
 
 # --- reporting -----------------------------------------------------------------------------
+
+
+def _load() -> str:
+    return "load " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def _progress(text: str) -> None:
@@ -743,7 +767,7 @@ def header_lines(workdir: str, cfg: Config) -> list[str]:
         f"- Load average at start: {load}; started {time.strftime('%Y-%m-%d %H:%M:%S %z')}",
         f"- Rows: {ROW_BYTES} bytes, dtype {ROW_DTYPE.descr}; processes started with multiprocessing 'spawn'",
         f"- Part 1: {cfg.repeats} repeats x {cfg.seconds:g} s (or {cfg.max_rows:,} rows) per measurement; "
-        f"Part 2: {cfg.samples} samples (+{cfg.warmup} warm-up) per method, gaps "
+        f"Part 2: {cfg.samples} samples per method in {cfg.rounds} round(s) (+{cfg.warmup} warm-up each), gaps "
         f"{cfg.gap_ms[0]:g}-{cfg.gap_ms[1]:g} ms (time.sleep)",
         "",
     ]
@@ -784,7 +808,9 @@ def report(results: dict[str, Any], cfg: Config) -> list[str]:
             rows = sum(x["rows"] for x in stats)
             wakes = sum(x["wakeups"] for x in stats)
             cpu = sum(x["cpu_s"] for x in stats) / max(sum(x["wall_s"] for x in stats), 1e-9)
-            parts.append(f"batch {s:,}: {rows / max(wakes, 1):,.1f} rows per wake-up, follower CPU {100 * cpu:.0f}%")
+            parts.append(
+                f"batch {s:,}: {rows / max(wakes, 1):,.1f} rows per follow() block, follower CPU {100 * cpu:.0f}%"
+            )
     out.append("Attached follower (follow(), saw every row): " + "; ".join(parts) + ".")
     out.append("")
 
@@ -877,7 +903,9 @@ def report(results: dict[str, Any], cfg: Config) -> list[str]:
         "start' stamps before that. The follower stamps once the new rows are in hand (mmstore: the yielded "
         "block; h5py: ds[n:m] read; Queue: the unpickled row; Pipe: the received bytes; raw: view after the "
         "count). Follower CPU is time.process_time() (all threads) over wall time from its first to its last row.",
-        f"- Part 2 discards the first {cfg.warmup} samples of each method (imports, first-touch, thread start).",
+        f"- Part 2 runs {cfg.rounds} round(s), the methods in a shuffled order each round, each with a fresh "
+        f"follower process and file; the first {cfg.warmup} commits of every round are discarded (first touch, "
+        "thread start). Follower CPU % is summed over rounds.",
     ]
     return out
 
@@ -888,6 +916,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="Part 1 repeats (default 7; --quick 2)")
     parser.add_argument("--seconds", type=float, default=None, help="Part 1 seconds per measurement (0.4; 0.1)")
     parser.add_argument("--samples", type=int, default=None, help="Part 2 samples per method (2000; 300)")
+    parser.add_argument("--rounds", type=int, default=None, help="Part 2 rounds, methods round-robin (4; 1)")
     parser.add_argument("--json", metavar="OUT", help="also write every sample and the summary as JSON")
     parser.add_argument("--tmpdir", default=None, help="where temp files go (default: tempfile's, normally /tmp)")
     args = parser.parse_args(argv)
@@ -896,12 +925,13 @@ def main(argv: list[str] | None = None) -> int:
         seconds=args.seconds if args.seconds is not None else (0.1 if args.quick else 0.4),
         max_rows=1_000_000 if args.quick else 4_000_000,
         samples=args.samples if args.samples is not None else (300 if args.quick else 2000),
-        warmup=20 if args.quick else 50,
+        rounds=args.rounds if args.rounds is not None else (1 if args.quick else 4),
+        warmup=20 if args.quick else 30,
         gap_ms=(0.2, 2.0),
         quick=args.quick,
     )
-    if cfg.repeats < 1 or cfg.seconds <= 0 or cfg.samples < 100:
-        parser.error("--repeats must be >= 1, --seconds > 0 and --samples >= 100")
+    if cfg.repeats < 1 or cfg.seconds <= 0 or cfg.rounds < 1 or cfg.samples < 100 * cfg.rounds:
+        parser.error("--repeats and --rounds must be >= 1, --seconds > 0 and --samples >= 100 per round")
 
     ctx = multiprocessing.get_context("spawn")
     workdir = tempfile.mkdtemp(prefix="mmstore-stream-", dir=args.tmpdir)
@@ -918,7 +948,8 @@ def main(argv: list[str] | None = None) -> int:
     body = report(results, cfg)
     elapsed = time.perf_counter() - started
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    body += ["", f"Total run time {elapsed:.1f} s; load average at end: {load}."]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    body += ["", f"Total run time {elapsed:.1f} s; load average at end: {load}; main process peak RSS {peak:.0f} MiB."]
     if cfg.quick:
         body.append("(--quick: short measurements and few samples; not the figures to quote.)")
     print("\n".join(body), flush=True)
