@@ -86,3 +86,34 @@ def test_killed_export_never_leaves_a_partial_file(tmp_path: Path, spawn) -> Non
             assert all(h5[f"d{i}"][-1] == i for i in range(4))
     leftovers = [name for name in os.listdir(tmp_path) if name.startswith(".out.h5")]
     assert all(name.endswith(".tmp") for name in leftovers)  # hidden temp files of killed exports, never out.h5
+
+
+def test_export_survives_a_replace_during_the_export(tmp_path: Path) -> None:
+    with mmstore.Store(tmp_path / "s") as store, mmstore.Store(tmp_path / "s") as other:
+        store.put("a", np.arange(10.0))
+        store.put("b", np.arange(5.0))
+        store.put("c", np.arange(3.0))
+
+        def replace_others(name: str, done: int, total: int) -> None:
+            if name == "a":
+                other.put("b", np.arange(20.0))  # b is replaced before the export reaches it
+                if "c" in other:
+                    other.delete("c")  # and c is deleted
+
+        exported = mmstore.export_hdf5(store, tmp_path / "out.h5", progress=replace_others)
+    assert exported == ["a", "b"]
+    with h5py.File(tmp_path / "out.h5", "r") as h5:
+        assert h5["b"][...].tolist() == list(np.arange(20.0)) and "c" not in h5
+
+
+def test_export_of_many_small_datasets_is_not_slowed_by_buffers(tmp_path: Path) -> None:
+    import tracemalloc
+
+    with mmstore.Store(tmp_path / "s") as store:
+        for i in range(50):
+            store.put(f"small/{i}", np.zeros(16))
+        tracemalloc.start()
+        mmstore.export_hdf5(store, tmp_path / "out.h5")
+        _current, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    assert peak < 64 * 2**20  # one bounded buffer, not one per dataset
