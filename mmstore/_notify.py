@@ -87,12 +87,14 @@ class Waiter:
             self.drain()
 
     def drain(self) -> None:
+        """Discard the queued events (their content does not matter, only that they came)."""
         if self._fd < 0:
             self._sleep = _FALLBACK_FIRST_SLEEP
             return
         try:
-            while os.read(self._fd, 65536):
-                pass
+            # One read takes every queued event (each is 16 bytes plus a short name);
+            # reading again until EAGAIN would only cost a failing system call.
+            os.read(self._fd, 65536)
         except BlockingIOError:
             pass
 
