@@ -158,7 +158,9 @@ def run_trials(trials: int, seed: int = 0, path: str | None = None, max_delay: f
             report.trials = trial + 1
             previous = length
             started = context.Event()
-            appended, handed, acknowledged = (context.Value("q", length) for _ in range(3))
+            # lock=False: a producer SIGKILLed inside a locked Value's setter would hold its
+            # lock forever and hang the parent's next read. An aligned 8-byte store is atomic.
+            appended, handed, acknowledged = (context.Value("q", length, lock=False) for _ in range(3))
             arguments = (store_path, rng.randrange(1 << 30), started, appended, handed, acknowledged)
             child = context.Process(target=producer, args=arguments)
             child.start()
