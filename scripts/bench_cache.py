@@ -203,8 +203,11 @@ def _zero_copy_note(value: np.ndarray) -> str:
     base: Any = value
     while isinstance(base, np.ndarray) and base.base is not None:
         base = base.base
+    if isinstance(base, memoryview):
+        base = base.obj
     if base is not value and not isinstance(base, (np.ndarray, bytes, bytearray)):
-        return f"view of {type(base).__name__} (zero-copy), writeable={value.flags.writeable}"
+        kind = f"{type(base).__module__}.{type(base).__qualname__}"
+        return f"read-only={not value.flags.writeable} view of a {kind} (zero-copy)"
     return "own memory (a copy)"
 
 
