@@ -110,6 +110,17 @@ def write_array(fd: int, array: np.ndarray | RowSource, hasher: Any) -> None:
             _durable.write_all(fd, data)
             hasher.update(data)
         return
+    if isinstance(array, np.ndarray) and array.flags.c_contiguous and array.nbytes >= _PARALLEL_CHECKSUM_BYTES:
+        # Hash the whole buffer in the helper thread while this one writes it in one go:
+        # os.write releases the GIL for the whole copy, so the two overlap completely
+        # (a chunked pipeline would hand the GIL back and forth at every chunk).
+        data = array.reshape(-1).view(np.uint8)
+        future = _pool().submit(hasher.update, data)
+        try:
+            _durable.write_all(fd, data)
+        finally:
+            future.result()
+        return
     if array.nbytes < _PARALLEL_CHECKSUM_BYTES:
         for chunk in _byte_chunks(array):
             _durable.write_all(fd, chunk)
