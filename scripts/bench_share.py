@@ -643,12 +643,11 @@ def report(results: dict[str, Any]) -> list[str]:
     ]
     out.append("Notes: Part A times everything from the producer starting to publish until the consumer has the sum")
     out.append("(opening the store / LMDB environment on the producer side is setup and not timed; the consumer opens")
+    out.append("everything inside the clock; clean-up after the sum is not timed). mmstore's put also computes an")
     out.append(
-        "everything inside the clock; clean-up after the sum is not timed). mmstore's put also computes a CRC-32"
+        "XXH3-64 checksum of the data, which none of the others do. LMDB's get is told the dtype in advance; np.save"
     )
-    out.append(
-        "of the data, which none of the others do. LMDB's get is told the dtype in advance; np.save overwrites in"
-    )
+    out.append("overwrites in")
     out.append("place (not atomic); diskcache pickles. shared_memory's copy lands in /dev/shm (RAM), not on the disk.")
     out.append("")
     out.append("## Targets")
