@@ -20,8 +20,6 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
 import mmstore
 
@@ -91,6 +89,8 @@ def _progress(description: str, total: int | None) -> Iterator[Any]:
     if _options["quiet"] or not _err.is_terminal:
         yield lambda done, total=None: None
         return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
     with Progress(*columns, console=_err, transient=True) as progress:
         task = progress.add_task(description, total=total)
@@ -314,6 +314,8 @@ def list_datasets(
         if as_json:
             print(json.dumps([_jsonable(info) for info in infos], indent=2))
         else:
+            from rich.table import Table
+
             table = Table("name", "dtype", "shape", "size", "modified", box=None)
             for column in table.columns:
                 column.no_wrap = True
@@ -534,6 +536,8 @@ def demo(
             "through multiprocessing.Queue to each reader. Process start-up is excluded from both."
         )
         result = run_demo(arrays, megabytes, readers)
+        from rich.table import Table
+
         table = Table("path", "wall time", "relative")
         table.add_row("mmstore (put once, every reader maps it)", f"{result.mmstore_seconds:.3f} s", "1.00x")
         table.add_row(
