@@ -42,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import timeit
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -769,6 +770,17 @@ def report(results: dict[str, Any]) -> list[str]:
     return out
 
 
+def _speed_probe() -> str:
+    """How fast this machine is right now: a Python call and a stat() system call (best of 5 loops)."""
+    def noop() -> None:
+        return None
+
+    here = os.path.abspath(__file__)
+    call = min(timeit.repeat(noop, number=200_000, repeat=5)) / 200_000
+    stat = min(timeit.repeat(lambda: os.stat(here), number=20_000, repeat=5)) / 20_000
+    return f"empty Python call {call * 1e9:.0f} ns, os.stat() {stat * 1e6:.2f} us"
+
+
 def _heavy_jobs() -> str:
     try:
         found = subprocess.run(["pgrep", "-af", "crash_torture"], capture_output=True, text=True, timeout=10)
@@ -794,6 +806,7 @@ def header_lines(root: str) -> list[str]:
         f"- Temp root: {root} ({_fs_type(root)})",
         f"- Load average at start: {load}; started {time.strftime('%Y-%m-%d %H:%M:%S %z')}",
         f"- Other heavy jobs at start (`pgrep -af crash_torture`): {_heavy_jobs()}",
+        f"- Speed probe at start: {_speed_probe()} (the hit paths are made of such calls and one stat() each)",
         "- Defaults everywhere: mmstore.Cache(path) (no fsync, no byte bound), diskcache.Cache(path) (SQLite WAL, "
         "synchronous=NORMAL, 1 GiB size_limit, values > 32 KiB in files, pickled), joblib.Memory(path, verbose=0).",
         "",
@@ -918,7 +931,7 @@ def main(argv: list[str] | None = None) -> int:
     body += _peak_memory_lines()
     body += [
         f"Total run time {elapsed:.1f} s; load average at end: {load}; "
-        f"other heavy jobs at end (`pgrep -af crash_torture`): {_heavy_jobs()}.",
+        f"other heavy jobs at end (`pgrep -af crash_torture`): {_heavy_jobs()}; speed probe at end: {_speed_probe()}.",
         f"Temp root {root} removed: {not os.path.exists(root)}.",
     ]
     if args.quick:

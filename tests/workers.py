@@ -201,3 +201,32 @@ def compute_after_wait(path: str, results: Any) -> None:
     cache = mmstore.Cache(path, lock_timeout=120)
     value = cache.get_or_compute("slow", lambda: np.full(3, 7.0))
     results.put(value.tolist())
+
+
+def lock_stress(path: str, rounds: int, barrier: Any, results: Any) -> None:
+    """Take the writer lock of one dataset ``rounds`` times; detect overlap two ways."""
+    store = mmstore.Store(path, timeout=120)
+    marker = os.path.join(path, "inside.marker")
+    counter = os.path.join(path, "counter.txt")
+    overlaps = 0
+    barrier.wait()
+    for _ in range(rounds):
+        with store.open_writer("x") as writer:
+            # Way 1: an O_EXCL marker file that only one holder can create.
+            try:
+                fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            except FileExistsError:
+                overlaps += 1
+                fd = -1
+            # Way 2: a read-modify-write counter that loses updates under overlap,
+            # plus the dataset itself, edited in place through the writer handle.
+            with open(counter) as handle:
+                value = int(handle.read())
+            with open(counter, "w") as handle:
+                handle.write(str(value + 1))
+            writer[0] = writer[0] + 1
+            if fd >= 0:
+                os.close(fd)
+                os.unlink(marker)
+    store.close()
+    results.put(overlaps)
