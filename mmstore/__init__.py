@@ -22,6 +22,7 @@ from ._errors import (
     StoreNotFoundError,
     UnsupportedDtypeError,
 )
+from ._filesystems import UnsafeFileSystemWarning
 from ._format import FORMAT_VERSION
 from ._growable import Reader, Writer
 from ._hdf5 import export_hdf5, import_hdf5
@@ -47,6 +48,7 @@ __all__ = [
     "StoreFullError",
     "StoreIOError",
     "StoreNotFoundError",
+    "UnsafeFileSystemWarning",
     "UnsupportedDtypeError",
     "VerifyReport",
     "Writer",

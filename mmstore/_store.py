@@ -148,8 +148,10 @@ class Store:
         self._open_manifest()
         _warm_up(self.path)
         if not self.readonly:
+            from ._filesystems import warn_if_unsafe
             from ._recovery import recover_on_open
 
+            warn_if_unsafe(self.path)
             recover_on_open(self)
         _live_stores.add(self)
 

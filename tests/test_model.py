@@ -103,7 +103,7 @@ class StoreMachine(RuleBasedStateMachine):
         if not hasattr(self, "store"):
             return
         with mmstore.Store(f"{self.directory}/s", "r") as reader:  # a second, read-only view
-            names = [name for name in reader.keys() if name != "log"]
+            names = [name for name in reader if name != "log"]
             assert names == sorted(self.model)
             for name, (dtype, shape, raw, attrs) in self.model.items():
                 for store in (self.store, reader):

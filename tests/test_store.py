@@ -412,3 +412,14 @@ def test_failed_put_raises_clearly_and_keeps_the_old_value(
     assert store_files(store_path) == files, "no leftover files from the failed put"
     store.put("x", np.arange(4))  # the next operation works
     assert store.get("x").tolist() == [0, 1, 2, 3]
+
+
+def test_filesystem_type_and_network_warning(store_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mmstore import _filesystems
+
+    assert _filesystems.filesystem_type(str(Path(__file__).parent)) not in (None, "")
+    monkeypatch.setattr(_filesystems, "filesystem_type", lambda path: "nfs4")
+    with pytest.warns(mmstore.UnsafeFileSystemWarning, match="nfs4"):
+        mmstore.Store(store_path).close()
+    monkeypatch.setattr(_filesystems, "filesystem_type", lambda path: "ext4")
+    mmstore.Store(store_path).close()  # no warning (warnings are errors in this test run)
