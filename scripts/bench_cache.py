@@ -772,6 +772,7 @@ def report(results: dict[str, Any]) -> list[str]:
 
 def _speed_probe() -> str:
     """How fast this machine is right now: a Python call and a stat() system call (best of 5 loops)."""
+
     def noop() -> None:
         return None
 
