@@ -55,11 +55,29 @@ if TYPE_CHECKING:
     from ._recovery import VerifyReport
 
 _MODES = ("r", "r+", "a", "w-", "x")
-# Each cached dataset pins a sidecar descriptor (and its map one more); each
-# remembered location may keep a lock descriptor. Bounded so that a process
-# touching many datasets stays far below the usual 1024-descriptor limit.
-_MAX_CACHED_DATASETS = 256
-_MAX_LOCATIONS = 256
+
+
+def _descriptor_budget() -> int:
+    """How many datasets to keep mapped and remembered: an eighth of the descriptor limit.
+
+    Each cached dataset pins a sidecar descriptor (and its map one more); each
+    remembered location may keep a lock descriptor. So a process touching many
+    datasets uses at most ~3/8 of its descriptors on them: 128 datasets under the
+    common limit of 1024, up to 4096 where the limit is high.
+    """
+    try:
+        import resource
+
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):
+        return 256
+    if soft == resource.RLIM_INFINITY:
+        return 4096
+    return max(64, min(4096, soft // 8))
+
+
+_MAX_CACHED_DATASETS = _descriptor_budget()
+_MAX_LOCATIONS = _MAX_CACHED_DATASETS
 _READ_ALL = 1 << 16
 
 _VANISHED = object()
