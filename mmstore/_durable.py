@@ -22,7 +22,7 @@ import errno
 import os
 from typing import Any
 
-from ._errors import StoreFullError, StoreIOError
+from ._errors import FsyncError, StoreFullError, StoreIOError
 
 NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -51,6 +51,8 @@ _exchange_supported = _renameat2 is not None
 
 def io_error(exc: OSError, what: str) -> OSError:
     """Wrap an OSError from a write path in the matching mmstore error."""
+    if isinstance(exc, StoreIOError):
+        return exc
     if exc.errno in _FULL_ERRNOS:
         return StoreFullError(exc.errno, f"{what}: no space left ({os.strerror(exc.errno)})")
     if isinstance(exc, PermissionError):
@@ -86,10 +88,23 @@ def write_all(fd: int, data: Any, offset: int | None = None) -> None:
         position += written
 
 
+def fsync(fd: int, what: str) -> None:
+    """fsync, turning a failure into FsyncError.
+
+    After a failed fsync Linux may already have dropped the dirty pages and
+    cleared the error, so a retry would "succeed" without the data (the
+    PostgreSQL fsyncgate lesson): callers must not go on as if nothing happened.
+    """
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        raise FsyncError(exc.errno, f"fsync of {what} failed: {exc.strerror or exc}") from None
+
+
 def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        os.fsync(fd)
+        fsync(fd, f"directory {path!r}")
     finally:
         os.close(fd)
 
@@ -104,7 +119,7 @@ def write_file_atomically(path: str, temp_path: str, content: bytes, *, durable:
     try:
         write_all(fd, content)
         if durable:
-            os.fsync(fd)
+            fsync(fd, repr(temp_path))
         swap_into_place(temp_path, path)
     except BaseException:
         os.close(fd)

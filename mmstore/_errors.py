@@ -64,5 +64,10 @@ class StoreIOError(MmstoreError, OSError):
     """An I/O error while writing or syncing; the previous committed state is intact."""
 
 
+class FsyncError(StoreIOError):
+    """fsync() failed: the kernel may have dropped dirty pages, so what was written
+    cannot be trusted to be on disk. The handle that saw it refuses further commits."""
+
+
 class ClosedError(MmstoreError, ValueError):
     """An operation on a store or handle that has been closed."""

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import _durable, _names
-from ._errors import ClosedError, DatasetExistsError, FormatError
+from ._errors import ClosedError, DatasetExistsError, FormatError, FsyncError
 from ._format import Header, encode_attrs, encode_dtype
 from ._locks import mark_alive
 from ._notify import Waiter
@@ -162,6 +162,7 @@ class Writer:
         self._fd = fd
         self._closed = False
         self._closed_reason = "closed"
+        self._failed = False
         self.name = header.name
         self.dtype = header.dtype
         self.growable = header.growable
@@ -214,7 +215,7 @@ class Writer:
 
     def append(self, rows: Any) -> None:
         """Append one row or a block of rows; they become visible to readers at flush()."""
-        if self._closed:
+        if self._closed or self._failed:
             raise ClosedError(f"writer of dataset {self.name!r} is {self._closed_reason}")
         if not self.growable:
             raise ValueError(f"dataset {self.name!r} is not growable; create it with growable=True to append")
@@ -285,12 +286,12 @@ class Writer:
 
     def flush(self, durable: bool = False) -> None:
         """Publish every appended row to readers; ``durable=True`` also fsyncs first and after."""
-        if self._closed:
+        if self._closed or self._failed:
             raise ClosedError(f"writer of dataset {self.name!r} is {self._closed_reason}")
         control = self._mapped.control
         try:
             if durable:
-                os.fsync(self._fd)  # rows reach the disk before the length that covers them
+                self._fsync()  # rows reach the disk before the length that covers them
             if control is not None and (self._length != self._committed or durable):
                 if durable:
                     self._update_checksum(control)
@@ -298,7 +299,7 @@ class Writer:
                 self._published += 1
                 os.pwrite(self._fd, _PACK_U64(self._published), _PUBLISH_OFFSET)  # orders, and wakes followers
                 if durable:
-                    os.fsync(self._fd)
+                    self._fsync()
         except OSError as exc:
             raise _durable.io_error(exc, f"dataset {self.name!r}: flush") from None
         self._committed = self._length
@@ -324,6 +325,8 @@ class Writer:
         if self._closed:
             return
         try:
+            if self._failed:
+                return  # nothing more is published after an fsync error; the lock is released below
             self.flush()
             if self._mapped.control is not None:
                 self._update_checksum(self._mapped.control)
@@ -346,10 +349,16 @@ class Writer:
     def _sync_committed(self) -> None:
         """Make the flushed rows durable (Store.flush); pending rows stay unpublished."""
         if not self._closed:
-            try:
-                os.fsync(self._fd)
-            except OSError as exc:
-                raise _durable.io_error(exc, f"dataset {self.name!r}: fsync") from None
+            self._fsync()
+
+    def _fsync(self) -> None:
+        """fsync the data file; after a failure this writer refuses to publish anything more."""
+        try:
+            _durable.fsync(self._fd, f"dataset {self.name!r}")
+        except FsyncError:
+            self._closed_reason = "unusable after an fsync error (reopen it to go on)"
+            self._failed = True
+            raise
 
     def _forget_after_fork(self) -> None:
         """In a forked child: this handle is the parent's. Close our copy of the

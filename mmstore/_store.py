@@ -31,6 +31,7 @@ from ._errors import (
     ClosedError,
     DatasetNotFoundError,
     FormatError,
+    FsyncError,
     InvalidNameError,
     MmstoreError,
     ReadOnlyError,
@@ -163,6 +164,7 @@ class Store:
         self._dirty: tuple[set[str], set[str], set[str]] = (set(), set(), set())
         self._dirty_guard = threading.Lock()
         self._writers: weakref.WeakSet[Writer] = weakref.WeakSet()
+        self._fsync_failure: FsyncError | None = None
         self._open_manifest()
         _warm_up(self.path)
         if not self.readonly:
@@ -241,6 +243,12 @@ class Store:
             raise ClosedError(f"store {self.path!r} is closed")
         if self.readonly:
             raise ReadOnlyError(f"store {self.path!r} was opened read-only (mode='r')")
+        if self._fsync_failure is not None:
+            raise StoreIOError(
+                errno.EIO,
+                f"store {self.path!r} refuses further commits after an fsync error ({self._fsync_failure}); "
+                "what it wrote may not be on disk: check the disk, then reopen the store",
+            )
 
     def _locate(self, name: str) -> _Location:
         """The location of a dataset name, validating the name on first use."""
@@ -544,7 +552,7 @@ class Store:
             try:
                 dtype, shape, checksum = write(fd)
                 if durable:
-                    os.fsync(fd)
+                    self._fsync(fd, f"dataset {name!r}")
             except OSError as exc:
                 raise _durable.io_error(exc, f"dataset {name!r}: writing its data") from None
 
@@ -598,12 +606,22 @@ class Store:
             lock.release()
         return old_header
 
+    def _fsync(self, fd: int, what: str) -> None:
+        try:
+            _durable.fsync(fd, what)
+        except FsyncError as exc:
+            self._fsync_failure = exc
+            raise
+
     def _write_sidecar_locked(self, location: _Location, header: Header, durable: bool) -> None:
         """Commit ``header`` as the dataset's sidecar (the caller holds the dataset lock)."""
         try:
             sidecar_fd = _durable.write_file_atomically(
                 location.sidecar, location.temp_path(), header.to_json(), durable=durable, root=self.path
             )
+        except FsyncError as exc:
+            self._fsync_failure = exc
+            raise
         except OSError as exc:
             raise _durable.io_error(exc, f"dataset {location.name!r}: committing its header") from None
         try:
@@ -718,6 +736,9 @@ class Store:
         processes are made durable by their own flush().
         """
         self._check_open()
+        if self.readonly:
+            return  # nothing was committed through a read-only handle
+        self._check_writable()  # refuses after an fsync error: a second fsync could lie
         for writer in list(self._writers):
             writer._sync_committed()
         with self._dirty_guard:
@@ -729,9 +750,7 @@ class Store:
             except FileNotFoundError:
                 continue  # replaced or deleted since: nothing of it left to make durable
             try:
-                os.fsync(fd)
-            except OSError as exc:
-                raise _durable.io_error(exc, f"fsync of {path!r}") from None
+                self._fsync(fd, repr(path))
             finally:
                 os.close(fd)
         for path in _with_parents(self.path, directories):
@@ -739,8 +758,9 @@ class Store:
                 _durable.fsync_dir(path)
             except FileNotFoundError:
                 continue
-            except OSError as exc:
-                raise _durable.io_error(exc, f"fsync of directory {path!r}") from None
+            except FsyncError as exc:
+                self._fsync_failure = exc
+                raise
 
     def close(self) -> None:
         """Release descriptors and locks. Arrays already returned stay valid."""

@@ -423,3 +423,51 @@ def test_filesystem_type_and_network_warning(store_path: Path, monkeypatch: pyte
         mmstore.Store(store_path).close()
     monkeypatch.setattr(_filesystems, "filesystem_type", lambda path: "ext4")
     mmstore.Store(store_path).close()  # no warning (warnings are errors in this test run)
+
+
+def test_fsync_error_makes_the_handle_refuse_further_commits(
+    store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    with mmstore.Store(store_path) as store:
+        store.put("x", np.arange(3))
+        real_fsync = os.fsync
+
+        def failing_fsync(fd: int) -> None:
+            raise OSError(errno.EIO, "Input/output error")
+
+        monkeypatch.setattr(os, "fsync", failing_fsync)
+        with pytest.raises(mmstore.FsyncError):
+            store.put("y", np.arange(4), durable=True)
+        monkeypatch.setattr(os, "fsync", real_fsync)
+        # The kernel may have dropped the pages and cleared the error: never pretend.
+        with pytest.raises(mmstore.StoreIOError, match="fsync error"):
+            store.put("z", np.arange(5))
+        with pytest.raises(mmstore.StoreIOError, match="fsync error"):
+            store.delete("x")
+        with pytest.raises(mmstore.StoreIOError, match="fsync error"):
+            store.flush()
+        np.testing.assert_array_equal(store.get("x"), np.arange(3))  # reading still works
+    with mmstore.Store(store_path) as store:  # a new handle, after checking the disk
+        store.put("z", np.arange(5))
+        assert "y" not in store and store.get("z").tolist() == [0, 1, 2, 3, 4]
+
+
+def test_fsync_error_in_a_writer_flush(store: mmstore.Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    writer = store.create("log", np.int64, (0,), growable=True)
+    writer.append(np.arange(3))
+    writer.flush()
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    writer.append(np.arange(3, 6))
+    with pytest.raises(mmstore.FsyncError):
+        writer.flush(durable=True)
+    monkeypatch.undo()
+    with pytest.raises(mmstore.ClosedError, match="fsync error"):
+        writer.append(np.arange(2))
+    writer.close()  # releases the lock without publishing more
+    assert store.get("log").tolist() == [0, 1, 2]
+    with store.open_writer("log") as again:  # the lock is free for a new writer
+        assert len(again) == 3
