@@ -49,3 +49,22 @@ def test_torture_self_check_detects_damage() -> None:
     rows["payload"][5, 2] ^= 1
     rows["seq"][50] += 1
     assert torture.bad_rows(rows, 10) == 2
+
+
+@pytest.mark.slow
+def test_mixed_operations_from_several_processes(tmp_path: Path) -> None:
+    stress = load_script("stress_mixed")
+    outcome = stress.run(processes=4, ops=500, seed=5, path=str(tmp_path / "store"))
+    assert outcome["problems"] == []
+    assert outcome["totals"]["put"] > 300 and outcome["totals"]["get"] > 300 and outcome["totals"]["delete"] > 50
+
+
+def test_stress_self_check_detects_torn_values() -> None:
+    stress = load_script("stress_mixed")
+    value = stress.make_value(3, 17, 100)
+    assert stress.is_whole(value, {"w": 3, "s": 17})
+    assert not stress.is_whole(value, {"w": 3, "s": 18})
+    torn = value.copy()
+    torn[50] += 1
+    assert not stress.is_whole(torn)
+    assert not stress.is_whole(value[:-1])
