@@ -102,18 +102,24 @@ def fsync(fd: int, what: str) -> None:
 
 
 def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise FsyncError(exc.errno, f"fsync of directory {path!r} failed: {exc.strerror or exc}") from None
     try:
         fsync(fd, f"directory {path!r}")
     finally:
         os.close(fd)
 
 
-def write_file_atomically(path: str, temp_path: str, content: bytes, *, durable: bool, root: str) -> int:
-    """Write ``content`` to ``temp_path`` and swap it into ``path`` (steps 2-5 above).
+def write_file_atomically(path: str, temp_path: str, content: bytes, *, durable: bool) -> int:
+    """Write ``content`` to ``temp_path`` and swap it into ``path`` (steps 2-4 above).
 
-    Returns an open descriptor of the new file, which the caller may keep
-    to pin its inode (see ``_store._Entry``) and must close.
+    If this raises, nothing was committed. Once it returns, the commit is
+    visible; making the directory durable (step 5) is the caller's next step,
+    so that a failure there is never mistaken for a failed commit. Returns an
+    open descriptor of the new file, which the caller may keep to pin its
+    inode (see ``_store._Entry``) and must close.
     """
     fd = create_new(temp_path)
     try:
@@ -125,12 +131,6 @@ def write_file_atomically(path: str, temp_path: str, content: bytes, *, durable:
         os.close(fd)
         _unlink_quietly(temp_path)
         raise
-    if durable:
-        try:
-            fsync_dir_chain(os.path.dirname(path), root)
-        except BaseException:
-            os.close(fd)
-            raise
     return fd
 
 
@@ -156,9 +156,12 @@ def swap_into_place(temp_path: str, path: str) -> None:
     if _exchange_supported:
         result = _renameat2(_AT_FDCWD, os.fsencode(temp_path), _AT_FDCWD, os.fsencode(path), _RENAME_EXCHANGE)
         if result == 0:
-            # temp_path now names the old file; a crash right here leaves a
-            # hidden temp file that recovery removes.
-            os.unlink(temp_path)
+            # Committed. temp_path now names the old file: removing it is cleanup,
+            # and if that fails (or we crash first) recovery removes the hidden file.
+            try:
+                os.unlink(temp_path)
+            except OSError:
+                pass
             return
         err = ctypes.get_errno()
         if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
@@ -169,9 +172,10 @@ def swap_into_place(temp_path: str, path: str) -> None:
 
 
 def _unlink_quietly(path: str) -> None:
+    """Best-effort removal of a file nothing refers to (recovery removes what is left)."""
     try:
         os.unlink(path)
-    except FileNotFoundError:
+    except OSError:
         pass
 
 

@@ -579,9 +579,16 @@ class Store:
             os.close(fd)  # drops the liveness lock, after the commit
             if not committed:
                 _durable.unlink_quietly(data_path)
+        # Committed: what follows is cleanup and durability, never a reason to undo it.
         if old_header is not None and old_header.data_file != data_file:
             _durable.unlink_quietly(location.data_path(old_header.data_file))
-        if not durable:
+        if durable:
+            try:
+                _durable.fsync_dir_chain(location.directory, self.path)
+            except FsyncError as exc:
+                self._fsync_failure = exc
+                raise
+        else:
             with self._dirty_guard:
                 self._dirty[0].add(data_path)
                 self._dirty[1].add(location.sidecar)
@@ -617,7 +624,7 @@ class Store:
         """Commit ``header`` as the dataset's sidecar (the caller holds the dataset lock)."""
         try:
             sidecar_fd = _durable.write_file_atomically(
-                location.sidecar, location.temp_path(), header.to_json(), durable=durable, root=self.path
+                location.sidecar, location.temp_path(), header.to_json(), durable=durable
             )
         except FsyncError as exc:
             self._fsync_failure = exc
