@@ -438,7 +438,10 @@ class Cache:
         """
 
         def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
-            prefix = f"memo:{func.__module__}.{func.__qualname__}:{version!r}:"
+            # A script's functions live in "__main__", but in "__mp_main__" in its spawned
+            # workers: key them alike so that workers hit what the parent computed.
+            module = "__main__" if func.__module__ == "__mp_main__" else func.__module__
+            prefix = f"memo:{module}.{func.__qualname__}:{version!r}:"
 
             def key_for(*args: Any, **kwargs: Any) -> str:
                 if key is not None:

@@ -21,6 +21,7 @@ import stat
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -157,7 +158,8 @@ class Store:
         self.readonly = mode == "r"
         self._closed = False
         self._pid = os.getpid()
-        self._entries: dict[str, _Entry] = {}
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first
+        self._entry_budget = _descriptor_budget()  # read now: the limit may have changed since import
         self._locations: dict[str, _Location] = {}
         self._locations_guard = threading.Lock()
         # What flush() must fsync, in this order: data files, sidecars, directories.
@@ -291,7 +293,7 @@ class Store:
         self._dirty_guard = threading.Lock()
         for entry in self._entries.values():
             _close_quietly(entry.sidecar_fd)
-        self._entries = {}
+        self._entries = OrderedDict()
         self._pid = os.getpid()
 
     def _missing(self, name: str) -> DatasetNotFoundError:
@@ -349,6 +351,7 @@ class Store:
         """The entry of the committed sidecar, re-reading it only if it changed."""
         entry = self._entries.get(location.name)
         if entry is not None:
+            self._entries.move_to_end(location.name)
             try:
                 st = os.stat(location.sidecar)
             except (FileNotFoundError, NotADirectoryError):
@@ -386,9 +389,14 @@ class Store:
         old = self._entries.pop(name, None)
         if old is not None:
             _close_quietly(old.sidecar_fd)
-        while len(self._entries) >= _MAX_CACHED_DATASETS:
-            oldest = next(iter(self._entries))
-            _close_quietly(self._entries.pop(oldest).sidecar_fd)
+        # The descriptor budget is per process: the open stores share it, and the one
+        # holding the most entries gives up its least recently used first.
+        while sum(len(store._entries) for store in _live_stores) >= self._entry_budget:
+            largest = max(_live_stores, key=lambda store: len(store._entries), default=self)
+            if not largest._entries:
+                break
+            _oldest, evicted = largest._entries.popitem(last=False)
+            _close_quietly(evicted.sidecar_fd)
         self._entries[name] = entry
 
     def _drop_entry(self, name: str) -> None:

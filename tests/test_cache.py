@@ -195,3 +195,43 @@ def test_killed_computer_does_not_block_others(tmp_path: Path, spawn) -> None:
     waiter.join(PROCESS_TIMEOUT)
     assert waiter.exitcode == 0
     assert not [n for n in os.listdir(path) if n.endswith(".tmp")]
+
+
+LOW_FD_SCRIPT = """
+import resource, sys, tempfile
+import numpy as np
+import mmstore
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+root = sys.argv[1]
+cache = mmstore.Cache(root + "/one")
+f = cache.memoize(lambda i: np.zeros(2) + i)
+for i in range(1500):  # many distinct misses: compute locks and datasets must not pile up descriptors
+    assert f(i)[0] == i
+caches = [mmstore.Cache(root + f"/many{j}") for j in range(4)]
+for c in caches:  # several caches in one process share one descriptor budget
+    for i in range(150):
+        c.set(f"k{i}", np.zeros(1))
+        assert c.get(f"k{i}") is not None
+print("OK")
+"""
+
+
+def test_many_keys_and_caches_under_a_low_descriptor_limit(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", LOW_FD_SCRIPT, str(tmp_path)], capture_output=True, text=True, timeout=PROCESS_TIMEOUT
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "OK" in result.stdout
+
+
+def test_memoize_keys_ignore_main_versus_mp_main(cache: mmstore.Cache) -> None:
+    def f(x: int) -> np.ndarray:
+        return np.zeros(x)
+
+    f.__module__ = "__main__"
+    g_key = cache.memoize(f).key_for(3)
+    f.__module__ = "__mp_main__"
+    assert cache.memoize(f).key_for(3) == g_key
