@@ -119,7 +119,7 @@ def write_file_atomically(path: str, temp_path: str, content: bytes, *, durable:
     visible; making the directory durable (step 5) is the caller's next step,
     so that a failure there is never mistaken for a failed commit. Returns an
     open descriptor of the new file, which the caller may keep to pin its
-    inode (see ``_store._Entry``) and must close.
+    inode (see ``_entries._Entry``) and must close.
     """
     fd = create_new(temp_path)
     try:

@@ -43,7 +43,8 @@ from ._locks import mark_alive
 from ._notify import Waiter
 
 if TYPE_CHECKING:
-    from ._store import Store, _Location
+    from ._entries import _Location
+    from ._store import Store
 
 CONTROL_BYTES = 4096
 MAGIC = b"MMSGROW\x01"
