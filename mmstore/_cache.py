@@ -29,6 +29,7 @@ import struct
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -43,8 +44,12 @@ _CONTROL_NAME = ".mmstore-cache"
 _MAGIC = b"MMSCACH\x01"
 _HEADER_BYTES = 4096
 _SLOTS = 65536  # access-time slots (u64 milliseconds); keys share a slot by hash
+# After the access-time table, a change-counter table with the same slots: every
+# set/delete/eviction bumps its key's slot before and after touching the entry,
+# so a hit whose slot still shows the (even) value seen when the entry was read
+# needs no system call at all. Odd means "a change is in progress": look again.
 _RESERVED, _HITS, _MISSES, _EVICTIONS, _VERSION_SLOT = 1, 2, 3, 4, 7  # u64 fields of the header
-_VERSION = 1
+_VERSION = 2
 _STRIPES = 4096
 _MISSING = object()
 _SCALAR_KINDS = (bool, int, float, str, type(None))
@@ -92,7 +97,11 @@ class Cache:
         self._access = np.frombuffer(self._control, dtype="<u8", count=_SLOTS, offset=_HEADER_BYTES)
         # The hit path writes through a memoryview (cheaper than a NumPy scalar store)
         # and counts hits and misses locally, adding them to the shared counters in batches.
-        self._access_slots = memoryview(self._control)[_HEADER_BYTES:].cast("Q")
+        self._access_slots = memoryview(self._control)[_HEADER_BYTES : _HEADER_BYTES + _SLOTS * 8].cast("Q")
+        self._changes = memoryview(self._control)[_HEADER_BYTES + _SLOTS * 8 :].cast("Q")
+        # name -> (change counter seen before reading it, value, expiry); least recently used first
+        self._hot: OrderedDict[str, tuple[int, Any, float | None]] = OrderedDict()
+        self._hot_limit = max(16, self.store._entry_budget // 2)
         self._hits = 0
         self._misses = 0
         _live_caches.add(self)
@@ -129,9 +138,24 @@ class Cache:
 
     def _lookup(self, key: Any) -> Any:
         name, slot = self._locate(key)
+        seen = self._changes[slot]  # read before the entry: a change after it shows up next time
+        hot = self._hot.get(name)
+        if hot is not None and hot[0] == seen and not seen & 1:
+            expires = hot[2]
+            now = time.time()
+            if expires is not None and now >= expires:
+                self._count_miss()
+                return _MISSING
+            self._hot.move_to_end(name)
+            self._access_slots[slot] = int(now * 1000)
+            self._hits += 1
+            if self._hits >= 1024:
+                self._publish_counts()
+            return _fresh(hot[1])
         try:
             array, entry = self.store._read(name)
         except DatasetNotFoundError:
+            self._hot.pop(name, None)
             self._count_miss()
             return _MISSING
         attrs = entry.attrs
@@ -146,13 +170,23 @@ class Cache:
         else:
             value = self._assemble(kind, attrs, array)
             if value is _MISSING:
+                self._hot.pop(name, None)
                 self._count_miss()
                 return _MISSING
+        if not seen & 1:
+            self._hot[name] = (seen, value, expires)
+            self._hot.move_to_end(name)
+            while len(self._hot) > self._hot_limit:
+                self._hot.popitem(last=False)
         self._access_slots[slot] = int(now * 1000)
         self._hits += 1
         if self._hits >= 1024:
             self._publish_counts()
-        return value
+        return _fresh(value)
+
+    def _changing(self, name: str) -> _Change:
+        """Bracket a change of entry ``name`` with two bumps of its change counter."""
+        return _Change(self._changes, int(name[-32:-24], 16) % _SLOTS)
 
     def _count_miss(self) -> None:
         self._misses += 1
@@ -218,6 +252,8 @@ class Cache:
         attrs.update(extra)
         old = self._entry_attrs(name)
         self._reserve(nbytes)
+        change = self._changing(name)
+        change.begin()
         try:
             if kind in ("tuple", "list", "dict"):
                 base = f"p/{name[2:]}/{_names.new_token()}"
@@ -232,6 +268,8 @@ class Cache:
             if "parts" in attrs:
                 self._delete_parts(attrs["parts"])
             raise
+        finally:
+            change.end()
         self._access_slots[slot] = int(time.time() * 1000)
         if old is not None:
             self._release(int(old.get("nbytes", 0)))
@@ -273,10 +311,14 @@ class Cache:
         """Remove ``key``; True if it was there."""
         name, _slot = self._locate(key)
         attrs = self._entry_attrs(name)
+        change = self._changing(name)
+        change.begin()
         try:
             self.store.delete(name)
         except DatasetNotFoundError:
             return False
+        finally:
+            change.end()
         if attrs is not None:
             self._release(int(attrs.get("nbytes", 0)))
             self._delete_parts(attrs.get("parts", ()))
@@ -287,10 +329,14 @@ class Cache:
         count = 0
         for name in self.store.keys("e"):
             attrs = self._entry_attrs(name)
+            change = self._changing(name)
+            change.begin()
             try:
                 self.store.delete(name)
             except DatasetNotFoundError:
                 continue
+            finally:
+                change.end()
             count += 1
             if attrs is not None:
                 self._release(int(attrs.get("nbytes", 0)))
@@ -367,10 +413,14 @@ class Cache:
         for _used, name, nbytes, parts in self._entries():
             if freed >= needed:
                 break
+            change = self._changing(name)
+            change.begin()
             try:
                 self.store.delete(name)
             except DatasetNotFoundError:
                 continue
+            finally:
+                change.end()
             self._delete_parts(parts)
             freed += nbytes
             self._header[_RESERVED] = max(0, int(self._header[_RESERVED]) - nbytes)
@@ -479,6 +529,33 @@ class Cache:
         return f"<mmstore.Cache {self.path!r} max_bytes={self.max_bytes} ttl={self.ttl}>"
 
 
+class _Change:
+    """Two bumps of a change counter around a change: odd while it is under way."""
+
+    __slots__ = ("counters", "slot")
+
+    def __init__(self, counters: memoryview, slot: int) -> None:
+        self.counters = counters
+        self.slot = slot
+
+    def begin(self) -> None:
+        self.counters[self.slot] = (self.counters[self.slot] + 1) & 0xFFFFFFFFFFFFFFFF
+
+    def end(self) -> None:
+        self.counters[self.slot] = (self.counters[self.slot] + 1) & 0xFFFFFFFFFFFFFFFF
+
+
+def _fresh(value: Any) -> Any:
+    """A value to hand out: new views and containers, so no caller can disturb another's."""
+    if isinstance(value, np.ndarray):
+        return value[...]
+    if isinstance(value, list):
+        return list(value)
+    if isinstance(value, dict):
+        return dict(value)
+    return value
+
+
 def _split(value: Any) -> tuple[str, list[np.ndarray], dict[str, Any]]:
     """(kind, arrays, extra attrs) of a value to cache."""
     if isinstance(value, np.ndarray):
@@ -511,7 +588,7 @@ def _as_part(item: Any) -> np.ndarray:
 def _open_control(root: str) -> mmap.mmap:
     """Map the shared control file, creating it (atomically, zeroed) if needed."""
     path = os.path.join(root, _CONTROL_NAME)
-    size = _HEADER_BYTES + _SLOTS * 8
+    size = _HEADER_BYTES + 2 * _SLOTS * 8
     try:
         fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:

@@ -235,3 +235,46 @@ def test_memoize_keys_ignore_main_versus_mp_main(cache: mmstore.Cache) -> None:
     g_key = cache.memoize(f).key_for(3)
     f.__module__ = "__mp_main__"
     assert cache.memoize(f).key_for(3) == g_key
+
+
+@pytest.mark.slow
+def test_hits_are_never_stale_after_another_process_changes_the_key(tmp_path: Path, spawn) -> None:
+    path, rounds = str(tmp_path / "cache"), 30
+    with mmstore.Cache(path) as cache:
+        cache.set("k", np.full(4, 0))
+        ready, changed, seen, results = spawn.Event(), spawn.Event(), spawn.Event(), spawn.Queue()
+        reader = spawn.Process(target=workers.cache_reader_rounds, args=(path, rounds, ready, changed, seen, results))
+        reader.start()
+        for round_ in range(1, rounds + 1):
+            assert ready.wait(PROCESS_TIMEOUT)
+            ready.clear()
+            if round_ % 5 == 0:
+                cache.delete("k")
+            else:
+                cache.set("k", np.full(4, round_))  # same size, so the sidecar looks alike
+            changed.set()
+            assert seen.wait(PROCESS_TIMEOUT)
+            seen.clear()
+        assert results.get(timeout=PROCESS_TIMEOUT) == 0
+        reader.join(PROCESS_TIMEOUT)
+        assert reader.exitcode == 0
+
+
+def test_two_handles_see_each_others_changes(tmp_path: Path) -> None:
+    with mmstore.Cache(tmp_path / "c") as first, mmstore.Cache(tmp_path / "c") as second:
+        first.set("k", np.full(4, 1))
+        for _ in range(3):
+            assert second.get("k")[0] == 1  # hot in the second handle now
+        first.set("k", np.full(4, 2))
+        assert second.get("k")[0] == 2
+        first.delete("k")
+        assert second.get("k") is None
+        first.set("k", (np.full(2, 3), 4))
+        value = second.get("k")
+        assert value[0][0] == 3 and value[1] == 4
+        mutable = second.get("k")
+        assert isinstance(mutable, tuple)
+        first.set("l", [np.zeros(1)])
+        got = second.get("l")
+        got.append("mine")  # a caller's container is its own
+        assert len(second.get("l")) == 1

@@ -230,3 +230,23 @@ def lock_stress(path: str, rounds: int, barrier: Any, results: Any) -> None:
                 os.unlink(marker)
     store.close()
     results.put(overlaps)
+
+
+def cache_reader_rounds(path: str, rounds: int, ready: Any, changed: Any, seen: Any, results: Any) -> None:
+    """Keep hitting one key; after each change is announced, the next get must show it."""
+    cache = mmstore.Cache(path)
+    stale = 0
+    for round_ in range(rounds):
+        for _ in range(200):  # warm the hit path (no system call once hot)
+            cache.get("k")
+        ready.set()
+        assert changed.wait(120)
+        changed.clear()
+        value = cache.get("k")
+        expected = round_ + 1
+        if expected % 5 == 0:
+            stale += value is not None  # that round deleted the key
+        elif value is None or int(value[0]) != expected:
+            stale += 1
+        seen.set()
+    results.put(stale)
