@@ -184,6 +184,19 @@ class Cache:
             self._publish_counts()
         return _fresh(value)
 
+    def _delete_entry(self, name: str) -> bool:
+        """Delete entry ``name`` (its marker or array), bracketed by its change counter;
+        True if it was there. Parts and byte accounting are the caller's."""
+        change = self._changing(name)
+        change.begin()
+        try:
+            self.store.delete(name)
+        except DatasetNotFoundError:
+            return False
+        finally:
+            change.end()
+        return True
+
     def _changing(self, name: str) -> _Change:
         """Bracket a change of entry ``name`` with two bumps of its change counter."""
         return _Change(self._changes, int(name[-32:-24], 16) % _SLOTS)
@@ -311,14 +324,8 @@ class Cache:
         """Remove ``key``; True if it was there."""
         name, _slot = self._locate(key)
         attrs = self._entry_attrs(name)
-        change = self._changing(name)
-        change.begin()
-        try:
-            self.store.delete(name)
-        except DatasetNotFoundError:
+        if not self._delete_entry(name):
             return False
-        finally:
-            change.end()
         if attrs is not None:
             self._release(int(attrs.get("nbytes", 0)))
             self._delete_parts(attrs.get("parts", ()))
@@ -329,14 +336,8 @@ class Cache:
         count = 0
         for name in self.store.keys("e"):
             attrs = self._entry_attrs(name)
-            change = self._changing(name)
-            change.begin()
-            try:
-                self.store.delete(name)
-            except DatasetNotFoundError:
+            if not self._delete_entry(name):
                 continue
-            finally:
-                change.end()
             count += 1
             if attrs is not None:
                 self._release(int(attrs.get("nbytes", 0)))
@@ -413,14 +414,8 @@ class Cache:
         for _used, name, nbytes, parts in self._entries():
             if freed >= needed:
                 break
-            change = self._changing(name)
-            change.begin()
-            try:
-                self.store.delete(name)
-            except DatasetNotFoundError:
+            if not self._delete_entry(name):
                 continue
-            finally:
-                change.end()
             self._delete_parts(parts)
             freed += nbytes
             self._header[_RESERVED] = max(0, int(self._header[_RESERVED]) - nbytes)

@@ -269,14 +269,7 @@ def parse_header(name: str, raw: bytes) -> Header:
         raise bad("not a JSON object")
     if record.get("format") != DATASET_FORMAT:
         raise bad(f"format is {record.get('format')!r}, expected {DATASET_FORMAT!r}")
-    version: Any = record.get("version")
-    if not _is_count(version) or version < 1:
-        raise bad(f"bad version {version!r}")
-    if version > FORMAT_VERSION:
-        raise FormatError(
-            f"dataset {name!r}: format version {version} is newer than this mmstore "
-            f"supports ({FORMAT_VERSION}); upgrade mmstore"
-        )
+    _check_version(record.get("version"), f"dataset {name!r}")
     missing = _HEADER_KEYS - record.keys()
     if missing:
         raise bad(f"missing field(s) {', '.join(sorted(missing))}")
@@ -382,12 +375,15 @@ def parse_manifest(root: str, raw: bytes) -> int:
         raise FormatError(f"store {root!r}: {MANIFEST_NAME} is not valid JSON ({exc})") from None
     if not isinstance(record, dict) or record.get("format") != MANIFEST_FORMAT:
         raise FormatError(f"store {root!r}: {MANIFEST_NAME} is not an mmstore manifest")
-    version: Any = record.get("version")
+    return _check_version(record.get("version"), f"store {root!r}")
+
+
+def _check_version(version: Any, what: str) -> int:
+    """The format version of a sidecar or manifest; FormatError if bad or newer than ours."""
     if not _is_count(version) or version < 1:
-        raise FormatError(f"store {root!r}: bad format version {version!r}")
+        raise FormatError(f"{what}: bad format version {version!r}")
     if version > FORMAT_VERSION:
         raise FormatError(
-            f"store {root!r}: format version {version} is newer than this mmstore "
-            f"supports ({FORMAT_VERSION}); upgrade mmstore"
+            f"{what}: format version {version} is newer than this mmstore supports ({FORMAT_VERSION}); upgrade mmstore"
         )
     return int(version)
