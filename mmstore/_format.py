@@ -227,10 +227,6 @@ def _collect_byteorders(dtype: np.dtype[Any], orders: set[str]) -> None:
         orders.add(order)
 
 
-def check_storable(dtype: np.dtype[Any]) -> None:
-    encode_dtype(dtype)
-
-
 # --- checksums ----------------------------------------------------------------
 
 

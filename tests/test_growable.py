@@ -292,3 +292,10 @@ def test_writer_is_not_inherited_across_fork(store: mmstore.Store) -> None:
     writer.append(np.arange(3, 5))
     writer.close()
     assert store.get("t").tolist() == [0, 1, 2, 3, 4]
+
+
+def test_followers_wait_on_inotify_here(store: mmstore.Store) -> None:
+    with store.create("t", np.int64, (0,), growable=True):
+        reader = store.open_reader("t")
+        assert reader.wait(1, timeout=0.01) is False
+        assert reader._waiter is not None and reader._waiter.uses_inotify  # Linux: no polling fallback
