@@ -42,10 +42,11 @@ def _descriptor_budget() -> int:
 class _Location:
     """Where one (validated) dataset name lives on disk, and its writer lock."""
 
-    __slots__ = ("_lock", "directory", "leaf", "name", "sidecar")
+    __slots__ = ("_lock", "directory", "inside", "leaf", "name", "sidecar")
 
     def __init__(self, root: str, name: str) -> None:
         self.name = name
+        self.inside = False  # checked that no group directory on the way is a symlink
         self.directory, self.leaf = _names.split_leaf(root, name)
         self.sidecar = self.directory + "/" + self.leaf + ".json"
         self._lock: DatasetLock | None = None  # made on first use: readers never lock

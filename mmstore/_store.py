@@ -219,6 +219,25 @@ class Store:
             if lock is None or lock.close_if_idle():
                 del self._locations[name]
 
+    def _locate_for_writing(self, name: str) -> _Location:
+        """_locate, and (once per name) refuse group directories that are symlinks or not
+        directories: writing through one would create files outside the store."""
+        location = self._locate(name)
+        if not location.inside:
+            current = self.path
+            for part in name.split("/")[:-1]:
+                current += "/" + part
+                try:
+                    mode = os.lstat(current).st_mode
+                except FileNotFoundError:
+                    break  # the rest is created by us, as real directories
+                if not stat.S_ISDIR(mode):
+                    raise InvalidNameError(
+                        f"dataset {name!r}: {current!r} is a symlink or not a directory; refusing to write through it"
+                    )
+            location.inside = True
+        return location
+
     def _lock(self, name: str) -> DatasetLock:
         return self._locate(name).lock
 
@@ -427,7 +446,7 @@ class Store:
         h5py, zarr and dask arrays are read in bounded row blocks.
         """
         self._check_writable()
-        location = self._locate(name)
+        location = self._locate_for_writing(name)
         source = _mapping.as_source(array)
         encode_dtype(source.dtype)
         attrs_record = encode_attrs(attrs) if attrs else {}
@@ -460,7 +479,7 @@ class Store:
         is written. Returns the number of rows.
         """
         self._check_writable()
-        location = self._locate(name)
+        location = self._locate_for_writing(name)
         target = np.dtype(dtype) if dtype is not None else None
         if target is not None:
             encode_dtype(target)
@@ -644,14 +663,14 @@ class Store:
         self._check_writable()
         from ._growable import create_dataset
 
-        return create_dataset(self, self._locate(name), dtype, shape, growable, attrs, capacity, exist_ok)
+        return create_dataset(self, self._locate_for_writing(name), dtype, shape, growable, attrs, capacity, exist_ok)
 
     def open_writer(self, name: str) -> Writer:
         """Reopen an existing dataset for appends and in-place edits (waits for its lock)."""
         self._check_writable()
         from ._growable import open_dataset_writer
 
-        return open_dataset_writer(self, self._locate(name))
+        return open_dataset_writer(self, self._locate_for_writing(name))
 
     def open_reader(self, name: str) -> Reader:
         """A reader that follows the dataset: ``array``, ``refresh()``, ``wait()``, ``follow()``."""
@@ -664,7 +683,7 @@ class Store:
     def delete(self, name: str) -> None:
         """Remove dataset ``name``; arrays already returned by ``get`` stay valid."""
         self._check_writable()
-        location = self._locate(name)
+        location = self._locate_for_writing(name)
         lock = location.lock
         lock.acquire(self.timeout)
         try:

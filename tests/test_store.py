@@ -471,3 +471,20 @@ def test_fsync_error_in_a_writer_flush(store: mmstore.Store, monkeypatch: pytest
     assert store.get("log").tolist() == [0, 1, 2]
     with store.open_writer("log") as again:  # the lock is free for a new writer
         assert len(again) == 3
+
+
+def test_writes_never_follow_a_symlinked_group_out_of_the_store(
+    store: mmstore.Store, store_path: Path, tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (store_path / "g").symlink_to(outside)
+    (store_path / "f").write_text("not a directory")
+    for name in ("g/x", "g/sub/x", "f/x"):
+        with pytest.raises(mmstore.InvalidNameError, match="symlink or not a directory"):
+            store.put(name, np.arange(3))
+    with pytest.raises(mmstore.InvalidNameError):
+        store.create("g/log", np.int64, (0,), growable=True)
+    assert list(outside.iterdir()) == []
+    store.put("real/x", np.arange(3))  # ordinary groups are fine
+    assert (store_path / "real" / "x.json").is_file()
