@@ -82,17 +82,18 @@ class Cache:
         *,
         lock_timeout: float = 600.0,
         timeout: float = 10.0,
+        permissions: int | None = None,
     ) -> None:
         if max_bytes is not None and max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, not {max_bytes!r}")
         if ttl is not None and ttl <= 0:
             raise ValueError(f"ttl must be positive, not {ttl!r}")
-        self.store = Store(path, "a", timeout=timeout)
+        self.store = Store(path, "a", timeout=timeout, permissions=permissions)
         self.path = self.store.path
         self.max_bytes = max_bytes
         self.ttl = ttl
         self.lock_timeout = lock_timeout
-        self._control = _open_control(self.path)
+        self._control = _open_control(self.path, self.store.permissions)
         self._header = np.frombuffer(self._control, dtype="<u8", count=8)
         self._access = np.frombuffer(self._control, dtype="<u8", count=_SLOTS, offset=_HEADER_BYTES)
         # The hit path writes through a memoryview (cheaper than a NumPy scalar store)
@@ -105,7 +106,9 @@ class Cache:
         self._hits = 0
         self._misses = 0
         _live_caches.add(self)
-        self._lock = DatasetLock(os.path.join(self.path, _CONTROL_NAME + "-lock"), f"cache {self.path!r}")
+        self._lock = DatasetLock(
+            os.path.join(self.path, _CONTROL_NAME + "-lock"), f"cache {self.path!r}", self.store.permissions
+        )
         self._compute_locks: dict[int, DatasetLock] = {}
         self._held = threading.local()
         self._names: dict[Any, tuple[str, int]] = {}
@@ -462,7 +465,9 @@ class Cache:
         lock = self._compute_locks.get(stripe)
         if lock is None:
             path = os.path.join(self.path, ".compute", f"{stripe:03x}.lock")
-            lock = self._compute_locks[stripe] = DatasetLock(path, f"computation of a cache key in {self.path!r}")
+            lock = self._compute_locks[stripe] = DatasetLock(
+                path, f"computation of a cache key in {self.path!r}", self.store.permissions
+            )
         return lock
 
     # --- memoize --------------------------------------------------------------------
@@ -580,7 +585,7 @@ def _as_part(item: Any) -> np.ndarray:
     raise TypeError(f"cannot cache a {type(item).__qualname__} inside a result: use arrays or numbers")
 
 
-def _open_control(root: str) -> mmap.mmap:
+def _open_control(root: str, permissions: int | None) -> mmap.mmap:
     """Map the shared control file, creating it (atomically, zeroed) if needed."""
     path = os.path.join(root, _CONTROL_NAME)
     size = _HEADER_BYTES + 2 * _SLOTS * 8
@@ -589,7 +594,7 @@ def _open_control(root: str) -> mmap.mmap:
     except FileNotFoundError:
         # Not a store temp-file name: recovery must not take this for a dataset's sidecar.
         temp = os.path.join(root, f"{_CONTROL_NAME}-new-{_names.new_token()}")
-        new = _durable.create_new(temp)
+        new = _durable.create_new(temp, permissions)
         try:
             os.posix_fallocate(new, 0, size)
             os.pwrite(new, _MAGIC, 0)

@@ -60,16 +60,48 @@ def io_error(exc: OSError, what: str) -> OSError:
     return StoreIOError(exc.errno, f"{what}: {exc.strerror or exc}")
 
 
-def create_new(path: str, mode: int = 0o666) -> int:
+def create_new(path: str, permissions: int | None = None) -> int:
     """Create ``path`` exclusively (never through a symlink) and return a write fd.
 
-    Missing parent directories are created. ``mode`` is filtered by the umask.
+    Missing parent directories are created. Without ``permissions`` the umask
+    decides (0o666 & ~umask); with them, they are set exactly (a store shared by
+    a group wants 0o660 whatever each user's umask is).
     """
     try:
-        return os.open(path, NEW_FILE_FLAGS, mode)
+        fd = os.open(path, NEW_FILE_FLAGS, 0o666)
     except FileNotFoundError:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        return os.open(path, NEW_FILE_FLAGS, mode)
+        make_directories(os.path.dirname(path), permissions)
+        fd = os.open(path, NEW_FILE_FLAGS, 0o666)
+    if permissions is not None:
+        try:
+            os.fchmod(fd, permissions)
+        except BaseException:
+            os.close(fd)
+            raise
+    return fd
+
+
+def directory_permissions(permissions: int) -> int:
+    """Directory bits for file ``permissions``: search (x) wherever read (r) is allowed."""
+    return permissions | ((permissions & 0o444) >> 2)
+
+
+def make_directories(path: str, permissions: int | None = None) -> None:
+    """os.makedirs, giving directories it creates the store's permissions if set."""
+    if permissions is None:
+        os.makedirs(path, exist_ok=True)
+        return
+    missing = []
+    current = path
+    while current and not os.path.isdir(current):
+        missing.append(current)
+        current = os.path.dirname(current)
+    os.makedirs(path, exist_ok=True)
+    for directory in reversed(missing):
+        try:
+            os.chmod(directory, directory_permissions(permissions))
+        except FileNotFoundError:
+            pass
 
 
 def write_all(fd: int, data: Any, offset: int | None = None) -> None:
@@ -112,7 +144,9 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def write_file_atomically(path: str, temp_path: str, content: bytes, *, durable: bool) -> int:
+def write_file_atomically(
+    path: str, temp_path: str, content: bytes, *, durable: bool, permissions: int | None = None
+) -> int:
     """Write ``content`` to ``temp_path`` and swap it into ``path`` (steps 2-4 above).
 
     If this raises, nothing was committed. Once it returns, the commit is
@@ -121,7 +155,7 @@ def write_file_atomically(path: str, temp_path: str, content: bytes, *, durable:
     open descriptor of the new file, which the caller may keep to pin its
     inode (see ``_entries._Entry``) and must close.
     """
-    fd = create_new(temp_path)
+    fd = create_new(temp_path, permissions)
     try:
         write_all(fd, content)
         if durable:

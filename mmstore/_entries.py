@@ -42,10 +42,11 @@ def _descriptor_budget() -> int:
 class _Location:
     """Where one (validated) dataset name lives on disk, and its writer lock."""
 
-    __slots__ = ("_lock", "directory", "inside", "leaf", "name", "sidecar")
+    __slots__ = ("_lock", "directory", "inside", "leaf", "name", "permissions", "sidecar")
 
-    def __init__(self, root: str, name: str) -> None:
+    def __init__(self, root: str, name: str, permissions: int | None = None) -> None:
         self.name = name
+        self.permissions = permissions
         self.inside = False  # checked that no group directory on the way is a symlink
         self.directory, self.leaf = _names.split_leaf(root, name)
         self.sidecar = self.directory + "/" + self.leaf + ".json"
@@ -54,7 +55,9 @@ class _Location:
     @property
     def lock(self) -> DatasetLock:
         if self._lock is None:
-            self._lock = DatasetLock(self.directory + "/" + _names.lock_file_name(self.leaf), f"dataset {self.name!r}")
+            self._lock = DatasetLock(
+                self.directory + "/" + _names.lock_file_name(self.leaf), f"dataset {self.name!r}", self.permissions
+            )
         return self._lock
 
     def data_path(self, data_file: str) -> str:

@@ -539,7 +539,7 @@ def create_dataset(
         data_file = _names.data_file_name(location.leaf, _names.new_token())
         data_path = location.data_path(data_file)
         try:
-            fd = _durable.create_new(data_path)
+            fd = _durable.create_new(data_path, store.permissions)
         except OSError as exc:
             raise _durable.io_error(exc, f"dataset {name!r}: creating its data file") from None
         try:

@@ -26,6 +26,7 @@ import time
 
 import filelock
 
+from ._durable import make_directories
 from ._errors import LockTimeout
 
 _OPEN_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -35,22 +36,33 @@ _FIRST_SLEEP = 20e-6
 _MAX_SLEEP = 2e-3
 
 
-def open_lock_file(path: str) -> int:
+def open_lock_file(path: str, permissions: int | None = None) -> int:
+    """Open (creating if needed) a lock file; a file we create gets the store's permissions."""
     try:
+        return os.open(path, _OPEN_FLAGS & ~os.O_CREAT)  # the usual case: it exists
+    except FileNotFoundError:
+        pass
+    try:
+        fd = os.open(path, _OPEN_FLAGS | os.O_EXCL, 0o666)
+    except FileExistsError:  # another process made it just now
         return os.open(path, _OPEN_FLAGS, 0o666)
     except FileNotFoundError:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        return os.open(path, _OPEN_FLAGS, 0o666)
+        make_directories(os.path.dirname(path), permissions)
+        return open_lock_file(path, permissions)
+    if permissions is not None:
+        os.fchmod(fd, permissions)
+    return fd
 
 
 class DatasetLock:
     """An exclusive, timed lock on one dataset, held through one open descriptor."""
 
-    __slots__ = ("_fd", "_thread_lock", "label", "path")
+    __slots__ = ("_fd", "_thread_lock", "label", "path", "permissions")
 
-    def __init__(self, path: str, label: str) -> None:
+    def __init__(self, path: str, label: str, permissions: int | None = None) -> None:
         self.path = path
         self.label = label
+        self.permissions = permissions
         self._fd = -1
         self._thread_lock = threading.Lock()
 
@@ -60,7 +72,7 @@ class DatasetLock:
             raise self._timeout_error(timeout)
         try:
             if self._fd < 0:
-                self._fd = open_lock_file(self.path)
+                self._fd = open_lock_file(self.path, self.permissions)
             sleep = _FIRST_SLEEP
             while not filelock.lock_descriptor(self._fd, blocking=False):
                 if deadline is not None:
@@ -80,7 +92,7 @@ class DatasetLock:
             return False
         try:
             if self._fd < 0:
-                self._fd = open_lock_file(self.path)
+                self._fd = open_lock_file(self.path, self.permissions)
             if filelock.lock_descriptor(self._fd, blocking=False):
                 return True
         except BaseException:

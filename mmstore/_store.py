@@ -91,12 +91,24 @@ class Store:
     anywhere), ``"r+"`` read/write on an existing store, ``"a"`` read/write,
     creating the store if needed (the default), ``"w-"`` (or ``"x"``) create,
     failing if it exists. ``timeout`` bounds every writer-lock wait (seconds;
-    negative waits forever).
+    negative waits forever). Files are created with 0o666 less the umask, or
+    with exactly ``permissions`` (e.g. 0o660 for a store shared by a group;
+    directories get the matching search bits).
     """
 
-    def __init__(self, path: str | os.PathLike[str], mode: str = "a", *, timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        mode: str = "a",
+        *,
+        timeout: float = 10.0,
+        permissions: int | None = None,
+    ) -> None:
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {', '.join(map(repr, _MODES))}, not {mode!r}")
+        if permissions is not None and not (isinstance(permissions, int) and 0 <= permissions <= 0o777):
+            raise ValueError(f"permissions must be file mode bits like 0o660, not {permissions!r}")
+        self.permissions = permissions
         self.path = os.path.abspath(os.fspath(path))
         self.mode = "w-" if mode == "x" else mode
         self.timeout = float(timeout)
@@ -132,7 +144,7 @@ class Store:
                 raise ReadOnlyError(f"store {self.path!r} is not writable; open it with mode='r'")
             return
         try:
-            os.makedirs(self.path, exist_ok=True)
+            _durable.make_directories(self.path, self.permissions)
         except FileExistsError:
             raise StoreNotFoundError(f"{self.path!r} exists and is not a directory") from None
         if self.mode == "a" and os.path.exists(manifest):
@@ -151,7 +163,7 @@ class Store:
 
     def _create_manifest(self, manifest: str) -> None:
         temp = os.path.join(self.path, _names.temp_file_name("mmstore", _names.new_token()))
-        fd = _durable.create_new(temp)
+        fd = _durable.create_new(temp, self.permissions)
         try:
             _durable.write_all(fd, manifest_bytes(time.time()))
             os.fsync(fd)
@@ -208,7 +220,7 @@ class Store:
                 if location is None:
                     if len(self._locations) >= _MAX_LOCATIONS:
                         self._forget_idle_locations()
-                    location = _Location(self.path, name)
+                    location = _Location(self.path, name, self.permissions)
                     self._locations[name] = location
         return location
 
@@ -514,7 +526,7 @@ class Store:
         data_file = _names.data_file_name(location.leaf, _names.new_token())
         data_path = location.data_path(data_file)
         try:
-            fd = _durable.create_new(data_path)
+            fd = _durable.create_new(data_path, self.permissions)
         except OSError as exc:
             raise _durable.io_error(exc, f"dataset {name!r}: creating its data file") from None
         old_header: Header | None = None
@@ -596,7 +608,7 @@ class Store:
         """Commit ``header`` as the dataset's sidecar (the caller holds the dataset lock)."""
         try:
             sidecar_fd = _durable.write_file_atomically(
-                location.sidecar, location.temp_path(), header.to_json(), durable=durable
+                location.sidecar, location.temp_path(), header.to_json(), durable=durable, permissions=self.permissions
             )
         except FsyncError as exc:
             self._fsync_failure = exc

@@ -488,3 +488,34 @@ def test_writes_never_follow_a_symlinked_group_out_of_the_store(
     assert list(outside.iterdir()) == []
     store.put("real/x", np.arange(3))  # ordinary groups are fine
     assert (store_path / "real" / "x.json").is_file()
+
+
+def test_files_respect_the_umask_or_exact_permissions(tmp_path: Path) -> None:
+    def modes(root: Path) -> set[tuple[str, int]]:
+        found = set()
+        for directory, dirs, files in os.walk(root):
+            for name in dirs:
+                found.add(("dir", os.stat(os.path.join(directory, name)).st_mode & 0o777))
+            for name in files:
+                found.add(("file", os.stat(os.path.join(directory, name)).st_mode & 0o777))
+        return found
+
+    old_umask = os.umask(0o027)
+    try:
+        with mmstore.Store(tmp_path / "default") as store:
+            store.put("g/x", np.arange(3))
+            store.create("g/log", np.int64, (0,), growable=True).close()
+        assert modes(tmp_path / "default") == {("dir", 0o750), ("file", 0o640)}
+        os.umask(0o077)  # a private umask: a shared store still gets group access
+        with mmstore.Store(tmp_path / "shared", permissions=0o660) as store:
+            store.put("g/sub/x", np.arange(3))
+            store.create("g/log", np.int64, (0,), growable=True).close()
+        with mmstore.Cache(tmp_path / "cache", permissions=0o660) as cache:
+            cache.set("k", np.arange(2))
+        assert modes(tmp_path / "shared") == {("dir", 0o770), ("file", 0o660)}
+        assert (tmp_path / "shared").stat().st_mode & 0o777 == 0o770
+        assert {mode for kind, mode in modes(tmp_path / "cache") if kind == "file"} == {0o660}
+    finally:
+        os.umask(old_umask)
+    with pytest.raises(ValueError, match="permissions"):
+        mmstore.Store(tmp_path / "bad", permissions=0o1777)
