@@ -66,3 +66,14 @@ def test_any_dtype_and_shape(dtype: object, shape: list[int]) -> None:
 def test_deeply_nested_json_is_refused_cleanly() -> None:
     parse_or_format_error(b"[" * 100_000 + b"]" * 100_000)
     parse_or_format_error(json.dumps({**GOOD, "dtype": [["a", [["b", [["c", "<f8"]]]]]]}).encode())
+
+
+def test_fuzz_script_bounded() -> None:
+    from tests.test_crash import load_script
+
+    fuzz = load_script("fuzz_sidecar")
+    import random
+
+    rng = random.Random(11)
+    problems = [fuzz.check(fuzz.generate(rng, index)) for index in range(3000)]
+    assert [p for p in problems if p is not None] == []
