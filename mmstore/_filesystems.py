@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from typing import NamedTuple
 
 _NETWORK_PREFIXES = ("nfs", "cifs", "smb", "fuse", "9p", "ceph", "lustre", "gpfs", "afs", "glusterfs", "sshfs", "davfs")
 
@@ -20,25 +21,37 @@ class UnsafeFileSystemWarning(UserWarning):
     """The store is on a network or user-space file system where locks and maps are not coherent."""
 
 
-def filesystem_type(path: str) -> str | None:
-    """The type of the file system holding ``path`` (from /proc/self/mountinfo), or None."""
+class Mount(NamedTuple):
+    point: str  # where it is mounted
+    type: str  # ext4, tmpfs, nfs4 ...
+    source: str  # /dev/vda, a server:/export ...
+
+
+def mount_of(path: str) -> Mount | None:
+    """The mount holding ``path`` (the longest mount point above it, from /proc/self/mountinfo)."""
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as mounts:
             lines = mounts.read().splitlines()
     except OSError:
         return None
     target = os.path.realpath(path)
-    best, best_type = "", None
+    best: Mount | None = None
     for line in lines:
         fields = line.split()
         if " - " not in line or len(fields) < 5:
             continue
-        mount_point = fields[4].replace("\\040", " ")
-        fs_type = line.split(" - ", 1)[1].split()[0]
-        inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
-        if inside and len(mount_point) >= len(best):
-            best, best_type = mount_point, fs_type
-    return best_type
+        point = fields[4].replace("\\040", " ")
+        fs_type, source = [*line.split(" - ", 1)[1].split(), "?", "?"][:2]
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and (best is None or len(point) >= len(best.point)):
+            best = Mount(point, fs_type, source)
+    return best
+
+
+def filesystem_type(path: str) -> str | None:
+    """The type of the file system holding ``path``, or None if it cannot be told."""
+    mount = mount_of(path)
+    return None if mount is None else mount.type
 
 
 def warn_if_unsafe(path: str) -> None:

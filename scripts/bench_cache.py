@@ -54,6 +54,7 @@ import numpy as np
 
 import mmstore
 import mmstore._store as mmstore_store
+from mmstore._filesystems import mount_of
 
 MiB = 2**20
 SEED = 20240611
@@ -843,18 +844,8 @@ def header_lines(root: str) -> list[str]:
 
 
 def _fs_type(path: str) -> str:
-    path = os.path.realpath(path)
-    best, kind = "", "?"
-    try:
-        with open("/proc/mounts") as mounts:
-            for line in mounts:
-                parts = line.split()
-                inside = len(parts) >= 3 and (path == parts[1] or path.startswith(parts[1].rstrip("/") + "/"))
-                if inside and len(parts[1]) >= len(best):
-                    best, kind = parts[1], parts[2]
-    except OSError:
-        pass
-    return f"{kind} on {best or '?'}"
+    mount = mount_of(path)
+    return "? on ?" if mount is None else f"{mount.type} on {mount.point}"
 
 
 def _peak_rss_mib() -> float:

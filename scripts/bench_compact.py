@@ -54,6 +54,7 @@ import h5py
 import numpy as np
 
 import mmstore
+from mmstore._filesystems import mount_of
 
 MIB = 2**20
 GIB = 2**30
@@ -433,16 +434,8 @@ def _git_revision() -> str:
 
 
 def _fs_type(path: Path) -> str:
-    best, kind = "", "?"
-    try:
-        with open("/proc/mounts") as mounts:
-            for line in mounts:
-                parts = line.split()
-                if len(parts) > 2 and str(path).startswith(parts[1]) and len(parts[1]) > len(best):
-                    best, kind = parts[1], f"{parts[2]} ({parts[0]} at {parts[1]})"
-    except OSError:
-        pass
-    return kind
+    mount = mount_of(str(path))
+    return "?" if mount is None else f"{mount.type} ({mount.source} at {mount.point})"
 
 
 def summarize(methods: list[Method], samples: list[Sample]) -> dict[str, dict[str, Any]]:

@@ -50,6 +50,7 @@ import h5py
 import numpy as np
 
 import mmstore
+from mmstore._filesystems import mount_of
 
 ROW_DTYPE = np.dtype([("seq", "<u8"), ("t", "<f8"), ("payload", "<f8", (6,))])
 ROW_BYTES = ROW_DTYPE.itemsize
@@ -724,18 +725,8 @@ def _progress(text: str) -> None:
 
 
 def _fs_type(path: str) -> str:
-    path = os.path.realpath(path)
-    best, kind = "", "?"
-    try:
-        with open("/proc/mounts") as mounts:
-            for line in mounts:
-                parts = line.split()
-                inside = len(parts) >= 3 and (path == parts[1] or path.startswith(parts[1].rstrip("/") + "/"))
-                if inside and len(parts[1]) >= len(best):
-                    best, kind = parts[1], parts[2]
-    except OSError:
-        pass
-    return f"{kind} (mounted on {best or '?'})"
+    mount = mount_of(path)
+    return "? (mounted on ?)" if mount is None else f"{mount.type} (mounted on {mount.point})"
 
 
 def _rate(value: float) -> str:
