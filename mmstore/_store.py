@@ -291,20 +291,18 @@ class Store:
         """get(), also returning the header the array belongs to."""
         location = self._locate(name)
         entry = self._current_entry(location)
-        mapped = entry.mapped
-        if mapped is None:
-            entry, mapped = self._map_entry(location, entry)
-        header = entry.header
-        if not header.growable:
-            return mapped.rows[...], header
-        length = int(mapped.control[1])  # type: ignore[index]
-        if length > mapped.capacity:  # the writer grew the file since we mapped it: map it again
-            entry.mapped = None
-            entry, mapped = self._map_entry(location, entry)
+        for _attempt in range(2):
+            if entry.mapped is None:
+                entry, mapped = self._map_entry(location, entry)
+            else:
+                mapped = entry.mapped
             header = entry.header
             if not header.growable:
                 return mapped.rows[...], header
             length = int(mapped.control[1])  # type: ignore[index]
+            if length <= mapped.capacity:
+                break
+            entry.mapped = None  # the writer grew the file since we mapped it: map it again, once
         return mapped.rows[: validate_length(header, mapped, length)], header
 
     def _map_entry(self, location: _Location, entry: _Entry) -> tuple[_Entry, _Mapped]:
