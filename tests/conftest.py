@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -37,3 +38,29 @@ def store_files(root: Path) -> list[str]:
         for name in files:
             found.append(os.path.relpath(os.path.join(directory, name), root))
     return sorted(found)
+
+
+def run_in_fork(child: Callable[[], int]) -> int:
+    """Run ``child`` in a forked process and return the code it returned (any exception: 1).
+
+    The code also comes back through a pipe, so a child that dies before reporting is told
+    apart from one that ran and failed (255).
+    """
+    read_fd, write_fd = os.pipe()
+    with warnings.catch_warnings():  # Python 3.12+ warns about fork() in a threaded process
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            os.close(read_fd)
+            code = child()
+        finally:
+            os.write(write_fd, bytes([code]))
+            os._exit(code)
+    os.close(write_fd)
+    reported = os.read(read_fd, 1)
+    os.close(read_fd)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == (reported[0] if reported else 255)
+    return reported[0] if reported else 255

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 
 import mmstore
 from tests import workers
-from tests.conftest import PROCESS_TIMEOUT, store_files
+from tests.conftest import PROCESS_TIMEOUT, run_in_fork, store_files
 from tests.workers import TICK, ticks
 
 
@@ -265,29 +264,19 @@ def test_writer_is_not_inherited_across_fork(store: mmstore.Store) -> None:
     writer = store.create("t", np.int64, (0,), growable=True)
     writer.append(np.arange(3))
     writer.flush()
-    read_fd, write_fd = os.pipe()
-    with warnings.catch_warnings():  # Python 3.12+ warns about fork() in a threaded process
-        warnings.simplefilter("ignore", DeprecationWarning)
-        pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child
-        code = 1
+
+    def child() -> int:
         try:
-            os.close(read_fd)
-            try:
-                writer.append(np.arange(2))
-            except mmstore.ClosedError as exc:
-                code = 0 if "fork" in str(exc) else 3
-            # A reader works in the child and sees the parent's committed rows.
-            if code == 0 and store.open_reader("t").array.tolist() != [0, 1, 2]:
-                code = 4
-        finally:
-            os.write(write_fd, bytes([code]))
-            os._exit(code)
-    os.close(write_fd)
-    status = os.read(read_fd, 1)
-    os.close(read_fd)
-    os.waitpid(pid, 0)
-    assert status == b"\0"
+            writer.append(np.arange(2))
+        except mmstore.ClosedError as exc:
+            if "fork" not in str(exc):
+                return 3
+        else:
+            return 1
+        # A reader works in the child and sees the parent's committed rows.
+        return 0 if store.open_reader("t").array.tolist() == [0, 1, 2] else 4
+
+    assert run_in_fork(child) == 0
     # The parent's writer still holds the lock and works.
     writer.append(np.arange(3, 5))
     writer.close()

@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ import pytest
 import mmstore
 from mmstore import _store
 from tests import workers
-from tests.conftest import PROCESS_TIMEOUT, store_files
+from tests.conftest import PROCESS_TIMEOUT, run_in_fork, store_files
 
 
 def test_put_get_round_trip_with_attrs(store: mmstore.Store) -> None:
@@ -328,25 +327,12 @@ def test_store_used_after_fork(store: mmstore.Store, store_path: Path) -> None:
         pytest.skip("no fork")
     store.put("x", np.arange(3))
     store.get("x")
-    read_fd, write_fd = os.pipe()
-    with warnings.catch_warnings():  # Python 3.12+ warns about fork() in a threaded process
-        warnings.simplefilter("ignore", DeprecationWarning)
-        pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child
-        code = 1
-        try:
-            os.close(read_fd)
-            store.put("x", np.arange(4))
-            ok = store.get("x").tolist() == [0, 1, 2, 3]
-            code = 0 if ok else 2
-        finally:
-            os.write(write_fd, bytes([code]))
-            os._exit(code)
-    os.close(write_fd)
-    status = os.read(read_fd, 1)
-    os.close(read_fd)
-    _, exit_status = os.waitpid(pid, 0)
-    assert status == b"\0" and os.waitstatus_to_exitcode(exit_status) == 0
+
+    def child() -> int:
+        store.put("x", np.arange(4))
+        return 0 if store.get("x").tolist() == [0, 1, 2, 3] else 2
+
+    assert run_in_fork(child) == 0
     assert store.get("x").tolist() == [0, 1, 2, 3]
     store.put("x", np.arange(5))  # the parent's lock still works
     assert store.get("x").shape == (5,)
@@ -425,9 +411,7 @@ def test_filesystem_type_and_network_warning(store_path: Path, monkeypatch: pyte
     mmstore.Store(store_path).close()  # no warning (warnings are errors in this test run)
 
 
-def test_fsync_error_makes_the_handle_refuse_further_commits(
-    store_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_fsync_error_makes_the_handle_refuse_further_commits(store_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
 
     with mmstore.Store(store_path) as store:
