@@ -126,7 +126,8 @@ class Cache:
             else:
                 raise TypeError(f"cache keys are str or bytes, not {type(key).__name__}")
             digest = hashlib.blake2b(raw, digest_size=16).hexdigest()
-            found = (f"e/{digest[:2]}/{digest}", int(digest[:8], 16) % _SLOTS)
+            name = f"e/{digest[:2]}/{digest}"
+            found = (name, _slot_of(name))
             if len(self._names) > 65536:
                 self._names.clear()
             self._names[key] = found
@@ -150,10 +151,7 @@ class Cache:
                 self._count_miss()
                 return _MISSING
             self._hot.move_to_end(name)
-            self._access_slots[slot] = int(now * 1000)
-            self._hits += 1
-            if self._hits >= 1024:
-                self._publish_counts()
+            self._count_hit(slot, now)
             return _fresh(hot[1])
         try:
             array, entry = self.store._read(name)
@@ -181,11 +179,14 @@ class Cache:
             self._hot.move_to_end(name)
             while len(self._hot) > self._hot_limit:
                 self._hot.popitem(last=False)
-        self._access_slots[slot] = int(now * 1000)
+        self._count_hit(slot, now)
+        return _fresh(value)
+
+    def _count_hit(self, slot: int, now: float) -> None:
+        self._access_slots[slot] = int(now * 1000)  # for LRU eviction, seen by every process
         self._hits += 1
         if self._hits >= 1024:
             self._publish_counts()
-        return _fresh(value)
 
     def _delete_entry(self, name: str) -> bool:
         """Delete entry ``name`` (its marker or array), bracketed by its change counter;
@@ -202,7 +203,7 @@ class Cache:
 
     def _changing(self, name: str) -> _Change:
         """Bracket a change of entry ``name`` with two bumps of its change counter."""
-        return _Change(self._changes, int(name[-32:-24], 16) % _SLOTS)
+        return _Change(self._changes, _slot_of(name))
 
     def _count_miss(self) -> None:
         self._misses += 1
@@ -403,7 +404,7 @@ class Cache:
                 continue
             attrs = header.attrs
             expires = attrs.get("expires")
-            slot = int(name[-32:-24], 16) % _SLOTS
+            slot = _slot_of(name)
             used = max(header.modified, int(self._access[slot]) / 1000)
             if expires is not None and now >= expires:
                 used = -1.0
@@ -527,6 +528,11 @@ class Cache:
 
     def __repr__(self) -> str:
         return f"<mmstore.Cache {self.path!r} max_bytes={self.max_bytes} ttl={self.ttl}>"
+
+
+def _slot_of(name: str) -> int:
+    """The access-time and change-counter slot of entry ``e/<h2>/<h>``: from its digest."""
+    return int(name[-32:-24], 16) % _SLOTS
 
 
 class _Change:
