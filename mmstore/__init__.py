@@ -13,6 +13,7 @@ from ._errors import (
     DatasetNotFoundError,
     FormatError,
     FsyncError,
+    GenerationGoneError,
     InvalidNameError,
     LockTimeout,
     MmstoreError,
@@ -32,6 +33,16 @@ from ._store import Store
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> object:
+    # mmstore.dask needs the optional extra (pip install 'mmstore[dask]'): imported on first use only.
+    if name == "dask":
+        import importlib
+
+        return importlib.import_module(".dask", __name__)
+    raise AttributeError(f"module 'mmstore' has no attribute {name!r}")
+
+
 __all__ = [
     "FORMAT_VERSION",
     "Cache",
@@ -40,6 +51,7 @@ __all__ = [
     "DatasetNotFoundError",
     "FormatError",
     "FsyncError",
+    "GenerationGoneError",
     "InvalidNameError",
     "LockTimeout",
     "MmstoreError",

@@ -32,6 +32,10 @@ class DatasetNotFoundError(MmstoreError, KeyError):
     """The named dataset does not exist."""
 
 
+class GenerationGoneError(MmstoreError, FileNotFoundError):
+    """A pinned generation of a dataset (mmstore.dask) that was replaced and no longer exists."""
+
+
 class DatasetExistsError(MmstoreError, FileExistsError):
     """The named dataset exists and the operation would not replace it."""
 

@@ -461,7 +461,7 @@ class Store:
         encode_dtype(source.dtype)
         attrs_record = encode_attrs(attrs) if attrs else {}
 
-        def write(fd: int) -> tuple[np.dtype[Any], tuple[int, ...], str]:
+        def write(fd: int, _path: str) -> tuple[np.dtype[Any], tuple[int, ...], str]:
             hasher = _mapping.new_hasher()
             _mapping.write_array(fd, source, hasher)
             return source.dtype, source.shape, f"{XXH3_ALGORITHM}:{hasher.hexdigest()}"
@@ -495,7 +495,7 @@ class Store:
             encode_dtype(target)
         attrs_record = encode_attrs(attrs) if attrs else {}
 
-        def write(fd: int) -> tuple[np.dtype[Any], tuple[int, ...], str]:
+        def write(fd: int, _path: str) -> tuple[np.dtype[Any], tuple[int, ...], str]:
             hasher, rows = _mapping.new_hasher(), 0
             row_shape: tuple[int, ...] | None = None
             kind = target
@@ -518,8 +518,50 @@ class Store:
             raise StoreIOError(errno.EIO, f"dataset {name!r}: its new data file vanished before the commit")
         return self.header(name).shape[0]
 
+    def _put_filled(
+        self,
+        name: str,
+        dtype: Any,
+        shape: tuple[int, ...],
+        fill: Any,
+        attrs: Mapping[str, Any] | None = None,
+        *,
+        durable: bool = False,
+    ) -> None:
+        """Create or replace ``name`` with a new data file that ``fill(path)`` writes in place.
+
+        The file is preallocated to its full size first, so a full disk fails
+        before any work is done; ``fill`` may hand the path to other processes
+        (mmstore.dask.from_dask does). Nothing is visible until ``fill`` has
+        returned and the checksum of the whole file is taken; if ``fill`` raises,
+        the new file is removed and the committed value is untouched.
+        """
+        self._check_writable()
+        location = self._locate_for_writing(name)
+        kind = np.dtype(dtype)
+        encode_dtype(kind)
+        dims = tuple(int(n) for n in shape)
+        if any(n < 0 for n in dims):
+            raise ValueError(f"dataset {name!r}: negative dimension in shape {dims}")
+        nbytes = math.prod(dims) * kind.itemsize
+        attrs_record = encode_attrs(attrs) if attrs else {}
+
+        def write(fd: int, path: str) -> tuple[np.dtype[Any], tuple[int, ...], str]:
+            if nbytes:
+                os.posix_fallocate(fd, 0, nbytes)
+            fill(path)
+            size = os.fstat(fd).st_size
+            if size != nbytes:
+                raise StoreIOError(
+                    errno.EIO, f"dataset {name!r}: data file is {size} bytes after filling, not {nbytes}"
+                )
+            return kind, dims, _mapping.file_digest(path, 0, nbytes, XXH3_ALGORITHM)
+
+        if not self._write_and_commit(location, write, attrs_record, durable):
+            raise StoreIOError(errno.EIO, f"dataset {name!r}: its new data file vanished before the commit")
+
     def _write_and_commit(self, location: _Location, write: Any, attrs: dict[str, Any], durable: bool) -> bool:
-        """Write a new data file with ``write(fd) -> (dtype, shape, checksum)`` and commit it."""
+        """Write a new data file with ``write(fd, path) -> (dtype, shape, checksum)`` and commit it."""
         name = location.name
         data_file = _names.data_file_name(location.leaf, _names.new_token())
         data_path = location.data_path(data_file)
@@ -532,7 +574,7 @@ class Store:
         try:
             mark_alive(fd)
             try:
-                dtype, shape, checksum = write(fd)
+                dtype, shape, checksum = write(fd, data_path)
                 if durable:
                     self._fsync(fd, f"dataset {name!r}")
             except OSError as exc:
