@@ -44,9 +44,24 @@ from ._store import Store
 
 __all__ = ["GenerationGoneError", "PinnedDataset", "from_dask", "pin", "to_dask"]
 
-_MAPS_KEPT = 64  # data files each process keeps mapped for pinned arrays (a mapping costs no memory)
-_maps: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+_MAPS_KEPT = 64  # datasets each process keeps mapped for pinned arrays (a map costs address space only)
+# (store root, dataset name) -> (identity of the mapped data file, its rows). One generation per
+# dataset: mapping a newer one drops the older map, so a long-lived worker does not keep the
+# disk space of replaced generations alive.
+_maps: OrderedDict[tuple[str, str], tuple[tuple[int, int], np.ndarray]] = OrderedDict()
 _maps_guard = threading.Lock()
+
+
+def _remember_map(key: tuple[str, str], identity: tuple[int, int], rows: np.ndarray) -> np.ndarray:
+    with _maps_guard:
+        kept = _maps.get(key)
+        if kept is not None and kept[0] == identity:
+            return kept[1]  # another thread mapped it meanwhile: share one map
+        _maps[key] = (identity, rows)
+        _maps.move_to_end(key)
+        while len(_maps) > _MAPS_KEPT:
+            _maps.popitem(last=False)  # arrays still in use keep their own map alive
+    return rows
 
 
 def _forget_maps_after_fork() -> None:
@@ -118,16 +133,16 @@ class PinnedDataset:
 
     def array(self) -> np.ndarray:
         """The whole pinned generation, mapped read-only in this process (no copy)."""
+        key = (self.root, self.header.name)
         with _maps_guard:
-            rows = _maps.get(self.identity)
-            if rows is not None:
-                _maps.move_to_end(self.identity)
+            kept = _maps.get(key)
+            if kept is not None and kept[0] == self.identity:
+                _maps.move_to_end(key)
+                rows = kept[1]
+            else:
+                rows = None
         if rows is None:
-            rows = self._map()
-            with _maps_guard:
-                rows = _maps.setdefault(self.identity, rows)
-                while len(_maps) > _MAPS_KEPT:
-                    _maps.popitem(last=False)  # arrays still in use keep their own map alive
+            rows = _remember_map(key, self.identity, self._map())
         return rows[: self.shape[0]] if self.header.growable else rows
 
     def _map(self) -> np.ndarray:
@@ -186,8 +201,7 @@ def _pin(store: Store, name: str) -> PinnedDataset:
         except BaseException:
             os.close(fd)
             raise
-        with _maps_guard:
-            _maps[pinned.identity] = mapped.rows
+        _remember_map((pinned.root, name), pinned.identity, mapped.rows)
         return pinned
     raise FormatError(f"dataset {name!r}: replaced too often to pin a consistent generation")
 

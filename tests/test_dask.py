@@ -305,3 +305,20 @@ def test_cluster_route_through_hdf5(store: mmstore.Store, tmp_path: Path, client
         darr = da.from_array(h5["images/train"], chunks=(100, 100))
         assert int(darr.sum().compute()) == int(value.sum())
         np.testing.assert_array_equal(darr[::7].compute(), value[::7])
+
+
+def test_a_process_keeps_one_generation_of_each_dataset_mapped(store: mmstore.Store) -> None:
+    """A long-lived worker must not keep replaced generations (and their disk space) mapped."""
+    store.put("x", np.arange(100.0))
+    first = mmdask.to_dask(store, "x", chunks=50)
+    assert float(first.sum().compute(scheduler="sync")) == 4950.0
+    store.put("x", np.ones(100))
+    second = mmdask.to_dask(store, "x", chunks=50)
+    assert float(second.sum().compute(scheduler="sync")) == 100.0
+    kept = [identity for (root, name), (identity, _rows) in mmdask._maps.items() if root == store.path and name == "x"]
+    assert kept == [_pinned(second).identity]
+    assert float(first.sum().compute(scheduler="sync")) == 4950.0  # the old graph maps its generation again
+
+
+def _pinned(darr: Any) -> Any:
+    return darr.__dask_graph__()[_pinned_key(darr)]
