@@ -13,7 +13,9 @@ round-robin, with a fresh file (or segment) per repeat that is deleted afterward
 
 Part B times small (1 KiB) in-process put/get against LMDB, diskcache and one .npy file
 per key, plus mmstore's repeated get of an unchanged dataset and its first get in a
-fresh process.
+fresh process. Two floors run beside them: the bare system calls a replacing put cannot
+avoid (a new data file, a new sidecar, the exchange, two unlinks; no lock, no checks) and
+an uncached get's (open, read, JSON, open, mmap), the latter also in a fresh process.
 
     python scripts/bench_share.py                 # full run (about 1-3 minutes)
     python scripts/bench_share.py --quick         # smoke run (well under 30 s)
@@ -27,10 +29,12 @@ import functools
 import gc
 import json
 import math
+import mmap
 import multiprocessing
 import os
 import platform
 import queue
+import random
 import shlex
 import shutil
 import statistics
@@ -384,6 +388,60 @@ def _small_npy(directory: str, keys: int) -> tuple[list[Any], PutFn, GetFn, Any]
     return paths, np.save, np.load, lambda: None
 
 
+def _small_floor(directory: str, keys: int) -> tuple[list[Any], PutFn, GetFn, Any]:
+    """The system calls a replacing put cannot avoid, and an uncached get's, in bare Python.
+
+    Not a usable store (no lock, no checks, no checksum, a fixed header): the floor under
+    mmstore's put (invariants 1 and 2: a new data file and a new sidecar, an exchange, the
+    displaced sidecar and the old data file unlinked) and under a first get.
+    """
+    root = os.path.join(directory, "floor")
+    os.makedirs(root)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    current: dict[str, str] = {}
+    exchange = mmstore._durable._renameat2
+
+    def put(key: str, array: np.ndarray) -> None:
+        data_file = f"{key}.{random.getrandbits(64):016x}.dat"
+        data_fd = os.open(f"{root}/{data_file}", flags, 0o666)
+        os.write(data_fd, array.data)
+        header = json.dumps({"dtype": array.dtype.str, "shape": list(array.shape), "data_file": data_file}).encode()
+        temp, sidecar = f"{root}/.{key}.{random.getrandbits(64):016x}.tmp", f"{root}/{key}.json"
+        sidecar_fd = os.open(temp, flags, 0o666)
+        os.write(sidecar_fd, header)
+        if exchange is not None and exchange(-100, temp.encode(), -100, sidecar.encode(), 2) == 0:
+            os.unlink(temp)
+        else:
+            os.rename(temp, sidecar)
+        os.close(sidecar_fd)
+        os.close(data_fd)
+        old = current.get(key)
+        if old is not None:
+            os.unlink(f"{root}/{old}")
+        current[key] = data_file
+
+    def get(key: str) -> np.ndarray:
+        return _raw_get(root, key)
+
+    return [f"k{i:03d}" for i in range(keys)], put, get, lambda: None
+
+
+def _raw_get(root: str, key: str) -> np.ndarray:
+    fd = os.open(f"{root}/{key}.json", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fstat(fd)
+        header = json.loads(os.read(fd, 65536))
+    finally:
+        os.close(fd)
+    fd = os.open(f"{root}/{header['data_file']}", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        mapped = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
+    return np.frombuffer(mapped, header["dtype"]).reshape(header["shape"])
+
+
 @dataclass
 class SmallMethod:
     key: str
@@ -403,6 +461,7 @@ def _small_methods() -> list[SmallMethod]:
         SmallMethod("lmdb_sync", "LMDB (default sync=True)", functools.partial(_small_lmdb, sync=True), True),
         SmallMethod("diskcache", "diskcache Cache.set / get", _small_diskcache),
         SmallMethod("npy", "one .npy per key (np.save / np.load)", _small_npy),
+        SmallMethod("floor", "floor: bare system calls of a replacing put / an uncached get", _small_floor),
         SmallMethod(
             "mmstore_durable", "mmstore put(durable=True) / get", functools.partial(_small_mmstore, durable=True), True
         ),
@@ -444,6 +503,32 @@ def _time_small(
         shutil.rmtree(directory, ignore_errors=True)
     return put_seconds / put_ops * 1e6, get_seconds / get_ops * 1e6
 
+
+# The floor under a first get in a fresh process: the same system calls, JSON parse and
+# map in bare Python, warmed up once on another dataset (as Store() warms up on its manifest).
+FRESH_FLOOR_CODE = """
+import json, mmap, os, sys, time
+import numpy as np
+def raw_get(root, key):
+    fd = os.open(f"{root}/{key}.json", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fstat(fd)
+        header = json.loads(os.read(fd, 65536))
+    finally:
+        os.close(fd)
+    fd = os.open(f"{root}/{header['data_file']}", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        mapped = mmap.mmap(fd, os.fstat(fd).st_size, prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
+    return np.frombuffer(mapped, np.dtype(header["dtype"])).reshape(header["shape"])
+raw_get(sys.argv[1], "warm")
+start = time.perf_counter()
+array = raw_get(sys.argv[1], sys.argv[2])
+elapsed = time.perf_counter() - start
+assert array.shape == (128,)
+print(repr(elapsed))
+"""
 
 FRESH_GET_CODE = """
 import sys, time
@@ -519,6 +604,25 @@ def part_b(root: str, repeats: int, ops: int, keys: int, repeated_gets: int, fre
             raise RuntimeError(f"fresh-process get failed:\n{done.stderr}")
         fresh_us.append(float(done.stdout.strip()) * 1e6)
     shutil.rmtree(path, ignore_errors=True)
+
+    # (c) the floor under (b): bare system calls, parse and map, in a fresh process
+    floor_root = os.path.join(root, "b-fresh-floor")
+    _keys, floor_put, _get, _close = _small_floor(floor_root, 0)
+    floor_put("warm", values[1])
+    floor_put("small", values[0])
+    floor_us: list[float] = []
+    for _ in range(fresh_runs):
+        done = subprocess.run(
+            [sys.executable, "-c", FRESH_FLOOR_CODE, os.path.join(floor_root, "floor"), "small"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"fresh-process floor get failed:\n{done.stderr}")
+        floor_us.append(float(done.stdout.strip()) * 1e6)
+    shutil.rmtree(floor_root, ignore_errors=True)
     return {
         "ops": ops,
         "keys": keys,
@@ -530,6 +634,7 @@ def part_b(root: str, repeats: int, ops: int, keys: int, repeated_gets: int, fre
         "repeated_get_calls": repeated_gets,
         "repeated_get_us": repeated_us,
         "fresh_process_first_get_us": fresh_us,
+        "fresh_process_floor_get_us": floor_us,
     }
 
 
@@ -616,6 +721,11 @@ def report(results: dict[str, Any]) -> list[str]:
         f"| first get in a fresh process (Store open not timed) | {fresh:.1f} us | "
         f"{min(b['fresh_process_first_get_us']):.1f} us | {len(b['fresh_process_first_get_us'])} |"
     )
+    floor_fresh = b.get("fresh_process_floor_get_us") or [float("nan")]
+    out.append(
+        f"| floor: bare open/read/JSON/open/mmap in a fresh process (warmed on another dataset) | "
+        f"{statistics.median(floor_fresh):.1f} us | {min(floor_fresh):.1f} us | {len(floor_fresh)} |"
+    )
     out.append("")
 
     mm_share = statistics.median(a["seconds"]["mmstore"])
@@ -645,6 +755,13 @@ def report(results: dict[str, Any]) -> list[str]:
     out.append("")
     for text, ok in checks:
         out.append(f"- {_verdict(ok)}: {text}")
+    out.append("")
+    floor_put = statistics.median(methods["floor"]["put_us"])
+    out.append(
+        f"Floors in this run: the bare system calls of a replacing put cost {floor_put:.1f} us "
+        f"({floor_put / dc_put:.2f}x diskcache's whole set; mmstore's put is {mm_put / floor_put:.2f}x the floor); "
+        f"a bare first get in a fresh process {statistics.median(floor_fresh):.1f} us."
+    )
     out.append("")
     out.append("Targets (medians): " + "; ".join(f"{text.split(':')[0]} {_verdict(ok)}" for text, ok in checks) + ".")
     results["targets"] = [{"target": text, "pass": ok} for text, ok in checks]
