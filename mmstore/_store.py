@@ -59,7 +59,7 @@ from ._format import (
     parse_header,
     parse_manifest,
 )
-from ._growable import MissingDataFile, Reader, Writer, _Mapped, validate_length
+from ._growable import MissingDataFile, Reader, Writer, _Mapped, data_file_error, validate_length
 from ._locks import DatasetLock, mark_alive
 
 if TYPE_CHECKING:
@@ -312,7 +312,11 @@ class Store:
         sidecar is a corrupt dataset."""
         for _attempt in range(1000):
             try:
-                entry.mapped = _Mapped(entry.header, location.data_path(entry.header.data_file), writable=False)
+                fd = self._open_data(location, entry.header)
+                try:
+                    entry.mapped = _Mapped(entry.header, "", writable=False, fd=fd)
+                finally:
+                    os.close(fd)
                 return entry, entry.mapped
             except MissingDataFile:
                 newer = self._current_entry(location)
@@ -320,6 +324,13 @@ class Store:
                     raise
                 entry = newer
         raise FormatError(f"dataset {location.name!r}: replaced too often to read a consistent generation")
+
+    def _open_data(self, location: _Location, header: Header) -> int:
+        """Open the header's data file for reading, never through a symlink (FormatError)."""
+        try:
+            return location.open_file(header.data_file, _durable.READ_FLAGS)
+        except OSError as exc:
+            raise data_file_error(header, exc) from None
 
     def _current_entry(self, location: _Location) -> _Entry:
         """The entry of the committed sidecar, re-reading it only if it changed."""
@@ -339,7 +350,7 @@ class Store:
         self._check_open()
         name = location.name
         try:
-            fd = os.open(location.sidecar, _durable.READ_FLAGS)
+            fd = location.open_file(location.leaf + ".json", _durable.READ_FLAGS)
         except (FileNotFoundError, NotADirectoryError):
             self._drop_entry(name)
             raise self._missing(name) from None
@@ -414,7 +425,14 @@ class Store:
             location = self._locate(name)
         except InvalidNameError:
             return False
-        return os.path.isfile(location.sidecar)
+        # As listed by keys(): any sidecar entry but a directory (a symlink or a special
+        # file is a corrupt dataset: get() says why), in group directories that are not symlinks.
+        try:
+            if stat.S_ISDIR(os.lstat(location.sidecar).st_mode):
+                return False
+        except OSError:
+            return False
+        return not location.groups or location.group_symlink() is None
 
     def keys(self, prefix: str = "") -> list[str]:
         """Sorted names of every dataset (under ``prefix``, a group path, if given)."""
