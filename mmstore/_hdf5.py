@@ -248,7 +248,12 @@ def _write_dataset(
             if progress is not None:
                 progress(name, stop * row_bytes, nbytes)
     finally:
-        mapped.close()
+        try:
+            mapped.close()
+        except BufferError:
+            # An error in flight (h5py's ENOSPC, say) still holds the block viewing the map in
+            # its traceback; closing must not replace that error. The map goes with the block.
+            pass
 
 
 def import_hdf5(
