@@ -14,6 +14,7 @@ import stat
 import numpy as np
 
 from . import _names
+from ._durable import READ_FLAGS
 from ._errors import FormatError, MmstoreError
 from ._format import MANIFEST_NAME, Header, parse_header
 from ._growable import _Mapped
@@ -69,25 +70,33 @@ class _Location:
     def data_path(self, data_file: str) -> str:
         return self.directory + "/" + data_file
 
-    def open_file(self, file_name: str, flags: int) -> int:
+    def open_file(self, file_name: str, flags: int, directory_fd: int | None = None) -> int:
         """Open ``file_name`` in the dataset's directory without following a group symlink.
 
         The directory is reached from the store root one group at a time with
-        O_NOFOLLOW, and the file opened relative to it, so a group directory
-        replaced by a symlink (even between two calls) can never make a reader
-        serve a file from outside the store: FormatError instead. Readers call
-        this only when they (re)read a sidecar or map a data file, never on the
-        cached path of a repeated get. Names without groups cost nothing extra.
+        O_NOFOLLOW (or is ``directory_fd``, from open_directory), and the file is
+        opened relative to it, so a group directory replaced by a symlink (even
+        between two calls) can never make a reader serve a file from outside the
+        store: FormatError instead. Readers get here only when they (re)read a
+        sidecar or map a data file, never on the cached path of a repeated get.
+        Names without groups cost nothing extra.
         """
+        if directory_fd is not None:
+            return os.open(file_name, flags, dir_fd=directory_fd)
         if not self.groups:
             return os.open(self.directory + "/" + file_name, flags)
-        directory_fd = self._open_directory()
+        directory_fd = self.open_directory()
+        assert directory_fd is not None
         try:
             return os.open(file_name, flags, dir_fd=directory_fd)
         finally:
             os.close(directory_fd)
 
-    def _open_directory(self) -> int:
+    def open_directory(self) -> int | None:
+        """A descriptor of the dataset's directory reached without following symlinks
+        (None for a name without groups: the store root, opened by path)."""
+        if not self.groups:
+            return None
         fd = os.open(self.root, _DIRECTORY_FLAGS)
         try:
             for index, part in enumerate(self.groups):
@@ -154,7 +163,7 @@ def _warm_up(root: str) -> None:
     dtype, opens and maps a file and makes an array from it; doing it here,
     when the store opens, keeps that one-time cost out of the first get() of
     a dataset. The manifest is read as a byte array through the same
-    _Mapped/_Location code a dataset uses.
+    _Mapped/_Location code (and the same system calls) a dataset uses.
     """
     global _warmed_up
     if _warmed_up:
@@ -172,7 +181,16 @@ def _warm_up(root: str) -> None:
     header = parse_header("warm-up", sample.to_json())
     _names.validate_name("warm-up")
     try:
-        mapped = _Mapped(header, location.data_path(header.data_file), writable=False)
+        # As a read through a group does: a directory descriptor, a file opened relative to it.
+        directory_fd = os.open(root, _DIRECTORY_FLAGS)
+        try:
+            fd = location.open_file(header.data_file, READ_FLAGS, directory_fd)
+        finally:
+            os.close(directory_fd)
+        try:
+            mapped = _Mapped(header, "", writable=False, fd=fd)
+        finally:
+            os.close(fd)
         mapped.rows[...]
         del mapped
     except (OSError, MmstoreError):

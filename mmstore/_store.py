@@ -290,7 +290,7 @@ class Store:
     def _read(self, name: str) -> tuple[np.ndarray, Header]:
         """get(), also returning the header the array belongs to."""
         location = self._locate(name)
-        entry = self._current_entry(location)
+        entry = self._current_entry(location, map_data=True)
         for _attempt in range(2):
             if entry.mapped is None:
                 entry, mapped = self._map_entry(location, entry)
@@ -312,11 +312,8 @@ class Store:
         sidecar is a corrupt dataset."""
         for _attempt in range(1000):
             try:
-                fd = self._open_data(location, entry.header)
-                try:
-                    entry.mapped = _Mapped(entry.header, "", writable=False, fd=fd)
-                finally:
-                    os.close(fd)
+                self._map_data(location, entry, None)
+                assert entry.mapped is not None
                 return entry, entry.mapped
             except MissingDataFile:
                 newer = self._current_entry(location)
@@ -325,15 +322,23 @@ class Store:
                 entry = newer
         raise FormatError(f"dataset {location.name!r}: replaced too often to read a consistent generation")
 
-    def _open_data(self, location: _Location, header: Header) -> int:
+    def _map_data(self, location: _Location, entry: _Entry, directory_fd: int | None) -> None:
+        fd = self._open_data(location, entry.header, directory_fd)
+        try:
+            entry.mapped = _Mapped(entry.header, "", writable=False, fd=fd)
+        finally:
+            os.close(fd)
+
+    def _open_data(self, location: _Location, header: Header, directory_fd: int | None = None) -> int:
         """Open the header's data file for reading, never through a symlink (FormatError)."""
         try:
-            return location.open_file(header.data_file, _durable.READ_FLAGS)
+            return location.open_file(header.data_file, _durable.READ_FLAGS, directory_fd)
         except OSError as exc:
             raise data_file_error(header, exc) from None
 
-    def _current_entry(self, location: _Location) -> _Entry:
-        """The entry of the committed sidecar, re-reading it only if it changed."""
+    def _current_entry(self, location: _Location, map_data: bool = False) -> _Entry:
+        """The entry of the committed sidecar, re-reading it only if it changed
+        (and, with ``map_data``, mapping the data file of a re-read entry)."""
         entry = self._entries.get(location.name)
         if entry is not None:
             self._entries.move_to_end(location.name)
@@ -344,30 +349,47 @@ class Store:
                 raise self._missing(location.name) from None
             if st.st_ino == entry.inode and st.st_dev == entry.device:
                 return entry
-        return self._read_entry(location)
+        return self._read_entry(location, map_data)
 
-    def _read_entry(self, location: _Location) -> _Entry:
+    def _read_entry(self, location: _Location, map_data: bool = False) -> _Entry:
+        """Read and remember the committed sidecar. Its directory is reached once, without
+        following group symlinks, and ``map_data`` maps the data file through the same
+        directory descriptor (one walk for both files)."""
         self._check_open()
         name = location.name
         try:
-            fd = location.open_file(location.leaf + ".json", _durable.READ_FLAGS)
+            directory_fd = location.open_directory()
         except (FileNotFoundError, NotADirectoryError):
             self._drop_entry(name)
             raise self._missing(name) from None
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise FormatError(f"dataset {name!r}: sidecar is a symlink; refusing to follow it") from None
-            raise
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise FormatError(f"dataset {name!r}: sidecar is not a regular file")
-            header = parse_header(name, _read_fd(fd))
-        except BaseException:
-            os.close(fd)
-            raise
-        entry = _Entry(header, fd, st)
-        self._remember(name, entry)
+            try:
+                fd = location.open_file(location.leaf + ".json", _durable.READ_FLAGS, directory_fd)
+            except (FileNotFoundError, NotADirectoryError):
+                self._drop_entry(name)
+                raise self._missing(name) from None
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise FormatError(f"dataset {name!r}: sidecar is a symlink; refusing to follow it") from None
+                raise
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise FormatError(f"dataset {name!r}: sidecar is not a regular file")
+                header = parse_header(name, _read_fd(fd))
+            except BaseException:
+                os.close(fd)
+                raise
+            entry = _Entry(header, fd, st)
+            self._remember(name, entry)
+            if map_data:
+                try:
+                    self._map_data(location, entry, directory_fd)
+                except MissingDataFile:
+                    pass  # replaced since we read the sidecar: _map_entry reads the new one
+        finally:
+            if directory_fd is not None:
+                os.close(directory_fd)
         return entry
 
     def _remember(self, name: str, entry: _Entry) -> None:
