@@ -118,19 +118,25 @@ class _Location:
         return fd
 
     def group_symlink(self) -> str | None:
-        """The first group on the way that is a symlink (lstat walk), or None."""
-        current = self.root
-        for part in self.groups:
-            current += "/" + part
-            try:
-                if stat.S_ISLNK(os.lstat(current).st_mode):
-                    return current[len(self.root) + 1 :]
-            except OSError:
-                return None
-        return None
+        """The first group on the way that is a symlink (an lstat walk), or None."""
+        return _first_symlink(self.root, self.groups)
 
     def temp_path(self) -> str:
         return self.directory + "/" + _names.temp_file_name(self.leaf, _names.new_token())
+
+
+def _first_symlink(root: str, parts: list[str]) -> str | None:
+    """The first of the nested directories ``root/parts[0]/parts[1]...`` that is a
+    symlink, as a path relative to ``root``; None if none is (or one is missing)."""
+    current = root
+    for part in parts:
+        current += "/" + part
+        try:
+            if stat.S_ISLNK(os.lstat(current).st_mode):
+                return current[len(root) + 1 :]
+        except OSError:
+            return None
+    return None
 
 
 class _Entry:

@@ -33,6 +33,7 @@ from ._entries import (
     _collect_names,
     _descriptor_budget,
     _Entry,
+    _first_symlink,
     _Location,
     _read_fd,
     _warm_up,
@@ -465,8 +466,10 @@ class Store:
             _names.validate_name(prefix)
             start = os.path.join(self.path, prefix)
         names: list[str] = []
-        _collect_names(self.path, start, names)
-        if prefix and os.path.isfile(_names.sidecar_path(self.path, prefix)):
+        # A group that is a symlink is never entered, not even when named as the prefix.
+        if not prefix or _first_symlink(self.path, prefix.split("/")) is None:
+            _collect_names(self.path, start, names)
+        if prefix and prefix in self:
             names.append(prefix)
         return sorted(names)
 

@@ -207,6 +207,7 @@ def test_hostile_dataset(tmp_path: Path, case: str) -> None:
         check_healthy(store)
         assert (name in store) is listed
         assert (name in list(store)) is listed  # iteration lists what keys() lists
+        assert (name in store.keys(name.rpartition("/")[0])) is listed
         report = store.verify()
         problem_key = name if listed else name.rpartition("/")[0] + "/"
         reported = spec["expect"] != "ok" or spec.get("verify_problem", False)
