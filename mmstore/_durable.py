@@ -25,7 +25,9 @@ from typing import Any
 from ._errors import FsyncError, StoreFullError, StoreIOError
 
 NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: opening a FIFO planted where a sidecar or data file should be
+# must not hang the reader (it has no effect on regular files).
+READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 # Large writes are split so that a single call never exceeds Linux's 2 GiB cap.
 WRITE_CHUNK = 1 << 30
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})

@@ -7,17 +7,22 @@ identity of its sidecar. Store (``_store.py``) keeps both in bounded caches.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 
 import numpy as np
 
 from . import _names
-from ._errors import MmstoreError
+from ._durable import READ_FLAGS
+from ._errors import FormatError, MmstoreError
 from ._format import MANIFEST_NAME, Header, parse_header
 from ._growable import _Mapped
 from ._locks import DatasetLock
 
 _READ_ALL = 1 << 16
+# O_PATH: walking needs only search permission on a directory, as a path lookup does.
+_DIRECTORY_FLAGS = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_CLOEXEC
 
 
 def _descriptor_budget() -> int:
@@ -42,12 +47,14 @@ def _descriptor_budget() -> int:
 class _Location:
     """Where one (validated) dataset name lives on disk, and its writer lock."""
 
-    __slots__ = ("_lock", "directory", "inside", "leaf", "name", "permissions", "sidecar")
+    __slots__ = ("_lock", "directory", "groups", "inside", "leaf", "name", "permissions", "root", "sidecar")
 
     def __init__(self, root: str, name: str, permissions: int | None = None) -> None:
         self.name = name
         self.permissions = permissions
         self.inside = False  # checked that no group directory on the way is a symlink
+        self.root = root
+        self.groups = name.split("/")[:-1]
         self.directory, self.leaf = _names.split_leaf(root, name)
         self.sidecar = self.directory + "/" + self.leaf + ".json"
         self._lock: DatasetLock | None = None  # made on first use: readers never lock
@@ -63,8 +70,73 @@ class _Location:
     def data_path(self, data_file: str) -> str:
         return self.directory + "/" + data_file
 
+    def open_file(self, file_name: str, flags: int, directory_fd: int | None = None) -> int:
+        """Open ``file_name`` in the dataset's directory without following a group symlink.
+
+        The directory is reached from the store root one group at a time with
+        O_NOFOLLOW (or is ``directory_fd``, from open_directory), and the file is
+        opened relative to it, so a group directory replaced by a symlink (even
+        between two calls) can never make a reader serve a file from outside the
+        store: FormatError instead. Readers get here only when they (re)read a
+        sidecar or map a data file, never on the cached path of a repeated get.
+        Names without groups cost nothing extra.
+        """
+        if directory_fd is not None:
+            return os.open(file_name, flags, dir_fd=directory_fd)
+        if not self.groups:
+            return os.open(self.directory + "/" + file_name, flags)
+        directory_fd = self.open_directory()
+        assert directory_fd is not None
+        try:
+            return os.open(file_name, flags, dir_fd=directory_fd)
+        finally:
+            os.close(directory_fd)
+
+    def open_directory(self) -> int | None:
+        """A descriptor of the dataset's directory reached without following symlinks
+        (None for a name without groups: the store root, opened by path)."""
+        if not self.groups:
+            return None
+        fd = os.open(self.root, _DIRECTORY_FLAGS)
+        try:
+            for index, part in enumerate(self.groups):
+                try:
+                    child = os.open(part, _DIRECTORY_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
+                except OSError as exc:
+                    if exc.errno in (errno.ENOTDIR, errno.ELOOP) and _is_symlink(part, fd):
+                        group = "/".join(self.groups[: index + 1])
+                        raise FormatError(
+                            f"dataset {self.name!r}: group directory {group!r} is a symlink; "
+                            "refusing to follow it (it could lead out of the store)"
+                        ) from None
+                    raise
+                os.close(fd)
+                fd = child
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def group_symlink(self) -> str | None:
+        """The first group on the way that is a symlink (an lstat walk), or None."""
+        return _first_symlink(self.root, self.groups)
+
     def temp_path(self) -> str:
         return self.directory + "/" + _names.temp_file_name(self.leaf, _names.new_token())
+
+
+def _first_symlink(root: str, parts: list[str]) -> str | None:
+    """The first of the nested directories ``root/parts[0]/parts[1]...`` that is a
+    symlink, as a path relative to ``root``; None if none is (or one is missing)."""
+    current = root
+    for part in parts:
+        current += "/" + part
+        try:
+            if stat.S_ISLNK(os.lstat(current).st_mode):
+                return current[len(root) + 1 :]
+        except OSError:
+            return None
+    return None
 
 
 class _Entry:
@@ -97,7 +169,7 @@ def _warm_up(root: str) -> None:
     dtype, opens and maps a file and makes an array from it; doing it here,
     when the store opens, keeps that one-time cost out of the first get() of
     a dataset. The manifest is read as a byte array through the same
-    _Mapped/_Location code a dataset uses.
+    _Mapped/_Location code (and the same system calls) a dataset uses.
     """
     global _warmed_up
     if _warmed_up:
@@ -115,11 +187,27 @@ def _warm_up(root: str) -> None:
     header = parse_header("warm-up", sample.to_json())
     _names.validate_name("warm-up")
     try:
-        mapped = _Mapped(header, location.data_path(header.data_file), writable=False)
+        # As a read through a group does: a directory descriptor, a file opened relative to it.
+        directory_fd = os.open(root, _DIRECTORY_FLAGS)
+        try:
+            fd = location.open_file(header.data_file, READ_FLAGS, directory_fd)
+        finally:
+            os.close(directory_fd)
+        try:
+            mapped = _Mapped(header, "", writable=False, fd=fd)
+        finally:
+            os.close(fd)
         mapped.rows[...]
         del mapped
     except (OSError, MmstoreError):
         pass  # only a warm-up: the real read reports real problems
+
+
+def _is_symlink(name: str, directory_fd: int) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=directory_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
 
 
 def _with_parents(root: str, directories: set[str]) -> list[str]:
@@ -162,7 +250,10 @@ def _collect_names(root: str, directory: str, names: list[str]) -> None:
             continue
         if entry.is_dir(follow_symlinks=False):
             _collect_names(root, entry.path, names)
-        elif entry.name.endswith(".json") and entry.is_file(follow_symlinks=False):
+        elif entry.name.endswith(".json"):
+            # A sidecar that is a symlink or a special file is listed (reading it raises
+            # FormatError): a corrupt dataset is seen, not hidden. A symlinked group
+            # directory is never entered (is_dir above does not follow it).
             name = entry.path[len(root) + 1 : -5]
             if name != "mmstore":
                 names.append(name)

@@ -24,10 +24,12 @@ the map can never hit ENOSPC as a SIGBUS), so a reader's map never loses pages.
 
 from __future__ import annotations
 
+import errno
 import math
 import mmap
 import operator
 import os
+import stat
 import struct
 import time
 import zlib
@@ -80,6 +82,17 @@ class MissingDataFile(FormatError):
     """The data file a header names is gone: corrupt, or replaced since the header was read."""
 
 
+def data_file_error(header: Header, exc: OSError) -> Exception:
+    """The error for a data file that could not be opened."""
+    if isinstance(exc, FileNotFoundError):
+        return MissingDataFile(f"dataset {header.name!r}: data file {header.data_file!r} is missing")
+    if exc.errno == errno.ELOOP:
+        return FormatError(
+            f"dataset {header.name!r}: data file {header.data_file!r} is a symlink; refusing to follow it"
+        )
+    return exc
+
+
 class _Mapped:
     """A map of a data file: the control block (growable datasets) and the rows."""
 
@@ -89,11 +102,14 @@ class _Mapped:
         own_fd = fd is None
         if fd is None:
             try:
-                fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC)
-            except FileNotFoundError:
-                raise MissingDataFile(f"dataset {header.name!r}: data file {header.data_file!r} is missing") from None
+                fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC if writable else _durable.READ_FLAGS)
+            except OSError as exc:
+                raise data_file_error(header, exc) from None
         try:
-            self.size = size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise FormatError(f"dataset {header.name!r}: data file {header.data_file!r} is not a regular file")
+            self.size = size = st.st_size
             if header.growable:
                 if header.offset != CONTROL_BYTES or size < CONTROL_BYTES or self.row_bytes == 0:
                     raise FormatError(f"dataset {header.name!r}: growable data file has no valid control block")
@@ -604,11 +620,10 @@ def open_dataset_writer(store: Store, location: _Location) -> Writer:
 
 
 def _open_locked(store: Store, location: _Location, header: Header) -> Writer:
-    path = location.data_path(header.data_file)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise FormatError(f"dataset {header.name!r}: data file {header.data_file!r} is missing") from None
+        fd = location.open_file(header.data_file, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise data_file_error(header, exc) from None
     try:
         writer = Writer(store, location, header, fd)
     except BaseException:

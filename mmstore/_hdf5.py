@@ -33,7 +33,7 @@ import numpy as np
 from . import _durable, _names
 from ._errors import DatasetNotFoundError, InvalidNameError, MmstoreError, UnsupportedDtypeError
 from ._format import FORMAT_VERSION, decode_dtype, encode_dtype
-from ._growable import CONTROL_BYTES
+from ._growable import CONTROL_BYTES, MissingDataFile
 from ._mapping import RowSource
 
 if TYPE_CHECKING:
@@ -157,8 +157,8 @@ def _snapshot(store: Store, name: str) -> tuple[Any, tuple[int, ...], int] | Non
         except DatasetNotFoundError:
             return None
         try:
-            fd = os.open(location.data_path(header.data_file), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-        except FileNotFoundError:
+            fd = store._open_data(location, header)
+        except MissingDataFile:
             store._drop_entry(name)
             continue
         return header, array.shape, fd
@@ -248,7 +248,12 @@ def _write_dataset(
             if progress is not None:
                 progress(name, stop * row_bytes, nbytes)
     finally:
-        mapped.close()
+        try:
+            mapped.close()
+        except BufferError:
+            # An error in flight (h5py's ENOSPC, say) still holds the block viewing the map in
+            # its traceback; closing must not replace that error. The map goes with the block.
+            pass
 
 
 def import_hdf5(

@@ -146,36 +146,33 @@ def new_hasher() -> Any:
     return xxhash.xxh3_64()
 
 
-def file_digest(path: str, offset: int, nbytes: int, algorithm: str) -> str:
-    """The checksum string (``algorithm:hex``) of ``nbytes`` at ``offset`` in ``path``."""
+def file_digest(fd: int, offset: int, nbytes: int, algorithm: str) -> str:
+    """The checksum string (``algorithm:hex``) of ``nbytes`` at ``offset`` in open file ``fd``."""
     if algorithm == "crc32":
-        return format_checksum(crc32_file(path, offset, nbytes))
+        return format_checksum(crc32_file(fd, offset, nbytes))
     hasher = new_hasher()
-    _read_chunks(path, offset, nbytes, hasher.update)
+    _read_chunks(fd, offset, nbytes, hasher.update)
     return f"{XXH3_ALGORITHM}:{hasher.hexdigest()}"
 
 
-def crc32_file(path: str, offset: int, nbytes: int) -> int:
-    """CRC-32 of ``nbytes`` at ``offset`` in ``path``, read in bounded chunks."""
+def crc32_file(fd: int, offset: int, nbytes: int) -> int:
+    """CRC-32 of ``nbytes`` at ``offset`` in open file ``fd``, read in bounded chunks."""
     state = [0]
 
     def update(chunk: bytes) -> None:
         state[0] = crc32_update(state[0], chunk)
 
-    _read_chunks(path, offset, nbytes, update)
+    _read_chunks(fd, offset, nbytes, update)
     return state[0]
 
 
-def _read_chunks(path: str, offset: int, nbytes: int, consume: Any) -> None:
-    fd = os.open(path, _durable.READ_FLAGS)
-    try:
-        position = offset
-        end = offset + nbytes
-        while position < end:
-            chunk = os.pread(fd, min(_STREAM_CHUNK_BYTES, end - position), position)
-            if not chunk:
-                raise FormatError(f"data file {path!r} ended at byte {position}, expected {end}")
-            consume(chunk)
-            position += len(chunk)
-    finally:
-        os.close(fd)
+def _read_chunks(fd: int, offset: int, nbytes: int, consume: Any) -> None:
+    # The caller opened the file (through Store._open_data: never through a symlink).
+    position = offset
+    end = offset + nbytes
+    while position < end:
+        chunk = os.pread(fd, min(_STREAM_CHUNK_BYTES, end - position), position)
+        if not chunk:
+            raise FormatError(f"data file ended at byte {position}, expected {end}")
+        consume(chunk)
+        position += len(chunk)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import _durable, _names
-from ._errors import FormatError, MmstoreError
+from ._errors import FormatError, InvalidNameError, MmstoreError
 from ._format import MANIFEST_NAME, parse_header
 from ._locks import writer_is_gone
 from ._mapping import crc32_file, file_digest
@@ -42,12 +42,14 @@ _MANIFEST_TEMP_GRACE_SECONDS = 60.0
 def recover_on_open(store: Store) -> int:
     """Remove the leftovers of dead writers; return how many files were removed."""
     removed = 0
-    for directory, _dirs, files in _walk(store.path):
+    for directory, _dirs, files, _links in _walk(store.path):
         removed += _recover_directory(store, directory, files)
     return removed
 
 
-def _walk(root: str) -> list[tuple[str, list[str], list[str]]]:
+def _walk(root: str) -> list[tuple[str, list[str], list[str], list[str]]]:
+    """(directory, subdirectories, regular files, others) for every real directory of the
+    store; others are symlinks and special files (a symlinked directory is never entered)."""
     found = []
     pending = [root]
     while pending:
@@ -56,7 +58,7 @@ def _walk(root: str) -> list[tuple[str, list[str], list[str]]]:
             entries = list(os.scandir(directory))
         except (FileNotFoundError, NotADirectoryError, PermissionError):
             continue
-        dirs, files = [], []
+        dirs, files, links = [], [], []
         for entry in entries:
             if entry.is_dir(follow_symlinks=False):
                 if not entry.name.startswith("."):
@@ -64,7 +66,9 @@ def _walk(root: str) -> list[tuple[str, list[str], list[str]]]:
                     pending.append(entry.path)
             elif entry.is_file(follow_symlinks=False):
                 files.append(entry.name)
-        found.append((directory, dirs, files))
+            elif not entry.name.startswith("."):
+                links.append(entry.name)
+        found.append((directory, dirs, files, links))
     return found
 
 
@@ -186,10 +190,15 @@ class VerifyReport:
 
 def verify_store(store: Store, progress: Callable[[str], None] | None = None) -> VerifyReport:
     report = VerifyReport()
-    for directory, _dirs, files in _walk(store.path):
+    for directory, _dirs, files, links in _walk(store.path):
         prefix = "" if directory == store.path else directory[len(store.path) + 1 :] + "/"
         referenced = set()
-        for file_name in sorted(files):
+        for link in links:
+            path = os.path.join(directory, link)
+            if not link.endswith(".json") and os.path.islink(path) and os.path.isdir(path):
+                # Never entered (it could lead out of the store); reported under the group's path.
+                report.problems[prefix + link + "/"] = "group directory is a symlink; its datasets are not read"
+        for file_name in sorted(files + [link for link in links if link.endswith(".json")]):
             if (
                 not file_name.endswith(".json")
                 or file_name.startswith(".")
@@ -224,16 +233,22 @@ def verify_store(store: Store, progress: Callable[[str], None] | None = None) ->
 
 def _check_data(store: Store, name: str, header: Any) -> str | None:
     """None if the data file matches the header (and its checksum, where known)."""
+    fd = store._open_data(store._locate(name), header)
+    try:
+        return _check_open_data(fd, header)
+    finally:
+        os.close(fd)
+
+
+def _check_open_data(fd: int, header: Any) -> str | None:
     from ._growable import CONTROL_BYTES, _Mapped
 
-    location = store._locate(name)
-    path = location.data_path(header.data_file)
-    mapped = _Mapped(header, path, writable=False)
+    mapped = _Mapped(header, "", writable=False, fd=fd)
     if not header.growable:
         if header.checksum is None:
             return None
         algorithm = header.checksum.partition(":")[0]
-        actual = file_digest(path, header.offset, header.nbytes, algorithm)
+        actual = file_digest(fd, header.offset, header.nbytes, algorithm)
         return None if actual == header.checksum else f"checksum mismatch: data {actual}, header {header.checksum}"
     assert mapped.control is not None and mapped.control_u32 is not None
     for _attempt in range(3):  # a live writer may move the fields while we read them
@@ -245,7 +260,7 @@ def _check_data(store: Store, name: str, header: Any) -> str | None:
             return None
         if crc_rows > length:
             return f"checksum covers {crc_rows} rows but only {length} are committed"
-        if crc32_file(path, CONTROL_BYTES, crc_rows * mapped.row_bytes) == crc_value:
+        if crc32_file(fd, CONTROL_BYTES, crc_rows * mapped.row_bytes) == crc_value:
             return None
     return f"checksum mismatch over the first {crc_rows} rows"
 
@@ -258,7 +273,17 @@ def recover_store(store: Store) -> VerifyReport:
         return report
     quarantine = os.path.join(store.path, ".quarantine", time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}")
     for name in sorted(report.problems):
-        location = store._locate(name)
+        if name.endswith("/"):
+            continue  # a symlinked group directory: not ours to move (its target is outside)
+        try:
+            location = store._locate(name)
+        except InvalidNameError:
+            # A sidecar planted under a name no writer can use (so no lock to take): move it alone.
+            target = os.path.join(quarantine, name)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.rename(os.path.join(store.path, name + ".json"), target + ".json")
+            report.quarantined[name] = os.path.relpath(target, store.path)
+            continue
         location.lock.acquire(store.timeout)
         try:
             target = os.path.join(quarantine, name)

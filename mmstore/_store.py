@@ -33,6 +33,7 @@ from ._entries import (
     _collect_names,
     _descriptor_budget,
     _Entry,
+    _first_symlink,
     _Location,
     _read_fd,
     _warm_up,
@@ -59,7 +60,7 @@ from ._format import (
     parse_header,
     parse_manifest,
 )
-from ._growable import MissingDataFile, Reader, Writer, _Mapped, validate_length
+from ._growable import MissingDataFile, Reader, Writer, _Mapped, data_file_error, validate_length
 from ._locks import DatasetLock, mark_alive
 
 if TYPE_CHECKING:
@@ -290,7 +291,7 @@ class Store:
     def _read(self, name: str) -> tuple[np.ndarray, Header]:
         """get(), also returning the header the array belongs to."""
         location = self._locate(name)
-        entry = self._current_entry(location)
+        entry = self._current_entry(location, map_data=True)
         for _attempt in range(2):
             if entry.mapped is None:
                 entry, mapped = self._map_entry(location, entry)
@@ -312,7 +313,8 @@ class Store:
         sidecar is a corrupt dataset."""
         for _attempt in range(1000):
             try:
-                entry.mapped = _Mapped(entry.header, location.data_path(entry.header.data_file), writable=False)
+                self._map_data(location, entry, None)
+                assert entry.mapped is not None
                 return entry, entry.mapped
             except MissingDataFile:
                 newer = self._current_entry(location)
@@ -321,8 +323,23 @@ class Store:
                 entry = newer
         raise FormatError(f"dataset {location.name!r}: replaced too often to read a consistent generation")
 
-    def _current_entry(self, location: _Location) -> _Entry:
-        """The entry of the committed sidecar, re-reading it only if it changed."""
+    def _map_data(self, location: _Location, entry: _Entry, directory_fd: int | None) -> None:
+        fd = self._open_data(location, entry.header, directory_fd)
+        try:
+            entry.mapped = _Mapped(entry.header, "", writable=False, fd=fd)
+        finally:
+            os.close(fd)
+
+    def _open_data(self, location: _Location, header: Header, directory_fd: int | None = None) -> int:
+        """Open the header's data file for reading, never through a symlink (FormatError)."""
+        try:
+            return location.open_file(header.data_file, _durable.READ_FLAGS, directory_fd)
+        except OSError as exc:
+            raise data_file_error(header, exc) from None
+
+    def _current_entry(self, location: _Location, map_data: bool = False) -> _Entry:
+        """The entry of the committed sidecar, re-reading it only if it changed
+        (and, with ``map_data``, mapping the data file of a re-read entry)."""
         entry = self._entries.get(location.name)
         if entry is not None:
             self._entries.move_to_end(location.name)
@@ -333,30 +350,47 @@ class Store:
                 raise self._missing(location.name) from None
             if st.st_ino == entry.inode and st.st_dev == entry.device:
                 return entry
-        return self._read_entry(location)
+        return self._read_entry(location, map_data)
 
-    def _read_entry(self, location: _Location) -> _Entry:
+    def _read_entry(self, location: _Location, map_data: bool = False) -> _Entry:
+        """Read and remember the committed sidecar. Its directory is reached once, without
+        following group symlinks, and ``map_data`` maps the data file through the same
+        directory descriptor (one walk for both files)."""
         self._check_open()
         name = location.name
         try:
-            fd = os.open(location.sidecar, _durable.READ_FLAGS)
+            directory_fd = location.open_directory()
         except (FileNotFoundError, NotADirectoryError):
             self._drop_entry(name)
             raise self._missing(name) from None
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise FormatError(f"dataset {name!r}: sidecar is a symlink; refusing to follow it") from None
-            raise
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise FormatError(f"dataset {name!r}: sidecar is not a regular file")
-            header = parse_header(name, _read_fd(fd))
-        except BaseException:
-            os.close(fd)
-            raise
-        entry = _Entry(header, fd, st)
-        self._remember(name, entry)
+            try:
+                fd = location.open_file(location.leaf + ".json", _durable.READ_FLAGS, directory_fd)
+            except (FileNotFoundError, NotADirectoryError):
+                self._drop_entry(name)
+                raise self._missing(name) from None
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise FormatError(f"dataset {name!r}: sidecar is a symlink; refusing to follow it") from None
+                raise
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise FormatError(f"dataset {name!r}: sidecar is not a regular file")
+                header = parse_header(name, _read_fd(fd))
+            except BaseException:
+                os.close(fd)
+                raise
+            entry = _Entry(header, fd, st)
+            self._remember(name, entry)
+            if map_data:
+                try:
+                    self._map_data(location, entry, directory_fd)
+                except MissingDataFile:
+                    pass  # replaced since we read the sidecar: _map_entry reads the new one
+        finally:
+            if directory_fd is not None:
+                os.close(directory_fd)
         return entry
 
     def _remember(self, name: str, entry: _Entry) -> None:
@@ -414,7 +448,14 @@ class Store:
             location = self._locate(name)
         except InvalidNameError:
             return False
-        return os.path.isfile(location.sidecar)
+        # As listed by keys(): any sidecar entry but a directory (a symlink or a special
+        # file is a corrupt dataset: get() says why), in group directories that are not symlinks.
+        try:
+            if stat.S_ISDIR(os.lstat(location.sidecar).st_mode):
+                return False
+        except OSError:
+            return False
+        return not location.groups or location.group_symlink() is None
 
     def keys(self, prefix: str = "") -> list[str]:
         """Sorted names of every dataset (under ``prefix``, a group path, if given)."""
@@ -425,8 +466,10 @@ class Store:
             _names.validate_name(prefix)
             start = os.path.join(self.path, prefix)
         names: list[str] = []
-        _collect_names(self.path, start, names)
-        if prefix and os.path.isfile(_names.sidecar_path(self.path, prefix)):
+        # A group that is a symlink is never entered, not even when named as the prefix.
+        if not prefix or _first_symlink(self.path, prefix.split("/")) is None:
+            _collect_names(self.path, start, names)
+        if prefix and prefix in self:
             names.append(prefix)
         return sorted(names)
 
