@@ -598,7 +598,11 @@ class Store:
                 raise StoreIOError(
                     errno.EIO, f"dataset {name!r}: data file is {size} bytes after filling, not {nbytes}"
                 )
-            return kind, dims, _mapping.file_digest(path, 0, nbytes, XXH3_ALGORITHM)
+            reader = os.open(path, _durable.READ_FLAGS)  # ``fd`` is write-only
+            try:
+                return kind, dims, _mapping.file_digest(reader, 0, nbytes, XXH3_ALGORITHM)
+            finally:
+                os.close(reader)
 
         if not self._write_and_commit(location, write, attrs_record, durable):
             raise StoreIOError(errno.EIO, f"dataset {name!r}: its new data file vanished before the commit")

@@ -39,7 +39,7 @@ from . import _durable
 from ._entries import _close_quietly
 from ._errors import FormatError, GenerationGoneError, MmstoreError
 from ._format import Header
-from ._growable import _Mapped, validate_length
+from ._growable import _Mapped, data_file_error, validate_length
 from ._store import Store
 
 __all__ = ["GenerationGoneError", "PinnedDataset", "from_dask", "pin", "to_dask"]
@@ -158,8 +158,8 @@ class PinnedDataset:
     def _open(self) -> int:
         """A descriptor of exactly the pinned data file, or GenerationGoneError."""
         for path, flags in (
-            (self.data_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC),
-            ("/proc/{}/fd/{}".format(*self.owner), os.O_RDONLY | os.O_CLOEXEC),
+            (self.data_path, _durable.READ_FLAGS),  # O_NONBLOCK: a FIFO planted there cannot hang us
+            ("/proc/{}/fd/{}".format(*self.owner), _durable.READ_FLAGS & ~os.O_NOFOLLOW),  # a magic link
         ):
             try:
                 fd = os.open(path, flags)
@@ -187,13 +187,20 @@ def pin(store: Store | str | os.PathLike[str], name: str) -> PinnedDataset:
 
 def _pin(store: Store, name: str) -> PinnedDataset:
     location = store._locate(name)
+    missing: Header | None = None
     for _attempt in range(1000):
         header = store.header(name)
+        if missing is not None and (header.generation, header.data_file) == (missing.generation, missing.data_file):
+            raise data_file_error(header, FileNotFoundError())  # gone under an unchanged header: corrupt
         path = location.data_path(header.data_file)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            # Relative to the dataset's directory reached without following symlinks, as get() does.
+            fd = location.open_file(header.data_file, _durable.READ_FLAGS)
         except FileNotFoundError:
-            continue  # replaced between reading the header and opening its file: read it again
+            missing = header  # replaced between reading the header and opening its file: read it again
+            continue
+        except OSError as exc:
+            raise data_file_error(header, exc) from None
         try:
             mapped = _Mapped(header, path, writable=False, fd=fd)
             length = validate_length(header, mapped, mapped.committed_length(header))

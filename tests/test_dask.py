@@ -322,3 +322,16 @@ def test_a_process_keeps_one_generation_of_each_dataset_mapped(store: mmstore.St
 
 def _pinned(darr: Any) -> Any:
     return darr.__dask_graph__()[_pinned_key(darr)]
+
+
+def test_to_dask_refuses_symlinked_groups_and_missing_files(store: mmstore.Store, tmp_path: Path) -> None:
+    store.put("grp/x", np.arange(10))
+    outside = tmp_path / "outside"
+    os.rename(os.path.join(store.path, "grp"), outside)
+    os.symlink(outside, os.path.join(store.path, "grp"))
+    with pytest.raises(mmstore.FormatError, match="grp"):
+        mmdask.to_dask(store.path, "grp/x")
+    store.put("y", np.arange(10))
+    os.unlink(store.info("y")["data_file"])
+    with pytest.raises(mmstore.FormatError, match=r"'y'.*missing"):
+        mmdask.to_dask(store.path, "y")
