@@ -1,9 +1,18 @@
-"""Model-based test: random sequences of store operations checked against a plain dict."""
+"""Model-based test: random sequences of store operations checked against a plain dict.
+
+Besides this process's own handle and a second read-only handle, a second *process*
+(spawned once, kept for the whole test) reads every dataset after every step through a
+read-only Store it keeps open across steps: its cached entries must never serve a value
+that this process has since replaced, deleted or appended to.
+"""
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
 import shutil
 import tempfile
+from typing import Any
 
 import numpy as np
 from hypothesis import HealthCheck, settings
@@ -11,6 +20,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 import mmstore
+from tests import workers
+from tests.conftest import PROCESS_TIMEOUT
 
 NAMES = st.sampled_from(["a", "b", "g/a", "g/b", "g/h/c", "x.json", "v1.2"])
 DTYPES = st.sampled_from(["<i4", ">f8", "u1", "?", "S3", "<U2", "<M8[s]", "c8"])
@@ -23,6 +34,44 @@ def arrays(draw: st.DrawFn) -> np.ndarray:
     raw = draw(st.binary(min_size=int(np.prod(shape)) * dtype.itemsize, max_size=int(np.prod(shape)) * dtype.itemsize))
     array = np.frombuffer(raw, dtype=np.uint8).view(dtype).reshape(shape) if raw else np.zeros(shape, dtype)
     return array
+
+
+_reader: tuple[Any, Any] | None = None  # (process, connection) of the reading process
+
+
+def _reader_connection() -> Any:
+    global _reader
+    if _reader is None or not _reader[0].is_alive():
+        context = multiprocessing.get_context("spawn")
+        ours, theirs = context.Pipe()
+        process = context.Process(target=workers.model_reader, args=(theirs,), daemon=True)
+        process.start()
+        theirs.close()
+        _reader = (process, ours)
+        atexit.register(_stop_reader)
+    return _reader[1]
+
+
+def _stop_reader() -> None:
+    global _reader
+    if _reader is not None:
+        process, connection = _reader
+        _reader = None
+        try:
+            connection.send(None)
+        except OSError:
+            pass
+        process.join(PROCESS_TIMEOUT)
+
+
+def _ask_reader(request: tuple[str, str]) -> Any:
+    connection = _reader_connection()
+    connection.send(request)
+    assert connection.poll(PROCESS_TIMEOUT), f"the reading process did not answer {request!r}"
+    answer = connection.recv()
+    if isinstance(answer, tuple) and answer and answer[0] == "error":
+        raise AssertionError(f"the reading process failed: {answer[1]}")
+    return answer
 
 
 class StoreMachine(RuleBasedStateMachine):
@@ -112,6 +161,12 @@ class StoreMachine(RuleBasedStateMachine):
                     assert store.attrs(name) == attrs
             if "log" in reader:
                 assert reader.get("log").tolist() == self.log[: self.log_committed]
+        # The second process: the same view through a handle it keeps open across steps.
+        seen = _ask_reader(("read", f"{self.directory}/s"))
+        expected = {name: (dtype, shape, raw, attrs) for name, (dtype, shape, raw, attrs) in self.model.items()}
+        if "log" in seen:
+            assert seen.pop("log")[2] == np.array(self.log[: self.log_committed], dtype=np.int64).tobytes()
+        assert seen == expected
 
     def teardown(self) -> None:
         if hasattr(self, "store"):
@@ -119,6 +174,7 @@ class StoreMachine(RuleBasedStateMachine):
                 self.writer.close()
             assert self.store.verify().ok
             self.store.close()
+            _ask_reader(("forget", f"{self.directory}/s"))
             shutil.rmtree(self.directory, ignore_errors=True)
 
 

@@ -250,3 +250,31 @@ def cache_reader_rounds(path: str, rounds: int, ready: Any, changed: Any, seen: 
             stale += 1
         seen.set()
     results.put(stale)
+
+
+def model_reader(connection: Any) -> None:
+    """tests/test_model.py's second process: answers ("read", store) with every dataset's
+    (dtype, shape, bytes, attrs) through a read-only Store kept open between requests."""
+    stores: dict[str, mmstore.Store] = {}
+    while True:
+        request = connection.recv()
+        if request is None:
+            break
+        command, path = request
+        try:
+            if command == "forget":
+                store = stores.pop(path, None)
+                if store is not None:
+                    store.close()
+                connection.send("ok")
+                continue
+            store = stores.get(path) or stores.setdefault(path, mmstore.Store(path, "r"))
+            seen = {}
+            for name in store:
+                array = store.get(name)
+                seen[name] = (array.dtype.str, array.shape, array.tobytes(), store.attrs(name))
+            connection.send(seen)
+        except Exception as exc:  # reported to the test, which fails with it
+            connection.send(("error", repr(exc)))
+    for store in stores.values():
+        store.close()
