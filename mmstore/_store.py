@@ -94,17 +94,23 @@ class Store:
     failing if it exists. ``timeout`` bounds every writer-lock wait (seconds;
     negative waits forever). Files are created with 0o666 less the umask, or
     with exactly ``permissions`` (e.g. 0o660 for a store shared by a group;
-    directories get the matching search bits).
+    directories get the matching search bits). As a shorthand, an integer
+    ``mode`` (``Store(path, mode=0o660)``) means mode ``"a"`` with those
+    permissions.
     """
 
     def __init__(
         self,
         path: str | os.PathLike[str],
-        mode: str = "a",
+        mode: str | int = "a",
         *,
         timeout: float = 10.0,
         permissions: int | None = None,
     ) -> None:
+        if isinstance(mode, int) and not isinstance(mode, bool):
+            if permissions is not None and permissions != mode:
+                raise ValueError(f"mode={mode:#o} and permissions={permissions!r} disagree; give one of them")
+            mode, permissions = "a", mode
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {', '.join(map(repr, _MODES))}, not {mode!r}")
         if permissions is not None and not (isinstance(permissions, int) and 0 <= permissions <= 0o777):

@@ -499,7 +499,16 @@ def test_files_respect_the_umask_or_exact_permissions(tmp_path: Path) -> None:
         assert modes(tmp_path / "shared") == {("dir", 0o770), ("file", 0o660)}
         assert (tmp_path / "shared").stat().st_mode & 0o777 == 0o770
         assert {mode for kind, mode in modes(tmp_path / "cache") if kind == "file"} == {0o660}
+        with mmstore.Store(tmp_path / "shorthand", mode=0o640) as store:  # an int mode: "a" with those bits
+            assert store.mode == "a" and store.permissions == 0o640
+            store.put("g/x", np.arange(3))
+        assert modes(tmp_path / "shorthand") == {("dir", 0o750), ("file", 0o640)}
     finally:
         os.umask(old_umask)
     with pytest.raises(ValueError, match="permissions"):
         mmstore.Store(tmp_path / "bad", permissions=0o1777)
+    with pytest.raises(ValueError, match="permissions"):
+        mmstore.Store(tmp_path / "bad", mode=0o2000)
+    with pytest.raises(ValueError, match="disagree"):
+        mmstore.Store(tmp_path / "bad", mode=0o660, permissions=0o600)
+    assert not (tmp_path / "bad").exists()
