@@ -11,12 +11,9 @@ import errno
 import os
 import stat
 
-import numpy as np
-
 from . import _names
-from ._durable import READ_FLAGS
-from ._errors import FormatError, MmstoreError
-from ._format import MANIFEST_NAME, Header, parse_header
+from ._errors import FormatError
+from ._format import Header
 from ._growable import _Mapped
 from ._locks import DatasetLock
 
@@ -157,50 +154,6 @@ class _Entry:
         self.sidecar_fd = sidecar_fd
         self.inode = st.st_ino
         self.device = st.st_dev
-
-
-_warmed_up = False
-
-
-def _warm_up(root: str) -> None:
-    """Run the read path's code once per process, on the store's own manifest.
-
-    A fresh interpreter pays ~150 us the first time it parses JSON, builds a
-    dtype, opens and maps a file and makes an array from it; doing it here,
-    when the store opens, keeps that one-time cost out of the first get() of
-    a dataset. The manifest is read as a byte array through the same
-    _Mapped/_Location code (and the same system calls) a dataset uses.
-    """
-    global _warmed_up
-    if _warmed_up:
-        return
-    _warmed_up = True
-    location = _Location(root, "warm-up")
-    try:
-        size = os.stat(os.path.join(root, MANIFEST_NAME)).st_size
-    except OSError:
-        return
-    sample = Header(
-        name="warm-up", dtype=np.dtype("u1"), shape=(size,), data_file=MANIFEST_NAME,
-        offset=0, generation=1, created=0.0, modified=0.0, attrs={}, checksum=None,
-    )  # fmt: skip
-    header = parse_header("warm-up", sample.to_json())
-    _names.validate_name("warm-up")
-    try:
-        # As a read through a group does: a directory descriptor, a file opened relative to it.
-        directory_fd = os.open(root, _DIRECTORY_FLAGS)
-        try:
-            fd = location.open_file(header.data_file, READ_FLAGS, directory_fd)
-        finally:
-            os.close(directory_fd)
-        try:
-            mapped = _Mapped(header, "", writable=False, fd=fd)
-        finally:
-            os.close(fd)
-        mapped.rows[...]
-        del mapped
-    except (OSError, MmstoreError):
-        pass  # only a warm-up: the real read reports real problems
 
 
 def _is_symlink(name: str, directory_fd: int) -> bool:
