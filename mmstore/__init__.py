@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from ._cache import Cache
 from ._errors import (
+    ArgumentTypeError,
     ClosedError,
     DatasetExistsError,
     DatasetNotFoundError,
     FormatError,
     FsyncError,
     GenerationGoneError,
+    InvalidArgumentError,
     InvalidNameError,
     LockTimeout,
     MmstoreError,
@@ -45,6 +47,7 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "FORMAT_VERSION",
+    "ArgumentTypeError",
     "Cache",
     "ClosedError",
     "DatasetExistsError",
@@ -52,6 +55,7 @@ __all__ = [
     "FormatError",
     "FsyncError",
     "GenerationGoneError",
+    "InvalidArgumentError",
     "InvalidNameError",
     "LockTimeout",
     "MmstoreError",

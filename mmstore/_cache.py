@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from . import _durable, _keys, _names
-from ._errors import DatasetNotFoundError, FormatError, MmstoreError
+from ._errors import ArgumentTypeError, DatasetNotFoundError, FormatError, InvalidArgumentError, MmstoreError
 from ._locks import DatasetLock
 from ._store import Store
 
@@ -85,9 +85,9 @@ class Cache:
         permissions: int | None = None,
     ) -> None:
         if max_bytes is not None and max_bytes <= 0:
-            raise ValueError(f"max_bytes must be positive, not {max_bytes!r}")
+            raise InvalidArgumentError(f"max_bytes must be positive, not {max_bytes!r}")
         if ttl is not None and ttl <= 0:
-            raise ValueError(f"ttl must be positive, not {ttl!r}")
+            raise InvalidArgumentError(f"ttl must be positive, not {ttl!r}")
         self.store = Store(path, "a", timeout=timeout, permissions=permissions)
         self.path = self.store.path
         self.max_bytes = max_bytes
@@ -124,7 +124,7 @@ class Cache:
             elif isinstance(key, bytes):
                 raw = b"b" + key
             else:
-                raise TypeError(f"cache keys are str or bytes, not {type(key).__name__}")
+                raise ArgumentTypeError(f"cache keys are str or bytes, not {type(key).__name__}")
             digest = hashlib.blake2b(raw, digest_size=16).hexdigest()
             name = f"e/{digest[:2]}/{digest}"
             found = (name, _slot_of(name))
@@ -261,7 +261,7 @@ class Cache:
         kind, arrays, extra = _split(value)
         nbytes = sum(array.nbytes for array in arrays)
         if self.max_bytes is not None and nbytes > self.max_bytes:
-            raise ValueError(f"a value of {nbytes} bytes cannot fit in a cache of max_bytes={self.max_bytes}")
+            raise InvalidArgumentError(f"a value of {nbytes} bytes cannot fit in a cache of max_bytes={self.max_bytes}")
         ttl = self.ttl if ttl is None else ttl
         attrs: dict[str, Any] = {"kind": kind, "nbytes": nbytes, "expires": time.time() + ttl if ttl else None}
         if isinstance(key, str) and len(key) <= 512:
@@ -578,7 +578,7 @@ def _split(value: Any) -> tuple[str, list[np.ndarray], dict[str, Any]]:
         arrays = [_as_part(item) for item in value.values()]
         scalars = [isinstance(item, (np.generic, *_SCALAR_KINDS)) for item in value.values()]
         return "dict", arrays, {"keys": list(value), "scalars": scalars}
-    raise TypeError(
+    raise ArgumentTypeError(
         f"cannot cache a {type(value).__qualname__}: use an array, a scalar, or a tuple/list/dict (str keys) of them"
     )
 
@@ -588,7 +588,7 @@ def _as_part(item: Any) -> np.ndarray:
         return item
     if isinstance(item, (np.generic, bool, int, float)):
         return np.asarray(item)
-    raise TypeError(f"cannot cache a {type(item).__qualname__} inside a result: use arrays or numbers")
+    raise ArgumentTypeError(f"cannot cache a {type(item).__qualname__} inside a result: use arrays or numbers")
 
 
 def _open_control(root: str, permissions: int | None) -> mmap.mmap:

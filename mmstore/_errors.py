@@ -24,6 +24,14 @@ class InvalidNameError(MmstoreError, ValueError):
     """A dataset name that is empty, escapes the store or has forbidden characters."""
 
 
+class InvalidArgumentError(MmstoreError, ValueError):
+    """A bad argument value: attrs, a shape, rows that do not fit a dataset, an option."""
+
+
+class ArgumentTypeError(MmstoreError, TypeError):
+    """An argument of a type mmstore cannot use (a cache key, a result to cache ...)."""
+
+
 class UnsupportedDtypeError(MmstoreError, ValueError):
     """A dtype mmstore cannot store as raw bytes (object dtypes and the like)."""
 

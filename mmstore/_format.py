@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import numpy.lib.format as npy_format
 
-from ._errors import FormatError, UnsupportedDtypeError
+from ._errors import FormatError, InvalidArgumentError, UnsupportedDtypeError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "mmstore.json"
@@ -92,6 +92,16 @@ def _dtype_json_text(dtype: np.dtype[Any]) -> str:
         if len(_DTYPE_JSON_TEXT) < 1024:
             _DTYPE_JSON_TEXT[dtype] = text
     return text
+
+
+def as_dtype(obj: Any, what: str) -> np.dtype[Any]:
+    """``np.dtype(obj)``, with UnsupportedDtypeError (a ValueError) naming ``what`` for anything
+    NumPy does not understand as a dtype (NumPy raises TypeError for a bad dtype string)."""
+    try:
+        dtype: np.dtype[Any] = np.dtype(obj)
+        return dtype
+    except (TypeError, ValueError) as exc:
+        raise UnsupportedDtypeError(f"{what}: {obj!r} is not a dtype ({exc})") from None
 
 
 def encode_dtype(dtype: np.dtype[Any]) -> Any:
@@ -334,17 +344,17 @@ def encode_attrs(attrs: Any) -> dict[str, Any]:
     if attrs is None:
         return {}
     if not hasattr(attrs, "items"):
-        raise ValueError(f"attrs must be a mapping, not {type(attrs).__name__}")
+        raise InvalidArgumentError(f"attrs must be a mapping, not {type(attrs).__name__}")
     result = {}
     for key, value in attrs.items():
         if not isinstance(key, str):
-            raise ValueError(f"attr keys must be strings, got {key!r}")
+            raise InvalidArgumentError(f"attr keys must be strings, got {key!r}")
         result[key] = value
     try:
         # Round-trip through JSON so what we store is exactly what we return later.
         text = json.dumps(result, default=_json_default, allow_nan=False)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"attrs must be JSON-serialisable: {exc}") from None
+        raise InvalidArgumentError(f"attrs must be JSON-serialisable: {exc}") from None
     decoded: dict[str, Any] = json.loads(text)
     return decoded
 

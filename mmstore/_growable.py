@@ -39,8 +39,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import _durable, _names
-from ._errors import ClosedError, DatasetExistsError, FormatError, FsyncError
-from ._format import Header, encode_attrs, encode_dtype
+from ._errors import (
+    ArgumentTypeError,
+    ClosedError,
+    DatasetExistsError,
+    FormatError,
+    FsyncError,
+    InvalidArgumentError,
+)
+from ._format import Header, as_dtype, encode_attrs, encode_dtype
 from ._locks import mark_alive
 from ._notify import Waiter
 
@@ -195,6 +202,7 @@ class Writer:
             self._crc_known = False
         self._published = self._mapped.published()
         self._row_shape = self._mapped.row_shape
+        self._sidecar_durable = False  # flush(durable=True) syncs the sidecar and directory once
 
     # --- shape and data ---------------------------------------------------------
 
@@ -208,7 +216,7 @@ class Writer:
 
     def __len__(self) -> int:
         if not self._header.shape:
-            raise TypeError("len() of a 0-d dataset")
+            raise ArgumentTypeError("len() of a 0-d dataset")
         return self._length
 
     @property
@@ -235,7 +243,7 @@ class Writer:
         if self._closed or self._failed:
             raise ClosedError(f"writer of dataset {self.name!r} is {self._closed_reason}")
         if not self.growable:
-            raise ValueError(f"dataset {self.name!r} is not growable; create it with growable=True to append")
+            raise InvalidArgumentError(f"dataset {self.name!r} is not growable; create it with growable=True to append")
         if type(rows) is np.ndarray and rows.shape == self._row_shape and rows.dtype == self.dtype:
             # One row of the right dtype: the hot path of a producer appending sample by sample.
             start = self._length
@@ -274,7 +282,7 @@ class Writer:
         row_shape = self._mapped.row_shape
         if isinstance(rows, np.ndarray):
             if rows.dtype != self.dtype and not np.can_cast(rows.dtype, self.dtype, casting="same_kind"):
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"cannot append rows of dtype {rows.dtype} to dataset {self.name!r} of dtype {self.dtype}"
                 )
             block = rows
@@ -282,11 +290,13 @@ class Writer:
             try:
                 block = np.asarray(rows, dtype=self.dtype)
             except (TypeError, ValueError) as exc:
-                raise ValueError(f"cannot convert rows to dataset {self.name!r}'s dtype {self.dtype}: {exc}") from None
+                raise InvalidArgumentError(
+                    f"cannot convert rows to dataset {self.name!r}'s dtype {self.dtype}: {exc}"
+                ) from None
         if block.shape == row_shape and (row_shape or block.ndim == 0):
             return block.reshape((1, *row_shape))
         if block.shape[1:] != row_shape or block.ndim == 0:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"rows of shape {block.shape} do not fit dataset {self.name!r} with rows of shape {row_shape}"
             )
         return block
@@ -317,6 +327,8 @@ class Writer:
                 os.pwrite(self._fd, _PACK_U64(self._published), _PUBLISH_OFFSET)  # orders, and wakes followers
                 if durable:
                     self._fsync()
+            if durable and not self._sidecar_durable:
+                self._sync_sidecar()
         except OSError as exc:
             raise _durable.io_error(exc, f"dataset {self.name!r}: flush") from None
         self._committed = self._length
@@ -353,6 +365,7 @@ class Writer:
                     shape=(self._committed, *self._mapped.row_shape), modified=time.time()
                 )
                 self._store._write_sidecar_locked(self._location, self._header, durable=False)
+                self._store._mark_dirty(self._location)
         finally:
             self._closed = True
             os.close(self._fd)
@@ -363,15 +376,36 @@ class Writer:
         if self._closed:
             raise ClosedError(f"writer of dataset {self.name!r} is {self._closed_reason}")
 
+    def _sync_sidecar(self) -> None:
+        """fsync the sidecar that names this data file, then its directories (once per
+        writer: rows made durable are only reachable after a power loss if the sidecar
+        pointing at their file is durable too, e.g. right after create())."""
+        location = self._location
+        try:
+            fd = os.open(location.sidecar, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            raise _durable.io_error(exc, f"dataset {self.name!r}: opening its sidecar to sync it") from None
+        try:
+            self._fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            _durable.fsync_dir_chain(location.directory, self._store.path)
+        except FsyncError:
+            self._closed_reason = "unusable after an fsync error (reopen it to go on)"
+            self._failed = True
+            raise
+        self._sidecar_durable = True
+
     def _sync_committed(self) -> None:
         """Make the flushed rows durable (Store.flush); pending rows stay unpublished."""
         if not self._closed:
             self._fsync()
 
-    def _fsync(self) -> None:
-        """fsync the data file; after a failure this writer refuses to publish anything more."""
+    def _fsync(self, fd: int | None = None) -> None:
+        """fsync the data file (or ``fd``); after a failure this writer refuses to publish anything more."""
         try:
-            _durable.fsync(self._fd, f"dataset {self.name!r}")
+            _durable.fsync(self._fd if fd is None else fd, f"dataset {self.name!r}")
         except FsyncError:
             self._closed_reason = "unusable after an fsync error (reopen it to go on)"
             self._failed = True
@@ -540,11 +574,13 @@ def create_dataset(
 ) -> Writer:
     """Store.create: make the data file, commit its sidecar, return the writer (holding the lock)."""
     name = location.name
-    dtype = np.dtype(dtype)
+    dtype = as_dtype(dtype, f"dataset {name!r}")
     encode_dtype(dtype)
     shape = _as_shape(shape, name)
     if growable and (not shape or row_bytes(dtype, shape[1:]) == 0):
-        raise ValueError(f"a growable dataset needs at least one dimension and non-empty rows; got shape {shape}")
+        raise InvalidArgumentError(
+            f"dataset {name!r}: a growable dataset needs at least one dimension and non-empty rows; got shape {shape}"
+        )
     attrs_record = encode_attrs(attrs) if attrs else {}
     lock = location.lock
     lock.acquire(store.timeout)
@@ -598,6 +634,7 @@ def create_dataset(
             os.close(fd)
             _durable.unlink_quietly(data_path)
             raise
+        store._mark_dirty(location, data_path)  # Store.flush() makes the new dataset durable
         os.close(fd)  # the writer reopens it; the file is referenced now
         if old_header is not None:
             _durable.unlink_quietly(location.data_path(old_header.data_file))
@@ -639,7 +676,7 @@ def _as_shape(shape: Any, name: str) -> tuple[int, ...]:
     try:
         result = tuple(operator.index(n) for n in shape)
     except TypeError:
-        raise ValueError(f"dataset {name!r}: shape must be a tuple of integers, not {shape!r}") from None
+        raise InvalidArgumentError(f"dataset {name!r}: shape must be a tuple of integers, not {shape!r}") from None
     if any(n < 0 for n in result):
-        raise ValueError(f"dataset {name!r}: shape {result} has a negative dimension")
+        raise InvalidArgumentError(f"dataset {name!r}: shape {result} has a negative dimension")
     return result

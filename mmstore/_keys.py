@@ -17,10 +17,12 @@ from typing import Any
 import numpy as np
 import xxhash
 
+from ._errors import ArgumentTypeError
+
 _DIGEST_BYTES = 16
 
 
-class UnhashableArgument(TypeError):
+class UnhashableArgument(ArgumentTypeError):
     """An argument with no canonical encoding for a cache key."""
 
 

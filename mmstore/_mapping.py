@@ -11,7 +11,7 @@ import numpy as np
 import xxhash
 
 from . import _durable
-from ._errors import FormatError
+from ._errors import FormatError, InvalidArgumentError
 from ._format import XXH3_ALGORITHM, crc32_update, format_checksum
 
 # Above this size the hash runs in a helper thread while the main thread writes.
@@ -71,7 +71,10 @@ def as_source(obj: Any) -> np.ndarray | RowSource:
         return obj
     if type(obj).__module__.partition(".")[0] in _LAZY_MODULES and hasattr(obj, "shape") and hasattr(obj, "dtype"):
         return RowSource(obj)
-    return np.asarray(obj)
+    try:
+        return np.asarray(obj)
+    except (TypeError, ValueError) as exc:  # a ragged list, an object NumPy cannot convert
+        raise InvalidArgumentError(f"cannot make an array of this {type(obj).__name__}: {exc}") from None
 
 
 def _byte_chunks(array: np.ndarray | RowSource) -> Any:

@@ -43,6 +43,7 @@ from ._errors import (
     DatasetNotFoundError,
     FormatError,
     FsyncError,
+    InvalidArgumentError,
     InvalidNameError,
     MmstoreError,
     ReadOnlyError,
@@ -54,6 +55,7 @@ from ._format import (
     MANIFEST_NAME,
     XXH3_ALGORITHM,
     Header,
+    as_dtype,
     encode_attrs,
     encode_dtype,
     manifest_bytes,
@@ -117,13 +119,13 @@ class Store:
     ) -> None:
         if isinstance(mode, int) and not isinstance(mode, bool):
             if permissions is not None and permissions != mode:
-                raise ValueError(f"mode={mode:#o} and permissions={permissions!r} disagree; give one of them")
+                raise InvalidArgumentError(f"mode={mode:#o} and permissions={permissions!r} disagree; give one of them")
             permissions = mode
             mode = "a"
         if mode not in _MODES:
-            raise ValueError(f"mode must be one of {', '.join(map(repr, _MODES))}, not {mode!r}")
+            raise InvalidArgumentError(f"mode must be one of {', '.join(map(repr, _MODES))}, not {mode!r}")
         if permissions is not None and not (isinstance(permissions, int) and 0 <= permissions <= 0o777):
-            raise ValueError(f"permissions must be file mode bits like 0o660, not {permissions!r}")
+            raise InvalidArgumentError(f"permissions must be file mode bits like 0o660, not {permissions!r}")
         self.permissions = permissions
         self.path = os.path.abspath(os.fspath(path))
         self.mode = "w-" if mode == "x" else mode
@@ -476,14 +478,20 @@ class Store:
         """A description of the dataset: name, dtype, shape, nbytes, attrs, generation, times ..."""
         location = self._locate(name)
         header = self._current_entry(location).header
+        shape = header.shape
+        if header.growable:
+            # The sidecar's length is the one recorded at the writer's last close; the
+            # committed length is the control block's, which flush() publishes.
+            array, header = self._read(name)
+            shape = array.shape
         return {
             "name": header.name,
             "dtype": header.dtype,
-            "shape": header.shape,
-            "ndim": len(header.shape),
-            "size": math.prod(header.shape),
+            "shape": shape,
+            "ndim": len(shape),
+            "size": math.prod(shape),
             "itemsize": header.dtype.itemsize,
-            "nbytes": header.nbytes,
+            "nbytes": math.prod(shape) * header.dtype.itemsize,
             "attrs": dict(header.attrs),
             "generation": header.generation,
             "created": header.created,
@@ -589,7 +597,7 @@ class Store:
         """
         self._check_writable()
         location = self._locate_for_writing(name)
-        target = np.dtype(dtype) if dtype is not None else None
+        target = as_dtype(dtype, f"dataset {name!r}") if dtype is not None else None
         if target is not None:
             encode_dtype(target)
         attrs_record = encode_attrs(attrs) if attrs else {}
@@ -601,16 +609,18 @@ class Store:
             for raw in blocks:
                 block = np.asarray(raw, dtype=kind)
                 if block.ndim == 0:
-                    raise ValueError(f"dataset {name!r}: blocks must have at least one dimension (rows)")
+                    raise InvalidArgumentError(f"dataset {name!r}: blocks must have at least one dimension (rows)")
                 if row_shape is None:
                     kind, row_shape = block.dtype, block.shape[1:]
                     encode_dtype(kind)
                 elif block.shape[1:] != row_shape:
-                    raise ValueError(f"dataset {name!r}: block of rows {block.shape[1:]} after rows {row_shape}")
+                    raise InvalidArgumentError(
+                        f"dataset {name!r}: block of rows {block.shape[1:]} after rows {row_shape}"
+                    )
                 _mapping.write_array(fd, block, hasher)
                 rows += block.shape[0]
             if kind is None:
-                raise ValueError(f"dataset {name!r}: no blocks, and no dtype given")
+                raise InvalidArgumentError(f"dataset {name!r}: no blocks, and no dtype given")
             return kind, (rows, *(row_shape or ())), f"{XXH3_ALGORITHM}:{hasher.hexdigest()}"
 
         if not self._write_and_commit(location, write, attrs_record, durable):
@@ -637,11 +647,11 @@ class Store:
         """
         self._check_writable()
         location = self._locate_for_writing(name)
-        kind = np.dtype(dtype)
+        kind = as_dtype(dtype, f"dataset {name!r}")
         encode_dtype(kind)
         dims = tuple(int(n) for n in shape)
         if any(n < 0 for n in dims):
-            raise ValueError(f"dataset {name!r}: negative dimension in shape {dims}")
+            raise InvalidArgumentError(f"dataset {name!r}: negative dimension in shape {dims}")
         nbytes = math.prod(dims) * kind.itemsize
         attrs_record = encode_attrs(attrs) if attrs else {}
 
@@ -716,11 +726,18 @@ class Store:
                 self._fsync_failure = exc
                 raise
         else:
-            with self._dirty_guard:
-                self._dirty[0].add(data_path)
-                self._dirty[1].add(location.sidecar)
-                self._dirty[2].add(location.directory)
+            self._mark_dirty(location, data_path)
         return True
+
+    def _mark_dirty(self, location: _Location, data_path: str | None = None, sidecar: bool = True) -> None:
+        """Remember what a commit without fsync changed, for flush(): the data file
+        (if given), the sidecar (if ``sidecar``) and the dataset's directory."""
+        with self._dirty_guard:
+            if data_path is not None:
+                self._dirty[0].add(data_path)
+            if sidecar:
+                self._dirty[1].add(location.sidecar)
+            self._dirty[2].add(location.directory)
 
     def _commit(self, location: _Location, data_fd: int, make_header: Any, durable: bool) -> Any:
         """Swap in a new sidecar under the dataset lock and return the old header
@@ -852,8 +869,7 @@ class Store:
             lock.release()
         if old_header is not None:
             _durable.unlink_quietly(location.data_path(old_header.data_file))
-        with self._dirty_guard:
-            self._dirty[2].add(location.directory)
+        self._mark_dirty(location, sidecar=False)
 
     def __delitem__(self, name: str) -> None:
         self.delete(name)

@@ -37,7 +37,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from . import _durable
 from ._entries import _close_quietly
-from ._errors import FormatError, GenerationGoneError, MmstoreError
+from ._errors import ArgumentTypeError, FormatError, GenerationGoneError, InvalidArgumentError, MmstoreError
 from ._format import Header
 from ._growable import _Mapped, data_file_error, validate_length
 from ._store import Store
@@ -128,7 +128,7 @@ class PinnedDataset:
 
     def __len__(self) -> int:
         if not self.shape:
-            raise TypeError("len() of a 0-d dataset")
+            raise ArgumentTypeError("len() of a 0-d dataset")
         return self.shape[0]
 
     def array(self) -> np.ndarray:
@@ -334,9 +334,9 @@ def from_dask(
     :class:`mmstore.Store` or a store path (opened in mode "a").
     """
     if not isinstance(darr, da.Array):
-        raise TypeError(f"from_dask wants a dask array, not {type(darr).__name__}")
+        raise ArgumentTypeError(f"from_dask wants a dask array, not {type(darr).__name__}")
     if any(math.isnan(size) for sizes in darr.chunks for size in sizes):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"dataset {name!r}: the dask array has unknown chunk sizes; call darr.compute_chunk_sizes() first"
         )
     if isinstance(store, Store):

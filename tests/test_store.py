@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -512,3 +513,95 @@ def test_files_respect_the_umask_or_exact_permissions(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="disagree"):
         mmstore.Store(tmp_path / "bad", mode=0o660, permissions=0o600)
     assert not (tmp_path / "bad").exists()
+
+
+def _record_fsyncs(monkeypatch: pytest.MonkeyPatch, root: Path) -> list[str]:
+    """Record every fsync as the path (relative to ``root``) of the file or directory synced."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.path.relpath(os.readlink(f"/proc/self/fd/{fd}"), root))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    return synced
+
+
+def test_flush_makes_datasets_made_by_create_durable(store: mmstore.Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Invariant 4: flush() fsyncs the data file, the sidecar and their directory, in that order,
+    for every commit, create() and a writer's close() included, not only put()."""
+    with store.create("grp/fixed", dtype="<f8", shape=(4,)) as writer:
+        writer[:] = 1.0
+    with store.create("log", dtype="<i8", shape=(0,), growable=True) as writer:
+        writer.append(np.arange(3))
+    synced = _record_fsyncs(monkeypatch, Path(store.path))
+    store.flush()
+    for name in ("grp/fixed", "log"):
+        data = os.path.relpath(store.info(name)["data_file"], store.path)
+        directory = os.path.dirname(data) or "."
+        sidecar = f"{name}.json"
+        assert {data, sidecar, directory} <= set(synced), (name, synced)
+        assert synced.index(data) < synced.index(sidecar) < synced.index(directory)
+
+
+def test_durable_writer_flush_syncs_the_sidecar_after_create(
+    store: mmstore.Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced = _record_fsyncs(monkeypatch, Path(store.path))
+    with store.create("g/log", dtype="<i8", shape=(0,), growable=True) as writer:
+        writer.append(np.arange(5))
+        writer.flush(durable=True)
+        data = os.path.relpath(store.info("g/log")["data_file"], store.path)
+        assert synced.count("g/log.json") == 1 and synced.index(data) < synced.index("g/log.json")
+        assert synced.index("g/log.json") < synced.index("g") < synced.index(".")
+        del synced[:]
+        writer.append(np.arange(5))
+        writer.flush(durable=True)  # the sidecar is durable already: only the data file again
+        assert set(synced) == {data}
+
+
+def test_info_reports_the_committed_length_of_a_growable_dataset(store: mmstore.Store) -> None:
+    with store.create("t", dtype="<f8", shape=(0,), growable=True) as writer:
+        writer.append(np.arange(100.0))
+        writer.flush()
+        writer.append(np.arange(5.0))  # not flushed: not committed
+        for view in (store, mmstore.Store(store.path, "r")):
+            info = view.info("t")
+            assert info["shape"] == (100,) and info["nbytes"] == 800 and info["size"] == 100
+            assert view.get("t").shape == info["shape"]
+    assert store.info("t")["shape"] == (105,)  # close() flushes
+
+
+@pytest.mark.parametrize(
+    ("builtin", "call"),
+    [
+        (ValueError, lambda s, c: s.create("x", dtype="notadtype", shape=(0,), growable=True)),
+        (ValueError, lambda s, c: s.put_blocks("x", [np.zeros(2)], dtype="notadtype")),
+        (ValueError, lambda s, c: s.put("y", np.zeros(2), attrs={"a": object()})),
+        (ValueError, lambda s, c: s.put("y", np.zeros(2), attrs={"a": float("nan")})),
+        (ValueError, lambda s, c: s.put("y", [[1, 2], [3]])),
+        (ValueError, lambda s, c: s.create("z", "f8", (-1,))),
+        (ValueError, lambda s, c: s.create("z", "f8", (), growable=True)),
+        (ValueError, lambda s, c: mmstore.Store(os.path.join(s.path, "other"), "q")),
+        (ValueError, lambda s, c: mmstore.Cache(os.path.join(s.path, "c2"), max_bytes=0)),
+        (TypeError, lambda s, c: c.set(1, np.zeros(2))),  # type: ignore[arg-type]
+        (TypeError, lambda s, c: c.set("k", object())),
+        (TypeError, lambda s, c: c.memoize(lambda x: x)(object())),
+    ],
+)
+def test_every_error_is_an_mmstore_error_with_its_builtin_base(
+    store: mmstore.Store, tmp_path: Path, builtin: type, call: Any
+) -> None:
+    with mmstore.Cache(tmp_path / "cache") as cache, pytest.raises(mmstore.MmstoreError) as caught:
+        call(store, cache)
+    assert isinstance(caught.value, builtin)
+
+
+def test_writer_errors_are_mmstore_errors(store: mmstore.Store) -> None:
+    with store.create("g", "f8", (0,), growable=True) as writer:
+        for rows in (np.array(["a"]), np.zeros((2, 2)), [[1.0], [2.0, 3.0]]):
+            with pytest.raises(mmstore.InvalidArgumentError):
+                writer.append(rows)
+    with store.create("h", "f8", (3,)) as writer, pytest.raises(mmstore.InvalidArgumentError, match="not growable"):
+        writer.append(np.zeros(1))
