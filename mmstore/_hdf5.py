@@ -85,6 +85,26 @@ def _native_attr(value: Any) -> Any:
     return None
 
 
+def fit_chunks(requested: tuple[int, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The chunk shape of a dataset of ``shape`` (non-empty, not 0-d) for a requested one.
+
+    The requested sizes are upper bounds for the leading axes, each cut to its axis's
+    extent; axes past them are whole, and sizes past the dataset's rank are ignored. So
+    ``(1000,)`` means blocks of up to 1000 rows for every dataset, whatever its rank.
+    """
+    padded = requested[: len(shape)] + shape[len(requested) :]
+    return tuple(max(1, min(size, extent)) for size, extent in zip(padded, shape, strict=True))
+
+
+def _check_chunks(chunks: bool | tuple[int, ...] | None) -> bool | tuple[int, ...] | None:
+    if chunks is None or isinstance(chunks, bool):
+        return chunks
+    sizes = tuple(chunks)
+    if not sizes or not all(isinstance(size, (int, np.integer)) and size > 0 for size in sizes):
+        raise ValueError(f"chunks must be None, True or a tuple of positive sizes, not {chunks!r}")
+    return tuple(int(size) for size in sizes)
+
+
 def _check_tree(names: list[str]) -> None:
     """HDF5 cannot have a dataset that is also a group: refuse such stores up front."""
     existing = set(names)
@@ -111,13 +131,16 @@ def export_hdf5(
     """Write every dataset's committed view (under ``only``) to the HDF5 file ``path``.
 
     ``compression`` is ``"gzip"``, ``"lzf"`` or None; ``chunks`` is None
-    (contiguous unless compressed), True (h5py's choice) or a chunk shape.
-    Returns the exported names. ``path`` appears only when complete.
+    (contiguous unless compressed), True (h5py's choice) or a chunk shape,
+    fitted to each dataset by ``fit_chunks``; 0-d and empty datasets are
+    always contiguous. Returns the exported names. ``path`` appears only when
+    complete.
     """
     import h5py
 
     if compression not in (None, "gzip", "lzf"):
         raise ValueError(f"compression must be 'gzip', 'lzf' or None, not {compression!r}")
+    chunks = _check_chunks(chunks)
     names = store.keys(only)
     _check_tree(names)
     exported: list[str] = []
@@ -194,22 +217,30 @@ def _write_dataset(
     chunks: bool | tuple[int, ...] | None,
     progress: Progress | None,
 ) -> None:
+    import h5py
+
     dtype = header.dtype
     stored = hdf5_dtype(dtype)
+    try:
+        h5py.h5t.py_create(stored, logical=True)
+    except TypeError as exc:
+        raise UnsupportedDtypeError(f"dataset {name!r}: HDF5 cannot store dtype {dtype}: {exc}") from None
     extra: tuple[int, ...] = ()
     if stored.subdtype is not None and dtype.fields is None:  # top-level unicode: a trailing axis
         stored, extra = stored.subdtype
     h5_shape = (*shape, *extra)
-    empty = math.prod(h5_shape) == 0 or not h5_shape
     options: dict[str, Any] = {}
-    if not empty and (compression or chunks):
-        options["chunks"] = chunks if isinstance(chunks, tuple) else True
+    # HDF5 cannot chunk (or so compress) a scalar, and an empty dataset has nothing to
+    # chunk or compress: both stay contiguous.
+    if h5_shape and 0 not in h5_shape and (compression or chunks):
+        options["chunks"] = (*fit_chunks(chunks, shape), *extra) if isinstance(chunks, tuple) else True
         if compression:
             options["compression"] = compression
     try:
         dataset = h5.create_dataset(name, shape=h5_shape, dtype=stored, **options)
     except (TypeError, ValueError) as exc:
-        raise UnsupportedDtypeError(f"dataset {name!r}: HDF5 cannot store dtype {dtype}: {exc}") from None
+        layout = f"chunks {options['chunks']}, compression {compression}" if options else "contiguous"
+        raise MmstoreError(f"dataset {name!r}: HDF5 could not create it (shape {h5_shape}, {layout}): {exc}") from None
     dataset.attrs[DTYPE_ATTR] = json.dumps(encode_dtype(dtype))
     dataset.attrs[ATTRS_ATTR] = json.dumps(header.attrs)
     for key, value in header.attrs.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import time
+import types
 from pathlib import Path
 
 import h5py
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 import mmstore
+from mmstore import _hdf5
 from tests import workers
 from tests.conftest import PROCESS_TIMEOUT
 from tests.test_format import DTYPES, sample
@@ -117,3 +119,89 @@ def test_export_of_many_small_datasets_is_not_slowed_by_buffers(tmp_path: Path) 
         _current, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
     assert peak < 64 * 2**20  # one bounded buffer, not one per dataset
+
+
+# --- chunk shapes ---------------------------------------------------------------------
+
+
+def mixed_store(path: Path) -> dict[str, np.ndarray]:
+    """Datasets of every rank the chunk rule has to fit: 0-d, empty, small, 2-D, unicode."""
+    arrays = {
+        "small": np.arange(10, dtype=np.int64),
+        "big": np.arange(5000, dtype=np.float32),
+        "table": np.arange(15, dtype=np.int16).reshape(5, 3),
+        "cube": np.arange(24, dtype=np.uint8).reshape(2, 3, 4),
+        "scalar": np.array(7.5),
+        "empty": np.zeros(0, np.int64),
+        "empty_rows": np.zeros((0, 4), np.float64),
+        "names": np.array(["ab", "cde", "f", "gh"], "<U3"),  # HDF5 shape (4, 3): code points last
+    }
+    with mmstore.Store(path) as store:
+        for name, array in arrays.items():
+            store.put(name, array)
+    return arrays
+
+
+@pytest.mark.parametrize(
+    ("requested", "expected"),
+    [
+        ((1000,), {"small": (10,), "big": (1000,), "table": (5, 3), "cube": (2, 3, 4), "names": (4, 3)}),
+        ((2,), {"small": (2,), "big": (2,), "table": (2, 3), "cube": (2, 3, 4), "names": (2, 3)}),
+        ((1000, 2), {"small": (10,), "big": (1000,), "table": (5, 2), "cube": (2, 2, 4), "names": (4, 3)}),
+        ((1, 1, 1, 1), {"small": (1,), "big": (1,), "table": (1, 1), "cube": (1, 1, 1), "names": (1, 3)}),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("compression", [None, "lzf"])
+def test_explicit_chunks_are_an_upper_bound_fitted_to_each_dataset(
+    tmp_path: Path, requested: tuple[int, ...], expected: dict[str, tuple[int, ...]], compression: str | None
+) -> None:
+    arrays = mixed_store(tmp_path / "s")
+    with mmstore.Store(tmp_path / "s", "r") as store:
+        exported = mmstore.export_hdf5(store, tmp_path / "out.h5", compression=compression, chunks=requested)
+    assert sorted(exported) == sorted(arrays)
+    with h5py.File(tmp_path / "out.h5", "r") as h5:
+        assert {name: h5[name].chunks for name in expected} == expected
+        assert all(h5[name].compression == compression for name in expected)
+        for name in ("scalar", "empty", "empty_rows"):  # HDF5 cannot chunk a scalar; nothing to chunk when empty
+            assert h5[name].chunks is None and h5[name].compression is None
+    with mmstore.Store(tmp_path / "back") as back:
+        assert mmstore.import_hdf5(tmp_path / "out.h5", back) == (sorted(arrays), {})
+        for name, array in arrays.items():
+            got = back.get(name)
+            assert got.dtype == array.dtype and got.shape == array.shape and got.tobytes() == array.tobytes()
+
+
+@pytest.mark.parametrize("chunks", [(), (0,), (4, -1)], ids=str)
+def test_bad_chunk_shape_is_refused_before_writing(tmp_path: Path, chunks: tuple[int, ...]) -> None:
+    mixed_store(tmp_path / "s")
+    with mmstore.Store(tmp_path / "s", "r") as store, pytest.raises(ValueError, match="chunks"):
+        mmstore.export_hdf5(store, tmp_path / "out.h5", chunks=chunks)
+    assert os.listdir(tmp_path) == ["s"]
+
+
+def test_hdf5_error_that_is_not_about_the_dtype_says_what_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with mmstore.Store(tmp_path / "s") as store:
+        store.put("x", np.arange(10))
+
+        def refuse(*args: object, **kwargs: object) -> None:
+            raise ValueError("the layout was refused")
+
+        monkeypatch.setattr(h5py.Group, "create_dataset", refuse)
+        with pytest.raises(mmstore.MmstoreError) as info:
+            mmstore.export_hdf5(store, tmp_path / "out.h5", compression="gzip", chunks=(4,))
+    message = str(info.value)
+    assert "dtype" not in message
+    assert "dataset 'x'" in message and "chunks (4,)" in message and "gzip" in message
+    assert "the layout was refused" in message
+    assert os.listdir(tmp_path) == ["s"]
+
+
+def test_dtype_hdf5_has_no_type_for_is_reported_as_such(tmp_path: Path) -> None:
+    # The store itself refuses object dtypes, so the check is driven directly.
+    header = types.SimpleNamespace(dtype=np.dtype(object), attrs={}, growable=False, offset=0)
+    with h5py.File(tmp_path / "out.h5", "w") as h5, pytest.raises(mmstore.UnsupportedDtypeError) as info:
+        _hdf5._write_dataset(h5, "x", header, (3,), -1, None, None, None)
+    assert "dataset 'x': HDF5 cannot store dtype object" in str(info.value)
