@@ -205,10 +205,15 @@ def _create_temp(directory: str, output_name: str) -> tuple[str, int]:
     for _attempt in range(100):
         temp = os.path.join(directory, f".{output_name}.{_names.new_token()}.tmp")
         fd = os.open(temp, _durable.NEW_FILE_FLAGS, 0o666)
-        if mark_alive(fd, shared=True) and names_file(temp, fd):
+        held = False
+        try:
+            held = mark_alive(fd, shared=True) and names_file(temp, fd)
+        finally:
+            if not held:
+                os.close(fd)
+                _durable.unlink_quietly(temp)
+        if held:
             return temp, fd
-        os.close(fd)
-        _durable.unlink_quietly(temp)
     raise MmstoreError(f"export to {os.path.join(directory, output_name)!r}: could not hold a temp file")
 
 

@@ -316,3 +316,24 @@ def test_export_removes_only_dead_temp_files_of_its_own_output(tmp_path: Path) -
         os.close(fd)
     with h5py.File(tmp_path / "out.h5", "r") as h5:
         assert h5["x"][...].tolist() == list(range(10))
+
+
+def test_export_whose_fresh_temp_file_is_being_probed_starts_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A concurrent export's cleanup probing our temp file before we lock it may remove it:
+    # the export must not write into it but take a new one.
+    calls = []
+
+    def probed_once(fd: int, *, shared: bool = False) -> bool:
+        calls.append(fd)
+        return len(calls) > 1 and mark_alive(fd, shared=shared)
+
+    monkeypatch.setattr(_hdf5, "mark_alive", probed_once)
+    with mmstore.Store(tmp_path / "s") as store:
+        store.put("x", np.arange(10))
+        assert mmstore.export_hdf5(store, tmp_path / "out.h5") == ["x"]
+    assert len(calls) == 2
+    assert sorted(os.listdir(tmp_path)) == ["out.h5", "s"]
+    with h5py.File(tmp_path / "out.h5", "r") as h5:
+        assert h5["x"][...].tolist() == list(range(10))
