@@ -16,7 +16,9 @@ The export streams each dataset in ~4 MiB blocks straight from a map of its
 data file, dropping each block's pages from the map once written (so the RSS
 stays small however large the store). It writes a hidden temp file beside the
 output, fsyncs it and renames it into place: a killed export never leaves a
-partial output file.
+partial output file. The exporter holds a liveness lock on its temp file, so the
+next export to the same output can tell a dead exporter's temp file (which it
+removes) from a live one's (which it leaves alone).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import json
 import math
 import mmap
 import os
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +37,7 @@ from . import _durable, _names
 from ._errors import DatasetNotFoundError, InvalidNameError, MmstoreError, UnsupportedDtypeError
 from ._format import FORMAT_VERSION, decode_dtype, encode_dtype
 from ._growable import CONTROL_BYTES, MissingDataFile
+from ._locks import mark_alive, names_file, remove_if_writer_gone
 from ._mapping import RowSource
 
 if TYPE_CHECKING:
@@ -85,6 +89,26 @@ def _native_attr(value: Any) -> Any:
     return None
 
 
+def fit_chunks(requested: tuple[int, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The chunk shape of a dataset of ``shape`` (non-empty, not 0-d) for a requested one.
+
+    The requested sizes are upper bounds for the leading axes, each cut to its axis's
+    extent; axes past them are whole, and sizes past the dataset's rank are ignored. So
+    ``(1000,)`` means blocks of up to 1000 rows for every dataset, whatever its rank.
+    """
+    padded = requested[: len(shape)] + shape[len(requested) :]
+    return tuple(max(1, min(size, extent)) for size, extent in zip(padded, shape, strict=True))
+
+
+def _check_chunks(chunks: bool | tuple[int, ...] | None) -> bool | tuple[int, ...] | None:
+    if chunks is None or isinstance(chunks, bool):
+        return chunks
+    sizes = tuple(chunks)
+    if not sizes or not all(isinstance(size, (int, np.integer)) and size > 0 for size in sizes):
+        raise ValueError(f"chunks must be None, True or a tuple of positive sizes, not {chunks!r}")
+    return tuple(int(size) for size in sizes)
+
+
 def _check_tree(names: list[str]) -> None:
     """HDF5 cannot have a dataset that is also a group: refuse such stores up front."""
     existing = set(names)
@@ -111,31 +135,38 @@ def export_hdf5(
     """Write every dataset's committed view (under ``only``) to the HDF5 file ``path``.
 
     ``compression`` is ``"gzip"``, ``"lzf"`` or None; ``chunks`` is None
-    (contiguous unless compressed), True (h5py's choice) or a chunk shape.
-    Returns the exported names. ``path`` appears only when complete.
+    (contiguous unless compressed), True (h5py's choice) or a chunk shape,
+    fitted to each dataset by ``fit_chunks``; 0-d and empty datasets are
+    always contiguous. Returns the exported names. ``path`` appears only when
+    complete.
     """
     import h5py
 
     if compression not in (None, "gzip", "lzf"):
         raise ValueError(f"compression must be 'gzip', 'lzf' or None, not {compression!r}")
+    chunks = _check_chunks(chunks)
     names = store.keys(only)
     _check_tree(names)
     exported: list[str] = []
     target = os.path.abspath(os.fspath(path))
     directory = os.path.dirname(target)
-    temp = os.path.join(directory, f".{os.path.basename(target)}.{_names.new_token()}.tmp")
     try:
-        with h5py.File(temp, "w") as h5:
-            h5.attrs[VERSION_ATTR] = FORMAT_VERSION
-            for name in names:
-                if _export_one(store, h5, name, compression, chunks, progress):
-                    exported.append(name)
-        fd = os.open(temp, os.O_RDONLY | os.O_CLOEXEC)
+        _remove_dead_exports(directory, os.path.basename(target))
+        temp, fd = _create_temp(directory, os.path.basename(target))
+    except OSError as exc:
+        raise _durable.io_error(exc, f"export to {target!r}") from None
+    try:
         try:
+            # HDF5's own flock would clash with our liveness lock; nobody else opens the temp file.
+            with h5py.File(temp, "w", locking=False) as h5:
+                h5.attrs[VERSION_ATTR] = FORMAT_VERSION
+                for name in names:
+                    if _export_one(store, h5, name, compression, chunks, progress):
+                        exported.append(name)
             os.fsync(fd)
+            os.replace(temp, target)
         finally:
-            os.close(fd)
-        os.replace(temp, target)
+            os.close(fd)  # drops the liveness lock: the file is renamed (nothing to protect) or failed
         _durable.fsync_dir(directory)
     except OSError as exc:
         _durable.unlink_quietly(temp)
@@ -144,6 +175,46 @@ def export_hdf5(
         _durable.unlink_quietly(temp)
         raise
     return exported
+
+
+def _temp_pattern(output_name: str) -> re.Pattern[str]:
+    return re.compile(rf"\.{re.escape(output_name)}\.[0-9a-f]{{{_names.TOKEN_HEX_DIGITS}}}\.tmp", re.DOTALL)
+
+
+def _remove_dead_exports(directory: str, output_name: str) -> int:
+    """Remove the temp files that killed exports to the same output left; return how many.
+
+    A live export holds a liveness lock on its temp file (``_create_temp``), so only the
+    files of dead exporters go. (Exports by mmstore before it took that lock were covered
+    by HDF5's own flock while writing, only not in the instant of their fsync and rename.)
+    """
+    pattern = _temp_pattern(output_name)
+    try:
+        entries = os.listdir(directory)
+    except FileNotFoundError:
+        return 0  # the export itself will say so
+    return sum(remove_if_writer_gone(os.path.join(directory, entry)) for entry in entries if pattern.fullmatch(entry))
+
+
+def _create_temp(directory: str, output_name: str) -> tuple[str, int]:
+    """Create the export's hidden temp file beside the output, holding its liveness lock.
+
+    A concurrent export's ``_remove_dead_exports`` may probe the file between its creation
+    and our lock; then it may be removing it, so we start over under a new name.
+    """
+    for _attempt in range(100):
+        temp = os.path.join(directory, f".{output_name}.{_names.new_token()}.tmp")
+        fd = os.open(temp, _durable.NEW_FILE_FLAGS, 0o666)
+        held = False
+        try:
+            held = mark_alive(fd, shared=True) and names_file(temp, fd)
+        finally:
+            if not held:
+                os.close(fd)
+                _durable.unlink_quietly(temp)
+        if held:
+            return temp, fd
+    raise MmstoreError(f"export to {os.path.join(directory, output_name)!r}: could not hold a temp file")
 
 
 def _snapshot(store: Store, name: str) -> tuple[Any, tuple[int, ...], int] | None:
@@ -194,22 +265,30 @@ def _write_dataset(
     chunks: bool | tuple[int, ...] | None,
     progress: Progress | None,
 ) -> None:
+    import h5py
+
     dtype = header.dtype
     stored = hdf5_dtype(dtype)
+    try:
+        h5py.h5t.py_create(stored, logical=True)
+    except TypeError as exc:
+        raise UnsupportedDtypeError(f"dataset {name!r}: HDF5 cannot store dtype {dtype}: {exc}") from None
     extra: tuple[int, ...] = ()
     if stored.subdtype is not None and dtype.fields is None:  # top-level unicode: a trailing axis
         stored, extra = stored.subdtype
     h5_shape = (*shape, *extra)
-    empty = math.prod(h5_shape) == 0 or not h5_shape
     options: dict[str, Any] = {}
-    if not empty and (compression or chunks):
-        options["chunks"] = chunks if isinstance(chunks, tuple) else True
+    # HDF5 cannot chunk (or so compress) a scalar, and an empty dataset has nothing to
+    # chunk or compress: both stay contiguous.
+    if h5_shape and 0 not in h5_shape and (compression or chunks):
+        options["chunks"] = (*fit_chunks(chunks, shape), *extra) if isinstance(chunks, tuple) else True
         if compression:
             options["compression"] = compression
     try:
         dataset = h5.create_dataset(name, shape=h5_shape, dtype=stored, **options)
     except (TypeError, ValueError) as exc:
-        raise UnsupportedDtypeError(f"dataset {name!r}: HDF5 cannot store dtype {dtype}: {exc}") from None
+        layout = f"chunks {options['chunks']}, compression {compression}" if options else "contiguous"
+        raise MmstoreError(f"dataset {name!r}: HDF5 could not create it (shape {h5_shape}, {layout}): {exc}") from None
     dataset.attrs[DTYPE_ATTR] = json.dumps(encode_dtype(dtype))
     dataset.attrs[ATTRS_ATTR] = json.dumps(header.attrs)
     for key, value in header.attrs.items():

@@ -20,13 +20,14 @@ release the parent's lock), so stores drop them in the child (see _store.py).
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import threading
 import time
 
 import filelock
 
-from ._durable import make_directories
+from ._durable import READ_FLAGS, make_directories
 from ._errors import LockTimeout
 
 _OPEN_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -144,10 +145,21 @@ class DatasetLock:
         )
 
 
-def mark_alive(fd: int) -> None:
-    """Hold an exclusive flock on a file being written, so recovery can tell that
-    its writer is alive (the kernel drops the lock when the process dies)."""
-    filelock.lock_descriptor(fd, blocking=False)
+def mark_alive(fd: int, *, shared: bool = False) -> bool:
+    """Hold a flock on a file being written, so recovery can tell that its writer is
+    alive (the kernel drops the lock when the process dies). False if a probe holds
+    it at this instant (``remove_if_writer_gone`` may be removing the file).
+
+    Probes take an exclusive lock, so a shared one marks the file alive just as well;
+    the HDF5 export uses it because HDF5 readers take a shared flock on open, and the
+    export's temp file becomes the output while still locked."""
+    if not shared:
+        return filelock.lock_descriptor(fd, blocking=False)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def writer_is_gone(path: str) -> bool:
@@ -162,3 +174,39 @@ def writer_is_gone(path: str) -> bool:
         return filelock.lock_descriptor(fd, blocking=False)
     finally:
         os.close(fd)  # closing drops the probe's own lock
+
+
+def remove_if_writer_gone(path: str) -> bool:
+    """Unlink ``path`` if nobody holds its liveness lock; True if this call removed it.
+
+    The unlink happens while holding the lock and only if ``path`` still names the
+    locked file. So a writer that creates a file, takes its lock with ``mark_alive`` and
+    then finds the path still naming its file (``names_file``) knows no probe can remove
+    it. Files we may not open or unlink (another user's) are left alone.
+    """
+    try:
+        fd = os.open(path, READ_FLAGS)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ELOOP, errno.EACCES, errno.EPERM):
+            return False
+        raise
+    try:
+        if not filelock.lock_descriptor(fd, blocking=False) or not names_file(path, fd):
+            return False
+        try:
+            os.unlink(path)
+        except (FileNotFoundError, PermissionError):
+            return False
+        return True
+    finally:
+        os.close(fd)
+
+
+def names_file(path: str, fd: int) -> bool:
+    """True if ``path`` (not followed if a symlink) is the file open as ``fd``."""
+    try:
+        found = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (found.st_dev, found.st_ino) == (opened.st_dev, opened.st_ino)

@@ -168,7 +168,8 @@ def _remove_stale_manifest_temps(directory: str, temp_files: list[str]) -> int:
 class VerifyReport:
     """What ``Store.verify`` found. ``ok`` is True when every dataset is readable and
     every known checksum matches; leftovers of dead writers are listed but are not
-    problems (the next writable open removes them)."""
+    problems (the next writable open removes them). The files of a dataset whose sidecar
+    cannot be read are not leftovers (recovery keeps them): its problem names them."""
 
     checked: int = 0
     problems: dict[str, str] = field(default_factory=dict)
@@ -193,6 +194,7 @@ def verify_store(store: Store, progress: Callable[[str], None] | None = None) ->
     for directory, _dirs, files, links in _walk(store.path):
         prefix = "" if directory == store.path else directory[len(store.path) + 1 :] + "/"
         referenced = set()
+        unreadable: dict[str, str] = {}  # leaf -> name, for datasets whose sidecar could not be read
         for link in links:
             path = os.path.join(directory, link)
             if not link.endswith(".json") and os.path.islink(path) and os.path.isdir(path):
@@ -209,6 +211,7 @@ def verify_store(store: Store, progress: Callable[[str], None] | None = None) ->
             if progress is not None:
                 progress(name)
             report.checked += 1
+            header = None
             try:
                 _names.validate_name(name)
                 store._drop_entry(name)  # read from disk: the cache trusts that sidecars change only by rename
@@ -219,15 +222,25 @@ def verify_store(store: Store, progress: Callable[[str], None] | None = None) ->
                 problem = str(exc)
             except OSError as exc:
                 problem = f"cannot read: {exc.strerror or exc}"
+            if header is None:
+                unreadable[file_name[:-5]] = name
             if problem is not None:
                 report.problems[name] = problem
-        for file_name in files:
-            if _names.TEMP_FILE_RE.match(file_name) or (
+        kept: dict[str, list[str]] = defaultdict(list)
+        for file_name in sorted(files):
+            match = _names.DATA_FILE_RE.match(file_name) or _names.TEMP_FILE_RE.match(file_name)
+            if match is not None and match["leaf"] in unreadable:
+                # Recovery leaves every file of a dataset whose sidecar it cannot read (it cannot
+                # tell which data file is the committed one); recover() quarantines them together.
+                kept[unreadable[match["leaf"]]].append(file_name)
+            elif _names.TEMP_FILE_RE.match(file_name) or (
                 _names.DATA_FILE_RE.match(file_name)
                 and file_name not in referenced
                 and os.path.exists(os.path.join(directory, file_name[: file_name.rfind(".", 0, -4)] + ".json"))
             ):
                 report.leftovers.append(os.path.join(directory, file_name)[len(store.path) + 1 :])
+        for name, file_names in kept.items():
+            report.problems[name] += f" (its files are kept with it: {', '.join(file_names)})"
     return report
 
 

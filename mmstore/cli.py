@@ -426,7 +426,13 @@ def compact(
     output: Annotated[Path, typer.Argument(help="HDF5 file to write.", show_default=False)],
     only: Annotated[str, typer.Option(help="Only datasets under this group.")] = "",
     compression: Annotated[str | None, typer.Option(help="gzip or lzf.")] = None,
-    chunks: Annotated[str | None, typer.Option(help="'auto' or a chunk shape like 1000,64.")] = None,
+    chunks: Annotated[
+        str | None,
+        typer.Option(
+            help="'auto' (h5py's choice) or a chunk shape like 1000,64: upper bounds for each dataset's leading "
+            "axes, cut to its extents; later axes are whole. 0-d and empty datasets are never chunked."
+        ),
+    ] = None,
 ) -> None:
     """Export every dataset's committed view to one HDF5 file (written to a temp file, then renamed)."""
     with _errors_to_exit():

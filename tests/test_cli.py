@@ -229,3 +229,24 @@ def test_genomics_example_script(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert "all 15000 records in genomics.h5 match" in result.stdout
+
+
+def test_compact_fits_an_explicit_chunk_shape_to_every_dataset(tmp_path: Path) -> None:
+    store = str(tmp_path / "s")
+    with mmstore.Store(store) as opened:
+        opened.put("small", np.arange(10, dtype=np.int64))
+    result = mmstore_cli("compact", store, str(tmp_path / "o.h5"), "--compression", "lzf", "--chunks", "1000")
+    assert result.returncode == 0
+    with h5py.File(tmp_path / "o.h5", "r") as h5:
+        assert h5["small"].chunks == (10,) and h5["small"][...].tolist() == list(range(10))
+    with mmstore.Store(store) as opened:
+        opened.put("table", np.arange(12.0).reshape(4, 3))
+        opened.put("scalar", np.array(3))
+        opened.put("empty", np.zeros((0, 2)))
+    mmstore_cli("compact", store, str(tmp_path / "o2.h5"), "--chunks", "2")
+    with h5py.File(tmp_path / "o2.h5", "r") as h5:
+        chunks = {name: h5[name].chunks for name in h5}
+        assert chunks == {"small": (2,), "table": (2, 3), "scalar": None, "empty": None}
+        assert h5["table"][...].tolist() == np.arange(12.0).reshape(4, 3).tolist()
+    result = mmstore_cli("compact", store, str(tmp_path / "o3.h5"), "--chunks", "2,0", check=False)
+    assert result.returncode == 2 and "--chunks" in result.stderr.decode()

@@ -260,6 +260,28 @@ def test_verify_reports_corrupt_headers_without_hiding_others(store: mmstore.Sto
     assert list(report.problems) == ["a"] and report.checked == 2
 
 
+def test_verify_counts_a_corrupt_datasets_files_as_its_problem_not_leftovers(
+    store: mmstore.Store, store_path: Path
+) -> None:
+    store.put("a", np.arange(3))
+    store.put("b", np.arange(3))
+    kept = Path(store.info("a")["data_file"]).name
+    (store_path / "a.json").write_text("{")
+    (store_path / ".a.0123456789abcdef.tmp").write_text("{}")  # a temp sidecar of a: kept with it too
+    dead = "b.0123456789abcdef.dat"  # an unreferenced data file of b that no writer holds: a leftover
+    (store_path / dead).write_bytes(bytes(8))
+    report = store.verify()
+    assert list(report.problems) == ["a"] and report.leftovers == [dead]
+    assert kept in report.problems["a"] and ".a.0123456789abcdef.tmp" in report.problems["a"]
+    assert "1 leftover files" in str(report)
+    with mmstore.Store(store_path) as reopened:  # a writable open removes the leftover only
+        assert not (store_path / dead).exists() and (store_path / kept).exists()
+        report = reopened.verify()
+        assert report.leftovers == [] and "leftover" not in str(report) and kept in report.problems["a"]
+        assert list(reopened.recover().quarantined) == ["a"]
+    assert kept in {Path(p).name for p in store_files(store_path / ".quarantine")}  # moved with its sidecar
+
+
 def test_writer_is_not_inherited_across_fork(store: mmstore.Store) -> None:
     writer = store.create("t", np.int64, (0,), growable=True)
     writer.append(np.arange(3))

@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import os
 import random
+import re
+import signal
 import time
+import types
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
 import pytest
 
 import mmstore
+from mmstore import _hdf5
+from mmstore._locks import mark_alive, writer_is_gone
 from tests import workers
 from tests.conftest import PROCESS_TIMEOUT
 from tests.test_format import DTYPES, sample
@@ -85,7 +93,12 @@ def test_killed_export_never_leaves_a_partial_file(tmp_path: Path, spawn) -> Non
             assert sorted(h5) == ["d0", "d1", "d2", "d3"]
             assert all(h5[f"d{i}"][-1] == i for i in range(4))
     leftovers = [name for name in os.listdir(tmp_path) if name.startswith(".out.h5")]
-    assert all(name.endswith(".tmp") for name in leftovers)  # hidden temp files of killed exports, never out.h5
+    # Hidden temp files of killed exports, never out.h5; each export removed those of the ones
+    # killed before it, so only the last kill's can remain, and the next export removes it.
+    assert len(leftovers) <= 1 and all(name.endswith(".tmp") for name in leftovers)
+    with mmstore.Store(store_path, "r") as store:
+        mmstore.export_hdf5(store, out)
+    assert sorted(os.listdir(tmp_path)) == ["out.h5", "s"]
 
 
 def test_export_survives_a_replace_during_the_export(tmp_path: Path) -> None:
@@ -117,3 +130,210 @@ def test_export_of_many_small_datasets_is_not_slowed_by_buffers(tmp_path: Path) 
         _current, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
     assert peak < 64 * 2**20  # one bounded buffer, not one per dataset
+
+
+# --- chunk shapes ---------------------------------------------------------------------
+
+
+def mixed_store(path: Path) -> dict[str, np.ndarray]:
+    """Datasets of every rank the chunk rule has to fit: 0-d, empty, small, 2-D, unicode."""
+    arrays = {
+        "small": np.arange(10, dtype=np.int64),
+        "big": np.arange(5000, dtype=np.float32),
+        "table": np.arange(15, dtype=np.int16).reshape(5, 3),
+        "cube": np.arange(24, dtype=np.uint8).reshape(2, 3, 4),
+        "scalar": np.array(7.5),
+        "empty": np.zeros(0, np.int64),
+        "empty_rows": np.zeros((0, 4), np.float64),
+        "names": np.array(["ab", "cde", "f", "gh"], "<U3"),  # HDF5 shape (4, 3): code points last
+    }
+    with mmstore.Store(path) as store:
+        for name, array in arrays.items():
+            store.put(name, array)
+    return arrays
+
+
+@pytest.mark.parametrize(
+    ("requested", "expected"),
+    [
+        ((1000,), {"small": (10,), "big": (1000,), "table": (5, 3), "cube": (2, 3, 4), "names": (4, 3)}),
+        ((2,), {"small": (2,), "big": (2,), "table": (2, 3), "cube": (2, 3, 4), "names": (2, 3)}),
+        ((1000, 2), {"small": (10,), "big": (1000,), "table": (5, 2), "cube": (2, 2, 4), "names": (4, 3)}),
+        ((1, 1, 1, 1), {"small": (1,), "big": (1,), "table": (1, 1), "cube": (1, 1, 1), "names": (1, 3)}),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("compression", [None, "lzf"])
+def test_explicit_chunks_are_an_upper_bound_fitted_to_each_dataset(
+    tmp_path: Path, requested: tuple[int, ...], expected: dict[str, tuple[int, ...]], compression: str | None
+) -> None:
+    arrays = mixed_store(tmp_path / "s")
+    with mmstore.Store(tmp_path / "s", "r") as store:
+        exported = mmstore.export_hdf5(store, tmp_path / "out.h5", compression=compression, chunks=requested)
+    assert sorted(exported) == sorted(arrays)
+    with h5py.File(tmp_path / "out.h5", "r") as h5:
+        assert {name: h5[name].chunks for name in expected} == expected
+        assert all(h5[name].compression == compression for name in expected)
+        for name in ("scalar", "empty", "empty_rows"):  # HDF5 cannot chunk a scalar; nothing to chunk when empty
+            assert h5[name].chunks is None and h5[name].compression is None
+    with mmstore.Store(tmp_path / "back") as back:
+        assert mmstore.import_hdf5(tmp_path / "out.h5", back) == (sorted(arrays), {})
+        for name, array in arrays.items():
+            got = back.get(name)
+            assert got.dtype == array.dtype and got.shape == array.shape and got.tobytes() == array.tobytes()
+
+
+@pytest.mark.parametrize("chunks", [(), (0,), (4, -1)], ids=str)
+def test_bad_chunk_shape_is_refused_before_writing(tmp_path: Path, chunks: tuple[int, ...]) -> None:
+    mixed_store(tmp_path / "s")
+    with mmstore.Store(tmp_path / "s", "r") as store, pytest.raises(ValueError, match="chunks"):
+        mmstore.export_hdf5(store, tmp_path / "out.h5", chunks=chunks)
+    assert os.listdir(tmp_path) == ["s"]
+
+
+def test_hdf5_error_that_is_not_about_the_dtype_says_what_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with mmstore.Store(tmp_path / "s") as store:
+        store.put("x", np.arange(10))
+
+        def refuse(*args: object, **kwargs: object) -> None:
+            raise ValueError("the layout was refused")
+
+        monkeypatch.setattr(h5py.Group, "create_dataset", refuse)
+        with pytest.raises(mmstore.MmstoreError) as info:
+            mmstore.export_hdf5(store, tmp_path / "out.h5", compression="gzip", chunks=(4,))
+    message = str(info.value)
+    assert "dtype" not in message
+    assert "dataset 'x'" in message and "chunks (4,)" in message and "gzip" in message
+    assert "the layout was refused" in message
+    assert os.listdir(tmp_path) == ["s"]
+
+
+def test_dtype_hdf5_has_no_type_for_is_reported_as_such(tmp_path: Path) -> None:
+    # The store itself refuses object dtypes, so the check is driven directly.
+    header = types.SimpleNamespace(dtype=np.dtype(object), attrs={}, growable=False, offset=0)
+    with h5py.File(tmp_path / "out.h5", "w") as h5, pytest.raises(mmstore.UnsupportedDtypeError) as info:
+        _hdf5._write_dataset(h5, "x", header, (3,), -1, None, None, None)
+    assert "dataset 'x': HDF5 cannot store dtype object" in str(info.value)
+
+
+# --- temp files of killed exports -----------------------------------------------------
+
+
+def export_temps(directory: Path, output: str = "out.h5") -> list[Path]:
+    return sorted(
+        path for path in directory.iterdir() if re.fullmatch(rf"\.{re.escape(output)}\.[0-9a-f]{{16}}\.tmp", path.name)
+    )
+
+
+DATASET_ROWS = 8 * 2**20  # 64 MiB of float64 per dataset
+
+
+def check_output(out: Path, expected: dict[str, float]) -> None:
+    with h5py.File(out, "r") as h5:
+        assert sorted(h5) == sorted(expected)
+        for name, value in expected.items():
+            column = h5[name][...]
+            assert column.shape == (DATASET_ROWS,) and (column == value).all()
+
+
+@contextmanager
+def paused_export(tmp_path: Path, spawn, expected: dict[str, float], after: str) -> Iterator[tuple[Any, Any, Path]]:
+    """A child process exporting a store of ``expected`` constant datasets to out.h5, paused
+    once ``after`` is written: yields (child, release event, its temp file); kills it at exit."""
+    store_path = tmp_path / "s"
+    with mmstore.Store(store_path) as store:
+        for name, value in expected.items():
+            store.put(name, np.full(DATASET_ROWS, value))
+    reached, release = spawn.Event(), spawn.Event()
+    args = (str(store_path), str(tmp_path / "out.h5"), after, reached, release, PROCESS_TIMEOUT)
+    child = spawn.Process(target=workers.export_pausing, args=args)
+    child.start()
+    try:
+        assert reached.wait(PROCESS_TIMEOUT), f"the export never reached {after}"
+        (temp,) = export_temps(tmp_path)
+        assert not writer_is_gone(str(temp))  # the live exporter holds its liveness lock
+        yield child, release, temp
+    finally:
+        if child.is_alive():
+            child.kill()
+        child.join(PROCESS_TIMEOUT)
+
+
+def test_sigkilled_export_leaves_a_temp_file_that_the_next_export_removes(tmp_path: Path, spawn) -> None:
+    out, expected = tmp_path / "out.h5", {"d0": 0.0, "d1": 1.0, "d2": 2.0}
+    with paused_export(tmp_path, spawn, expected, after="d1") as (child, _release, temp):
+        child.kill()
+        child.join(PROCESS_TIMEOUT)
+    assert child.exitcode == -signal.SIGKILL
+    assert not out.exists()
+    assert export_temps(tmp_path) == [temp] and temp.stat().st_size >= 2 * DATASET_ROWS * 8
+    assert writer_is_gone(str(temp))
+
+    with mmstore.Store(tmp_path / "s", "r") as store:
+        assert sorted(mmstore.export_hdf5(store, out)) == sorted(expected)
+    check_output(out, expected)
+    assert sorted(os.listdir(tmp_path)) == ["out.h5", "s"], "the dead export's temp file was removed"
+
+
+def test_a_second_export_never_removes_a_live_exports_temp_file(tmp_path: Path, spawn) -> None:
+    out, expected = tmp_path / "out.h5", {"d0": 0.0, "d1": 1.0}
+    with paused_export(tmp_path, spawn, expected, after="d0") as (child, release, live):
+        size = live.stat().st_size
+        with mmstore.Store(tmp_path / "s", "r") as store:  # the same target, while the first is paused
+            mmstore.export_hdf5(store, out)
+        check_output(out, expected)
+        assert export_temps(tmp_path) == [live] and live.stat().st_size == size
+        release.set()
+        child.join(PROCESS_TIMEOUT)
+    assert child.exitcode == 0  # its rename found its temp file: both exports completed
+    check_output(out, expected)
+    assert sorted(os.listdir(tmp_path)) == ["out.h5", "s"]
+
+
+def test_export_removes_only_dead_temp_files_of_its_own_output(tmp_path: Path) -> None:
+    with mmstore.Store(tmp_path / "s") as store:
+        store.put("x", np.arange(10))
+    dead = [tmp_path / ".out.h5.0123456789abcdef.tmp", tmp_path / ".out.h5.fedcba9876543210.tmp"]
+    others = [
+        tmp_path / ".other.h5.0123456789abcdef.tmp",  # another output's
+        tmp_path / ".out.h5.notes.tmp",  # not a name an export makes
+        tmp_path / ".out.h5.0123456789abcdef.tmp.keep",
+    ]
+    for path in dead + others:
+        path.write_bytes(b"half an export")
+    held = tmp_path / ".out.h5.00000000000000aa.tmp"  # a live export's: its liveness lock is held
+    held.write_bytes(b"being written")
+    fd = os.open(held, os.O_RDONLY)
+    try:
+        assert mark_alive(fd, shared=True)
+        with mmstore.Store(tmp_path / "s", "r") as store:
+            mmstore.export_hdf5(store, tmp_path / "out.h5")
+        assert all(not path.exists() for path in dead)
+        assert all(path.exists() for path in [*others, held])
+    finally:
+        os.close(fd)
+    with h5py.File(tmp_path / "out.h5", "r") as h5:
+        assert h5["x"][...].tolist() == list(range(10))
+
+
+def test_export_whose_fresh_temp_file_is_being_probed_starts_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A concurrent export's cleanup probing our temp file before we lock it may remove it:
+    # the export must not write into it but take a new one.
+    calls = []
+
+    def probed_once(fd: int, *, shared: bool = False) -> bool:
+        calls.append(fd)
+        return len(calls) > 1 and mark_alive(fd, shared=shared)
+
+    monkeypatch.setattr(_hdf5, "mark_alive", probed_once)
+    with mmstore.Store(tmp_path / "s") as store:
+        store.put("x", np.arange(10))
+        assert mmstore.export_hdf5(store, tmp_path / "out.h5") == ["x"]
+    assert len(calls) == 2
+    assert sorted(os.listdir(tmp_path)) == ["out.h5", "s"]
+    with h5py.File(tmp_path / "out.h5", "r") as h5:
+        assert h5["x"][...].tolist() == list(range(10))

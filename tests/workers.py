@@ -278,3 +278,17 @@ def model_reader(connection: Any) -> None:
             connection.send(("error", repr(exc)))
     for store in stores.values():
         store.close()
+
+
+def export_pausing(path: str, out: str, after: str, reached: Any, release: Any, timeout: float) -> None:
+    """Export the store, pausing once dataset ``after`` is written (the temp file then holds it)
+    until ``release`` is set: where a test kills the exporter or races a second export."""
+    store = mmstore.Store(path, "r")
+
+    def pause(name: str, done: int, total: int) -> None:
+        if name == after and done == total:
+            reached.set()
+            if not release.wait(timeout):
+                raise TimeoutError("the test never released the paused export")
+
+    mmstore.export_hdf5(store, out, progress=pause)
