@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import _durable, _names
-from ._errors import DatasetNotFoundError, InvalidNameError, MmstoreError, UnsupportedDtypeError
+from ._errors import DatasetNotFoundError, InvalidArgumentError, InvalidNameError, MmstoreError, UnsupportedDtypeError
 from ._format import FORMAT_VERSION, decode_dtype, encode_dtype
 from ._growable import CONTROL_BYTES, MissingDataFile
 from ._locks import mark_alive, names_file, remove_if_writer_gone
@@ -105,7 +105,7 @@ def _check_chunks(chunks: bool | tuple[int, ...] | None) -> bool | tuple[int, ..
         return chunks
     sizes = tuple(chunks)
     if not sizes or not all(isinstance(size, (int, np.integer)) and size > 0 for size in sizes):
-        raise ValueError(f"chunks must be None, True or a tuple of positive sizes, not {chunks!r}")
+        raise InvalidArgumentError(f"chunks must be None, True or a tuple of positive sizes, not {chunks!r}")
     return tuple(int(size) for size in sizes)
 
 
@@ -124,7 +124,7 @@ def _check_tree(names: list[str]) -> None:
 
 
 def export_hdf5(
-    store: Store,
+    store: Store | str | os.PathLike[str],
     path: str | os.PathLike[str],
     *,
     only: str = "",
@@ -138,12 +138,15 @@ def export_hdf5(
     (contiguous unless compressed), True (h5py's choice) or a chunk shape,
     fitted to each dataset by ``fit_chunks``; 0-d and empty datasets are
     always contiguous. Returns the exported names. ``path`` appears only when
-    complete.
+    complete. ``store`` is a Store or a store path (opened read-only).
     """
+    if isinstance(store, (str, os.PathLike)):
+        with _store_class()(store, mode="r") as opened:
+            return export_hdf5(opened, path, only=only, compression=compression, chunks=chunks, progress=progress)
     import h5py
 
     if compression not in (None, "gzip", "lzf"):
-        raise ValueError(f"compression must be 'gzip', 'lzf' or None, not {compression!r}")
+        raise InvalidArgumentError(f"compression must be 'gzip', 'lzf' or None, not {compression!r}")
     chunks = _check_chunks(chunks)
     names = store.keys(only)
     _check_tree(names)
@@ -337,7 +340,7 @@ def _write_dataset(
 
 def import_hdf5(
     path: str | os.PathLike[str],
-    store: Store,
+    store: Store | str | os.PathLike[str],
     *,
     only: str = "",
     progress: Progress | None = None,
@@ -345,8 +348,12 @@ def import_hdf5(
     """Put every dataset of an HDF5 file (under ``only``) into ``store``, streamed.
 
     Returns (imported names, {skipped name: reason}) - e.g. variable-length
-    strings, which have no fixed-size NumPy dtype.
+    strings, which have no fixed-size NumPy dtype. ``store`` is a Store or a
+    store path (opened in mode "a").
     """
+    if isinstance(store, (str, os.PathLike)):
+        with _store_class()(store, mode="a") as opened:
+            return import_hdf5(path, opened, only=only, progress=progress)
     import h5py
 
     found: list[tuple[str, Any]] = []
@@ -399,3 +406,9 @@ def _import_source(name: str, dataset: Any) -> tuple[RowSource, dict[str, Any]]:
                 continue
             attrs[key] = converted
     return source, attrs
+
+
+def _store_class() -> type[Store]:
+    from ._store import Store  # imported late: _store imports this module's callers
+
+    return Store

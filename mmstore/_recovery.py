@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from . import _durable, _names
 from ._errors import FormatError, InvalidNameError, MmstoreError
 from ._format import MANIFEST_NAME, parse_header
-from ._locks import writer_is_gone
+from ._locks import remove_if_writer_gone, writer_is_gone
 from ._mapping import crc32_file, file_digest
 
 if TYPE_CHECKING:
@@ -111,9 +111,11 @@ def _recover_dataset(
         if referenced is _UNREADABLE:
             return 0
         for file_name in temp_files:
-            # Temp sidecars only exist while their writer holds the lock we now hold.
-            _durable.unlink_quietly(os.path.join(directory, file_name))
-            removed += 1
+            # Temp sidecars only exist while their writer holds the lock we now hold. A file
+            # of the same shape with a live liveness lock is someone else's (an HDF5 export
+            # written into the store's directory): keep it.
+            if remove_if_writer_gone(os.path.join(directory, file_name)):
+                removed += 1
         for file_name in data_files:
             path = os.path.join(directory, file_name)
             if file_name != referenced and writer_is_gone(path):

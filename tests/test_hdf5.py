@@ -337,3 +337,38 @@ def test_export_whose_fresh_temp_file_is_being_probed_starts_over(
     assert sorted(os.listdir(tmp_path)) == ["out.h5", "s"]
     with h5py.File(tmp_path / "out.h5", "r") as h5:
         assert h5["x"][...].tolist() == list(range(10))
+
+
+def test_export_and_import_take_store_paths(tmp_path: Path) -> None:
+    source, copy = tmp_path / "source", tmp_path / "copy"
+    with mmstore.Store(source) as store:
+        store.put("g/x", np.arange(12).reshape(3, 4), attrs={"unit": "m"})
+    assert mmstore.export_hdf5(source, tmp_path / "out.h5") == ["g/x"]
+    imported, skipped = mmstore.import_hdf5(tmp_path / "out.h5", copy)
+    assert imported == ["g/x"] and skipped == {}
+    with mmstore.Store(copy, "r") as store:
+        np.testing.assert_array_equal(store.get("g/x"), np.arange(12).reshape(3, 4))
+        assert store.attrs("g/x") == {"unit": "m"}
+    with pytest.raises(mmstore.StoreNotFoundError):
+        mmstore.export_hdf5(tmp_path / "missing", tmp_path / "never.h5")
+    assert not (tmp_path / "never.h5").exists()
+
+
+def test_recovery_keeps_a_live_exports_temp_file_inside_the_store(tmp_path: Path) -> None:
+    """`mmstore compact S S/out.h5`: the export's temp file looks like a temp sidecar of a
+    dataset named out.h5; a writable open's recovery must not remove it while it is live."""
+    root = tmp_path / "store"
+    with mmstore.Store(root) as store:
+        store.put("x", np.arange(3))
+    temp = root / ".out.h5.0123456789abcdef.tmp"
+    fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        assert mark_alive(fd, shared=True)
+        with mmstore.Store(root):  # recovery runs
+            pass
+        assert temp.exists()
+    finally:
+        os.close(fd)  # the exporter is gone
+    with mmstore.Store(root) as store:
+        np.testing.assert_array_equal(store.get("x"), np.arange(3))
+    assert not temp.exists()
