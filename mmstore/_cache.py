@@ -21,6 +21,7 @@ steps leaves bytes reserved that nothing uses; that errs on the safe side, and
 
 from __future__ import annotations
 
+import atexit
 import functools
 import hashlib
 import mmap
@@ -43,6 +44,7 @@ from ._store import Store
 _CONTROL_NAME = ".mmstore-cache"
 _MAGIC = b"MMSCACH\x01"
 _HEADER_BYTES = 4096
+_PUBLISH_SECONDS = 1.0  # a busy process adds its hit/miss counts to the shared ones at least this often
 _SLOTS = 65536  # access-time slots (u64 milliseconds); keys share a slot by hash
 # After the access-time table, a change-counter table with the same slots: every
 # set/delete/eviction bumps its key's slot before and after touching the entry,
@@ -63,6 +65,16 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+@atexit.register
+def _publish_counts_at_exit() -> None:
+    # A process that never closes its cache still adds its hits and misses to stats().
+    for cache in list(_live_caches):
+        try:
+            cache._publish_counts()
+        except Exception:
+            pass  # exiting: a store already closed or a lock out of reach loses a few counts
 
 
 class Cache:
@@ -105,6 +117,7 @@ class Cache:
         self._hot_limit = max(16, self.store._entry_budget // 2)
         self._hits = 0
         self._misses = 0
+        self._published_at = time.time()
         _live_caches.add(self)
         self._lock = DatasetLock(
             os.path.join(self.path, _CONTROL_NAME + "-lock"), f"cache {self.path!r}", self.store.permissions
@@ -116,21 +129,29 @@ class Cache:
     # --- keys -------------------------------------------------------------------
 
     def _locate(self, key: Any) -> tuple[str, int]:
-        """(entry name, access slot) of a key (str or bytes)."""
-        found = self._names.get(key)
+        """(entry name, access slot) of a key: a str or bytes, or any value memoize can key
+        by value (numbers, None, tuples/lists/dicts of them, NumPy scalars and arrays)."""
+        try:
+            found = self._names.get(key)
+        except TypeError:  # unhashable (a list, an array): keyed by value below, not remembered
+            found = None
+            remember = False
+        else:
+            remember = True
         if found is None:
             if isinstance(key, str):
                 raw = b"s" + key.encode("utf-8", "surrogatepass")
             elif isinstance(key, bytes):
                 raw = b"b" + key
             else:
-                raise ArgumentTypeError(f"cache keys are str or bytes, not {type(key).__name__}")
+                raw = b"v" + _keys.digest(key).encode()  # raises ArgumentTypeError if it cannot
             digest = hashlib.blake2b(raw, digest_size=16).hexdigest()
             name = f"e/{digest[:2]}/{digest}"
             found = (name, _slot_of(name))
-            if len(self._names) > 65536:
-                self._names.clear()
-            self._names[key] = found
+            if remember:
+                if len(self._names) > 65536:
+                    self._names.clear()
+                self._names[key] = found
         return found
 
     # --- reading ----------------------------------------------------------------
@@ -140,7 +161,8 @@ class Cache:
         value = self._lookup(key)
         return default if value is _MISSING else value
 
-    def _lookup(self, key: Any) -> Any:
+    def _lookup(self, key: Any, count: bool = True) -> Any:
+        """The value, or _MISSING; ``count`` adds the outcome to the hit/miss counts."""
         name, slot = self._locate(key)
         seen = self._changes[slot]  # read before the entry: a change after it shows up next time
         hot = self._hot.get(name)
@@ -148,22 +170,22 @@ class Cache:
             expires = hot[2]
             now = time.time()
             if expires is not None and now >= expires:
-                self._count_miss()
+                self._count(False, count)
                 return _MISSING
             self._hot.move_to_end(name)
-            self._count_hit(slot, now)
+            self._touch(slot, now, count)
             return _fresh(hot[1])
         try:
             array, entry = self.store._read(name)
         except DatasetNotFoundError:
             self._hot.pop(name, None)
-            self._count_miss()
+            self._count(False, count)
             return _MISSING
         attrs = entry.attrs
         now = time.time()
         expires = attrs.get("expires")
         if expires is not None and now >= expires:
-            self._count_miss()
+            self._count(False, count)
             return _MISSING
         kind = attrs.get("kind", "array")
         if kind == "array":
@@ -172,21 +194,23 @@ class Cache:
             value = self._assemble(kind, attrs, array)
             if value is _MISSING:
                 self._hot.pop(name, None)
-                self._count_miss()
+                self._count(False, count)
                 return _MISSING
         if not seen & 1:
             self._hot[name] = (seen, value, expires)
             self._hot.move_to_end(name)
             while len(self._hot) > self._hot_limit:
                 self._hot.popitem(last=False)
-        self._count_hit(slot, now)
+        self._touch(slot, now, count)
         return _fresh(value)
 
-    def _count_hit(self, slot: int, now: float) -> None:
-        self._access_slots[slot] = int(now * 1000)  # for LRU eviction, seen by every process
-        self._hits += 1
-        if self._hits >= 1024:
-            self._publish_counts()
+    def _touch(self, slot: int, now: float, count: bool = True) -> None:
+        """A hit: stamp the entry's access time (LRU, seen by every process) and count it."""
+        self._access_slots[slot] = int(now * 1000)
+        if count:
+            self._hits += 1
+            if self._hits >= 1024 or now - self._published_at >= _PUBLISH_SECONDS:
+                self._publish_counts()
 
     def _delete_entry(self, name: str) -> bool:
         """Delete entry ``name`` (its marker or array), bracketed by its change counter;
@@ -205,13 +229,23 @@ class Cache:
         """Bracket a change of entry ``name`` with two bumps of its change counter."""
         return _Change(self._changes, _slot_of(name))
 
-    def _count_miss(self) -> None:
-        self._misses += 1
-        if self._misses >= 1024:
+    def _count(self, hit: bool, count: bool = True) -> None:
+        """Count one hit or miss (in this process; added to the shared counters in batches,
+        at least every _PUBLISH_SECONDS while the process is busy, and at exit)."""
+        if not count:
+            return
+        if hit:
+            self._hits += 1
+        else:
+            self._misses += 1
+        if self._hits + self._misses >= 1024 or time.time() - self._published_at >= _PUBLISH_SECONDS:
             self._publish_counts()
 
     def _publish_counts(self) -> None:
         """Add this process's hits and misses to the shared counters."""
+        self._published_at = time.time()
+        if not (self._hits or self._misses) or self.store.closed:
+            return
         hits, misses, self._hits, self._misses = self._hits, self._misses, 0, 0
         self._lock.acquire(self.store.timeout)
         try:
@@ -251,7 +285,21 @@ class Cache:
         return expires is None or time.time() < expires
 
     def __len__(self) -> int:
-        return len(self.store.keys("e"))
+        """The number of live entries (expired ones are removed on the way: expiry is lazy,
+        but an expired entry is never counted, found or returned)."""
+        return self._purge_expired()
+
+    def _purge_expired(self) -> int:
+        """Delete every expired entry, releasing its bytes; return how many live ones remain."""
+        live = 0
+        for used, name, nbytes, parts in self._entries():
+            if used >= 0:
+                live += 1
+                continue
+            if self._delete_entry(name):
+                self._release(nbytes)
+                self._delete_parts(parts)
+        return live
 
     # --- writing ----------------------------------------------------------------
 
@@ -295,21 +343,25 @@ class Cache:
     def get_or_compute(self, key: Any, compute: Callable[[], Any], ttl: float | None = None) -> Any:
         """The cached value, or ``compute()`` stored and returned. When several processes
         miss the same key at once, one computes and the others wait for its result."""
-        value = self._lookup(key)
+        value = self._lookup(key, count=False)
         if value is not _MISSING:
+            self._count(True)
             return value
         name, _slot = self._locate(key)
         stripe = int(name[-8:], 16) % _STRIPES
         held = self._held.__dict__.setdefault("stripes", set())
         if stripe in held:  # a memoized function calling another: this thread already holds it
+            self._count(False)
             return self._compute_and_store(key, compute, ttl)
         lock = self._compute_lock(stripe)
         lock.acquire(self.lock_timeout)
         held.add(stripe)
         try:
-            value = self._lookup(key)
+            value = self._lookup(key, count=False)
             if value is not _MISSING:
+                self._count(True)
                 return value  # another process computed it while we waited
+            self._count(False)
             return self._compute_and_store(key, compute, ttl)
         finally:
             held.discard(stripe)
@@ -321,7 +373,7 @@ class Cache:
             self.set(key, result, ttl)
         except ValueError:
             return result  # larger than the whole cache: hand it back uncached
-        value = self._lookup(key)
+        value = self._lookup(key, count=False)
         return result if value is _MISSING else value
 
     def delete(self, key: Any) -> bool:
@@ -443,12 +495,13 @@ class Cache:
         in batches, so other processes' latest few may not show yet), bytes
         (reserved), entries, max_bytes."""
         self._publish_counts()
+        entries = self._purge_expired()
         return {
             "hits": int(self._header[_HITS]),
             "misses": int(self._header[_MISSES]),
             "evictions": int(self._header[_EVICTIONS]),
             "bytes": int(self._header[_RESERVED]),
-            "entries": len(self),
+            "entries": entries,
             "max_bytes": self.max_bytes,
             "path": self.path,
         }
@@ -512,13 +565,22 @@ class Cache:
     # --- lifetime ---------------------------------------------------------------------
 
     def close(self) -> None:
-        if self._hits or self._misses:
-            self._publish_counts()
+        if self.store.closed:
+            return
+        self._publish_counts()
         self._access_slots.release()
         self.store.close()
         self._lock.close()
         for lock in self._compute_locks.values():
             lock.close()
+
+    def __del__(self) -> None:
+        # A cache dropped without close() still adds its hits and misses to stats().
+        try:
+            if (self._hits or self._misses) and not self.store.closed:
+                self._publish_counts()
+        except Exception:
+            pass
 
     def __enter__(self) -> Cache:
         return self

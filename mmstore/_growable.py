@@ -203,6 +203,7 @@ class Writer:
         self._published = self._mapped.published()
         self._row_shape = self._mapped.row_shape
         self._sidecar_durable = False  # flush(durable=True) syncs the sidecar and directory once
+        self._edited = False  # in-place edits since the last flush
 
     # --- shape and data ---------------------------------------------------------
 
@@ -225,6 +226,7 @@ class Writer:
         are in place: readers see them at once, and the data checksum becomes unknown."""
         self._check_open()
         self._crc_known = False
+        self._edited = True
         return self._mapped.rows[: self._length] if self._header.shape else self._mapped.rows
 
     def __getitem__(self, index: Any) -> Any:
@@ -235,6 +237,7 @@ class Writer:
     def __setitem__(self, index: Any, value: Any) -> None:
         self._check_open()
         self._crc_known = False
+        self._edited = True
         rows = self._mapped.rows[: self._length] if self._header.shape else self._mapped.rows
         rows[index] = value
 
@@ -281,11 +284,19 @@ class Writer:
     def _as_rows(self, rows: Any) -> np.ndarray:
         row_shape = self._mapped.row_shape
         if isinstance(rows, np.ndarray):
-            if rows.dtype != self.dtype and not np.can_cast(rows.dtype, self.dtype, casting="same_kind"):
+            if rows.dtype != self.dtype and (
+                not np.can_cast(rows.dtype, self.dtype, casting="same_kind")
+                or rows.dtype.names != self.dtype.names  # records match by field name, not position
+            ):
                 raise InvalidArgumentError(
                     f"cannot append rows of dtype {rows.dtype} to dataset {self.name!r} of dtype {self.dtype}"
                 )
             block = rows
+        elif self.dtype.names is not None and not isinstance(rows, (tuple, list, np.void)):
+            raise InvalidArgumentError(
+                f"cannot append a {type(rows).__name__} to dataset {self.name!r} of record dtype {self.dtype}: "
+                "give a tuple per row or an array of that dtype"
+            )
         else:
             try:
                 block = np.asarray(rows, dtype=self.dtype)
@@ -319,12 +330,16 @@ class Writer:
         try:
             if durable:
                 self._fsync()  # rows reach the disk before the length that covers them
-            if control is not None and (self._length != self._committed or durable):
+            # A new commit for readers (wait() returns, followers wake): new rows or in-place
+            # edits since the last flush. A durable flush of nothing new only syncs.
+            changed = self._length != self._committed or self._edited
+            if control is not None and (changed or durable):
                 if durable:
                     self._update_checksum(control)
                 control[_LENGTH] = self._length  # one aligned 8-byte store: readers see it whole
-                self._published += 1
-                os.pwrite(self._fd, _PACK_U64(self._published), _PUBLISH_OFFSET)  # orders, and wakes followers
+                if changed:
+                    self._published += 1
+                    os.pwrite(self._fd, _PACK_U64(self._published), _PUBLISH_OFFSET)  # orders, wakes followers
                 if durable:
                     self._fsync()
             if durable and not self._sidecar_durable:
@@ -332,6 +347,7 @@ class Writer:
         except OSError as exc:
             raise _durable.io_error(exc, f"dataset {self.name!r}: flush") from None
         self._committed = self._length
+        self._edited = False
 
     def _update_checksum(self, control: np.ndarray) -> None:
         """Extend the CRC over rows written since it was last brought up to date."""

@@ -350,6 +350,9 @@ def rm(
 ) -> None:
     """Delete datasets (readers that hold them keep their arrays)."""
     with _errors_to_exit(), _open(store, "r+") as opened:
+        for name in names:  # all or nothing: a missing name deletes none of them
+            if name not in opened:
+                opened.info(name)  # raises the usual one-line error (bad name, missing, corrupt)
         for name in names:
             opened.delete(name)
 
@@ -520,7 +523,10 @@ def cache_clear(path: Annotated[Path, typer.Argument(help="Cache directory.", sh
 
 
 def _require_store(path: Path) -> None:
-    mmstore.Store(path, "r").close()  # a clear "no store" error instead of creating one
+    """A clear error for a path that is not a cache, instead of making it one."""
+    mmstore.Store(path, "r").close()  # "no store" rather than creating one
+    if not (path / ".mmstore-cache").is_file():
+        raise mmstore.StoreNotFoundError(f"{str(path)!r} is a store but not a cache (it has no .mmstore-cache)")
 
 
 # --- demo ----------------------------------------------------------------------------
@@ -555,8 +561,17 @@ def demo(
             raise typer.Exit(1)
 
 
+_GLOBAL_FLAGS = ("--debug", "--quiet", "-q")
+
+
 def main() -> None:
-    app()
+    # The global flags work after the subcommand too (`mmstore get S x --debug`):
+    # move them in front of it, where typer expects them. Nothing after `--` moves.
+    args = sys.argv[1:]
+    end = args.index("--") if "--" in args else len(args)
+    flags = [arg for arg in args[:end] if arg in _GLOBAL_FLAGS]
+    rest = [arg for arg in args[:end] if arg not in _GLOBAL_FLAGS]
+    app(args=[*flags, *rest, *args[end:]])
 
 
 if __name__ == "__main__":

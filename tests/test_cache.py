@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -41,8 +42,50 @@ def test_values_round_trip(cache: mmstore.Cache) -> None:
     assert cache.clear() == 5 and len(cache) == 0
     with pytest.raises(TypeError):
         cache.set("bad", object())
-    with pytest.raises(TypeError):
-        cache.get(3)
+    with pytest.raises(mmstore.ArgumentTypeError):
+        cache.get(object())  # a key with no canonical value
+
+
+def test_keys_of_any_value_memoize_can_key(cache: mmstore.Cache) -> None:
+    keys = [42, ("model", 3), np.int64(7), 1.5, None, ("a", (1, 2.0)), [1, 2], np.arange(3)]
+    for index, key in enumerate(keys):
+        cache.set(key, np.full(2, index))
+    for index, key in enumerate(keys):
+        assert key in cache and cache.get(key).tolist() == [index, index]
+    assert cache.get("42") is None and cache.get(b"42") is None  # a str, a bytes and an int differ
+    assert cache.get(("model", 4)) is None
+    assert len(cache) == len(keys)
+
+
+def test_stats_count_one_hit_or_miss_per_call(cache: mmstore.Cache) -> None:
+    calls = []
+
+    @cache.memoize
+    def f(x: np.ndarray, k: int) -> np.ndarray:
+        calls.append(k)
+        return x * k
+
+    f(np.arange(10.0), 3)
+    assert {k: cache.stats()[k] for k in ("hits", "misses")} == {"hits": 0, "misses": 1}
+    f(np.arange(10.0), 3)
+    assert {k: cache.stats()[k] for k in ("hits", "misses")} == {"hits": 1, "misses": 1}
+    cache.get("absent")
+    cache.get_or_compute("k", lambda: np.zeros(1))
+    cache.get("k")
+    assert {k: cache.stats()[k] for k in ("hits", "misses")} == {"hits": 2, "misses": 3}
+    assert calls == [3]
+
+
+def test_expired_entries_are_not_counted(cache: mmstore.Cache) -> None:
+    cache.set("t", np.ones(100), ttl=0.05)
+    cache.set("keep", np.ones(1))
+    deadline = time.time() + 0.05
+    while time.time() < deadline + 0.01:  # wait out the TTL (a clock, not a guess at scheduling)
+        time.sleep(0.01)
+    assert "t" not in cache and cache.get("t") is None
+    assert len(cache) == 1
+    stats = cache.stats()
+    assert stats["entries"] == 1 and stats["bytes"] == 8
 
 
 def test_ttl_expiry_is_exact(cache: mmstore.Cache) -> None:
@@ -278,3 +321,14 @@ def test_two_handles_see_each_others_changes(tmp_path: Path) -> None:
         got = second.get("l")
         got.append("mine")  # a caller's container is its own
         assert len(second.get("l")) == 1
+
+
+def test_another_processes_counts_show_after_it_exits(tmp_path: Path, spawn: Any) -> None:
+    path = str(tmp_path / "cache")
+    child = spawn.Process(target=workers.cache_counts_without_close, args=(path,))
+    child.start()
+    child.join(PROCESS_TIMEOUT)
+    assert child.exitcode == 0
+    with mmstore.Cache(path) as cache:
+        stats = cache.stats()
+    assert (stats["hits"], stats["misses"], stats["entries"]) == (2, 1, 1)

@@ -250,3 +250,29 @@ def test_compact_fits_an_explicit_chunk_shape_to_every_dataset(tmp_path: Path) -
         assert h5["table"][...].tolist() == np.arange(12.0).reshape(4, 3).tolist()
     result = mmstore_cli("compact", store, str(tmp_path / "o3.h5"), "--chunks", "2,0", check=False)
     assert result.returncode == 2 and "--chunks" in result.stderr.decode()
+
+
+def test_global_flags_after_the_subcommand_and_rm_all_or_nothing(tmp_path: Path) -> None:
+    source = tmp_path / "a.npy"
+    np.save(source, np.arange(5))
+    store = str(tmp_path / "s")
+    mmstore_cli("put", store, "a", str(source), "--quiet")
+    missing = mmstore_cli("get", store, "zzz", "--debug", check=False)
+    assert missing.returncode == 1 and b"Traceback" in missing.stderr  # --debug took effect
+    partial = mmstore_cli("rm", store, "a", "zzz", check=False)
+    assert partial.returncode == 1 and "zzz" in one_line_error(partial)
+    with mmstore.Store(store, "r") as opened:
+        assert "a" in opened  # nothing was deleted
+    mmstore_cli("rm", store, "a")
+    with mmstore.Store(store, "r") as opened:
+        assert "a" not in opened
+
+
+def test_cache_commands_refuse_a_store_that_is_not_a_cache(tmp_path: Path) -> None:
+    with mmstore.Store(tmp_path / "s") as store:
+        store.put("x", np.arange(3))
+    before = sorted(os.listdir(tmp_path / "s"))
+    for command in ("info", "clear"):
+        result = mmstore_cli("cache", command, str(tmp_path / "s"), check=False)
+        assert result.returncode == 1 and "not a cache" in one_line_error(result)
+    assert sorted(os.listdir(tmp_path / "s")) == before

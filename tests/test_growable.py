@@ -310,3 +310,32 @@ def test_followers_wait_on_inotify_here(store: mmstore.Store) -> None:
         reader = store.open_reader("t")
         assert reader.wait(1, timeout=0.01) is False
         assert reader._waiter is not None and reader._waiter.uses_inotify  # Linux: no polling fallback
+
+
+def test_an_in_place_edit_is_a_commit_and_an_empty_flush_is_not(store: mmstore.Store) -> None:
+    with store.create("t", np.int64, (0,), growable=True) as writer:
+        writer.append(np.arange(3))
+        writer.flush()
+        reader = store.open_reader("t")
+        assert reader.wait(timeout=0) is False  # nothing new since the reader opened
+        for durable in (False, True):
+            writer.flush(durable=durable)  # nothing new: not a commit
+            assert reader.wait(timeout=0) is False
+            writer[0] = 100 + durable  # an in-place edit, then a flush: a commit
+            writer.flush(durable=durable)
+            assert reader.wait(timeout=0) is True and reader.array[0] == 100 + durable
+            assert reader.wait(timeout=0) is False
+
+
+def test_append_checks_record_dtypes(store: mmstore.Store) -> None:
+    records = np.dtype([("seq", "<i8"), ("chk", "<u8")])
+    with store.create("r", records, (0,), growable=True) as writer:
+        for rows in (np.zeros(3, [("x", "<i8"), ("y", "<u8")]), 5, np.zeros(3, "f8")):
+            with pytest.raises(mmstore.InvalidArgumentError):
+                writer.append(rows)
+        writer.append((1, 2))
+        writer.append([(3, 4), (5, 6)])
+        writer.append(np.zeros(2, records))
+        writer.append(np.zeros(1, records)[0])
+        assert len(writer) == 6
+    assert store.get("r")["seq"].tolist() == [1, 3, 5, 0, 0, 0]

@@ -292,3 +292,12 @@ def export_pausing(path: str, out: str, after: str, reached: Any, release: Any, 
                 raise TimeoutError("the test never released the paused export")
 
     mmstore.export_hdf5(store, out, progress=pause)
+
+
+def cache_counts_without_close(path: str) -> None:
+    """One miss and two hits, then exit without closing the cache (its counts must still show)."""
+    cache = mmstore.Cache(path)
+    cache.get("nope")
+    cache.set("k", np.zeros(1))
+    cache.get("k")
+    cache.get("k")
