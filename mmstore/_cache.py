@@ -491,9 +491,10 @@ class Cache:
             self._lock.release()
 
     def stats(self) -> dict[str, Any]:
-        """hits, misses and evictions (of all processes: each adds its hits and misses
-        in batches, so other processes' latest few may not show yet), bytes
-        (reserved), entries, max_bytes."""
+        """hits, misses and evictions of all processes (one hit or one miss per get or
+        memoized call; each process adds its counts at least once a second while busy, on
+        close and at exit, so a running process's last second may not show yet), bytes
+        (reserved), live entries (expired ones are removed here), max_bytes."""
         self._publish_counts()
         entries = self._purge_expired()
         return {
