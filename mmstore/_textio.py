@@ -88,6 +88,7 @@ def _locate_error(
 ) -> TextFormatError:
     """Find the line and column that numpy refused, and say so."""
     names = dtype.names or ()
+    expected: tuple[int, int] | None = None  # (columns, line) of the first row, for plain dtypes
     for offset, line in enumerate(lines):
         stripped = line.split("#", 1)[0].strip()
         if not stripped:
@@ -97,6 +98,19 @@ def _locate_error(
             return TextFormatError(
                 f"{label} line {first + offset}: {len(cells)} columns, expected {len(names)} ({', '.join(names)})"
             )
+        if not names:
+            if expected is None:
+                expected = (len(cells), first + offset)
+            elif len(cells) != expected[0]:
+                count, seen_on = expected
+                where = (
+                    f"column {len(cells) + 1} is missing"
+                    if len(cells) < count
+                    else f"column {count + 1} is one too many"
+                )
+                return TextFormatError(
+                    f"{label} line {first + offset}: {where} ({len(cells)} columns, {count} on line {seen_on})"
+                )
         for column, cell in enumerate(cells, start=1):
             kind = dtype[names[column - 1]] if names else dtype
             try:

@@ -150,6 +150,7 @@ def test_verify_recover_exit_codes(tmp_path: Path) -> None:
         (["put", "{store}", "x", "{txt}", "--dtype", "q99"], 2, "not a dtype"),
         (["put", "{store}", "x", "{badtxt}", "--dtype", GENOMIC], 1, "line 3, column 2 ('pos'): cannot parse 'abc'"),
         (["put", "{store}", "x", "{badtxt2}", "--dtype", GENOMIC], 1, "line 2: 4 columns, expected 5"),
+        (["put", "{store}", "x", "{badcsv}", "--dtype", "f8"], 1, "line 3: column 3 is missing"),
         (["get", "{store}", "y", "--slice", "a:b"], 2, "--slice"),
         (["compact", "{store}", "{tmp}/o.h5", "--compression", "zip"], 2, "--compression"),
         (["put", "{store}", "x", "{tmp}/data.xyz"], 2, "unknown source type"),
@@ -165,9 +166,11 @@ def test_bad_input_gives_one_line_and_exit_code(tmp_path: Path, args: list[str],
     (tmp_path / "bad.txt").write_text("chr1 1 0.5 1 1\nchr2 2 0.5 1 1\nchr3 abc 0.5 1 1\n")
     (tmp_path / "bad2.txt").write_text("chr1 1 0.5 1 1\nchr2 2 0.5 1\n")
     (tmp_path / "data.xyz").write_text("?")
+    (tmp_path / "bad.csv").write_text("1,2,3\n4,5,6\n7,8\n")
     values = {
         "tmp": str(tmp_path), "store": str(store), "npy": str(tmp_path / "ok.npy"),
         "txt": str(tmp_path / "ok.txt"), "badtxt": str(tmp_path / "bad.txt"), "badtxt2": str(tmp_path / "bad2.txt"),
+        "badcsv": str(tmp_path / "bad.csv"),
     }  # fmt: skip
     result = mmstore_cli(*(arg.format(**values) for arg in args), check=False)
     assert result.returncode == code, result.stderr
