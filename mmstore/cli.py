@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -180,8 +181,7 @@ def _put(
     attrs: dict[str, Any],
 ) -> None:
     if source == "-":
-        kind, _shape, blocks = _textio.npy_stream(sys.stdin.buffer, "stdin")
-        store.put_blocks(name, _counting(blocks, "reading stdin", None), dtype=kind, attrs=attrs)
+        _put_npy_stream(store, name, sys.stdin.buffer, "stdin", attrs)
         return
     h5_file, sep, h5_path = source.partition(".h5:")
     if sep or ".hdf5:" in source:
@@ -199,11 +199,22 @@ def _put(
         return
     suffix = Path(source).suffix.lower()
     if suffix == ".npy":
-        store.put(name, np.load(source, mmap_mode="r", allow_pickle=False), attrs=attrs)
+        array = np.load(source, mmap_mode="r", allow_pickle=False)
+        if array.ndim == 0 or array.shape[0] == 0 or array.nbytes < _PROGRESS_BYTES:
+            store.put(name, array, attrs=attrs)
+        else:  # the same bytes, in row blocks of the map, so that a progress bar can follow
+            rows = max(1, _PROGRESS_BYTES // 4 // max(array[:1].nbytes, 1))
+            row_blocks = (array[start : start + rows] for start in range(0, array.shape[0], rows))
+            counted = _counting(row_blocks, f"reading {source}", array.nbytes)
+            store.put_blocks(name, counted, dtype=array.dtype, attrs=attrs)
     elif suffix == ".npz":
-        with np.load(source, allow_pickle=False) as archive:
-            for member in archive.files:
-                store.put(f"{name}/{member}", archive[member], attrs=attrs)
+        import zipfile
+
+        with zipfile.ZipFile(source) as archive:  # each member streamed, never loaded whole
+            for entry in archive.namelist():
+                if entry.endswith(".npy"):
+                    with archive.open(entry) as stream:
+                        _put_npy_stream(store, f"{name}/{entry[:-4]}", stream, f"{source}:{entry[:-4]}", attrs)
     elif suffix in (".csv", ".txt", ".tsv", ".dat", ""):
         if delimiter is None:
             delimiter = {".csv": ",", ".tsv": "\t"}.get(suffix)
@@ -215,6 +226,20 @@ def _put(
             )
     else:
         raise UsageError(f"unknown source type {suffix!r}: use .npy, .npz, .csv, .txt, file.h5:/path or -")
+
+
+_PROGRESS_BYTES = 64 * 2**20  # inputs at least this large are stored in blocks, with a progress bar
+
+
+def _put_npy_stream(store: mmstore.Store, name: str, stream: Any, label: str, attrs: dict[str, Any]) -> None:
+    """Store an .npy read from a stream in row blocks (0-d and empty arrays whole)."""
+    kind, shape, blocks = _textio.npy_stream(stream, label)
+    if not shape or shape[0] == 0:
+        whole = next(blocks).reshape(()) if shape == () else np.empty(shape, kind)
+        store.put(name, whole, attrs=attrs)
+        return
+    total = math.prod(shape) * kind.itemsize
+    store.put_blocks(name, _counting(blocks, f"reading {label}", total), dtype=kind, attrs=attrs)
 
 
 def _counting(blocks: Iterator[np.ndarray], label: str, total: int | None, stream: Any = None) -> Iterator[np.ndarray]:

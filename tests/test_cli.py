@@ -279,3 +279,24 @@ def test_cache_commands_refuse_a_store_that_is_not_a_cache(tmp_path: Path) -> No
         result = mmstore_cli("cache", command, str(tmp_path / "s"), check=False)
         assert result.returncode == 1 and "not a cache" in one_line_error(result)
     assert sorted(os.listdir(tmp_path / "s")) == before
+
+
+def test_npz_members_and_npy_streams_keep_their_shapes(tmp_path: Path) -> None:
+    """Members are streamed in row blocks; 0-d and empty members keep their exact shapes."""
+    members = {"a": np.arange(10), "s": np.float64(3.5), "e": np.zeros((0, 3)), "m": np.ones((1000, 7), ">i2")}
+    np.savez_compressed(tmp_path / "z.npz", **members)
+    store = str(tmp_path / "s")
+    mmstore_cli("put", store, "z", str(tmp_path / "z.npz"))
+    buffer = io.BytesIO()
+    np.save(buffer, np.int32(7))
+    mmstore_cli("put", store, "scalar", "-", stdin=buffer.getvalue())
+    np.save(tmp_path / "big.npy", np.arange(9_000_000, dtype="<f8").reshape(-1, 9))  # above the block size
+    mmstore_cli("put", store, "big", str(tmp_path / "big.npy"))
+    with mmstore.Store(store, "r") as opened:
+        for member, value in members.items():
+            got = opened.get(f"z/{member}")
+            assert got.shape == np.shape(value) and got.dtype == np.asarray(value).dtype
+            assert got.tobytes() == np.asarray(value).tobytes()
+        assert opened.get("scalar").shape == () and opened.get("scalar") == 7
+        np.testing.assert_array_equal(opened.get("big"), np.arange(9_000_000, dtype="<f8").reshape(-1, 9))
+        assert opened.verify().ok
