@@ -507,21 +507,9 @@ def _time_small(
 # The floor under a first get in a fresh process: the same system calls, JSON parse and
 # map in bare Python, warmed up once on another dataset (as Store() warms up on its manifest).
 FRESH_FLOOR_CODE = """
-import json, mmap, os, sys, time
-import numpy as np
-def raw_get(root, key):
-    fd = os.open(f"{root}/{key}.json", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        os.fstat(fd)
-        header = json.loads(os.read(fd, 65536))
-    finally:
-        os.close(fd)
-    fd = os.open(f"{root}/{header['data_file']}", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        mapped = mmap.mmap(fd, os.fstat(fd).st_size, prot=mmap.PROT_READ)
-    finally:
-        os.close(fd)
-    return np.frombuffer(mapped, np.dtype(header["dtype"])).reshape(header["shape"])
+import sys, time
+sys.path.insert(0, sys.argv[3])
+from bench_share import _raw_get as raw_get
 raw_get(sys.argv[1], "warm")
 start = time.perf_counter()
 array = raw_get(sys.argv[1], sys.argv[2])
@@ -540,6 +528,18 @@ elapsed = time.perf_counter() - start
 assert array.shape == (128,)
 print(repr(elapsed))
 """
+
+
+def _fresh_process_gets(code: str, root: str, runs: int, *extra: str) -> list[float]:
+    """Microseconds of the first get of "small" under ``root``, each in a fresh interpreter."""
+    samples = []
+    for _ in range(runs):
+        command = [sys.executable, "-c", code, root, "small", *extra]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"fresh-process get failed:\n{done.stderr}")
+        samples.append(float(done.stdout.strip()) * 1e6)
+    return samples
 
 
 def part_b(root: str, repeats: int, ops: int, keys: int, repeated_gets: int, fresh_runs: int) -> dict[str, Any]:
@@ -591,18 +591,7 @@ def part_b(root: str, repeats: int, ops: int, keys: int, repeated_gets: int, fre
                 gc.enable()
 
     # (b) first get in a fresh process (the Store open before it is not timed)
-    fresh_us: list[float] = []
-    for _ in range(fresh_runs):
-        done = subprocess.run(
-            [sys.executable, "-c", FRESH_GET_CODE, path, "small"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"fresh-process get failed:\n{done.stderr}")
-        fresh_us.append(float(done.stdout.strip()) * 1e6)
+    fresh_us = _fresh_process_gets(FRESH_GET_CODE, path, fresh_runs)
     shutil.rmtree(path, ignore_errors=True)
 
     # (c) the floor under (b): bare system calls, parse and map, in a fresh process
@@ -610,18 +599,9 @@ def part_b(root: str, repeats: int, ops: int, keys: int, repeated_gets: int, fre
     _keys, floor_put, _get, _close = _small_floor(floor_root, 0)
     floor_put("warm", values[1])
     floor_put("small", values[0])
-    floor_us: list[float] = []
-    for _ in range(fresh_runs):
-        done = subprocess.run(
-            [sys.executable, "-c", FRESH_FLOOR_CODE, os.path.join(floor_root, "floor"), "small"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"fresh-process floor get failed:\n{done.stderr}")
-        floor_us.append(float(done.stdout.strip()) * 1e6)
+    floor_us = _fresh_process_gets(
+        FRESH_FLOOR_CODE, os.path.join(floor_root, "floor"), fresh_runs, os.path.dirname(os.path.abspath(__file__))
+    )
     shutil.rmtree(floor_root, ignore_errors=True)
     return {
         "ops": ops,
