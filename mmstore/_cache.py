@@ -131,27 +131,17 @@ class Cache:
     def _locate(self, key: Any) -> tuple[str, int]:
         """(entry name, access slot) of a key: a str or bytes, or any value memoize can key
         by value (numbers, None, tuples/lists/dicts of them, NumPy scalars and arrays)."""
-        try:
-            found = self._names.get(key)
-        except TypeError:  # unhashable (a list, an array): keyed by value below, not remembered
-            found = None
-            remember = False
-        else:
-            remember = True
+        kind = type(key)
+        if kind is not str and kind is not bytes:
+            # Keyed by value, never remembered: 1, 1.0, True and np.int64(1) are equal
+            # dict keys but different cache keys, the same in every process.
+            return _entry_of(b"v" + _keys.digest(key).encode())  # ArgumentTypeError if it cannot
+        found = self._names.get(key)
         if found is None:
-            if isinstance(key, str):
-                raw = b"s" + key.encode("utf-8", "surrogatepass")
-            elif isinstance(key, bytes):
-                raw = b"b" + key
-            else:
-                raw = b"v" + _keys.digest(key).encode()  # raises ArgumentTypeError if it cannot
-            digest = hashlib.blake2b(raw, digest_size=16).hexdigest()
-            name = f"e/{digest[:2]}/{digest}"
-            found = (name, _slot_of(name))
-            if remember:
-                if len(self._names) > 65536:
-                    self._names.clear()
-                self._names[key] = found
+            found = _entry_of(b"s" + key.encode("utf-8", "surrogatepass") if kind is str else b"b" + key)
+            if len(self._names) > 65536:
+                self._names.clear()
+            self._names[key] = found
         return found
 
     # --- reading ----------------------------------------------------------------
@@ -591,6 +581,13 @@ class Cache:
 
     def __repr__(self) -> str:
         return f"<mmstore.Cache {self.path!r} max_bytes={self.max_bytes} ttl={self.ttl}>"
+
+
+def _entry_of(raw: bytes) -> tuple[str, int]:
+    """(entry name, access slot) of a key's canonical bytes."""
+    digest = hashlib.blake2b(raw, digest_size=16).hexdigest()
+    name = f"e/{digest[:2]}/{digest}"
+    return name, _slot_of(name)
 
 
 def _slot_of(name: str) -> int:

@@ -53,8 +53,11 @@ def test_keys_of_any_value_memoize_can_key(cache: mmstore.Cache) -> None:
     for index, key in enumerate(keys):
         assert key in cache and cache.get(key).tolist() == [index, index]
     assert cache.get("42") is None and cache.get(b"42") is None  # a str, a bytes and an int differ
+    assert cache.get(7) is None and cache.get(7.0) is None  # equal in Python, different keys here
+    cache.set(1, np.zeros(1))
+    assert cache.get(True) is None and cache.get(1.0) is None and cache.get(np.int64(1)) is None
     assert cache.get(("model", 4)) is None
-    assert len(cache) == len(keys)
+    assert len(cache) == len(keys) + 1
 
 
 def test_stats_count_one_hit_or_miss_per_call(cache: mmstore.Cache) -> None:
