@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import gc
 import itertools
-import json
 import multiprocessing
 import os
 import platform
@@ -51,6 +50,7 @@ from typing import Any
 import diskcache
 import joblib
 import numpy as np
+from _report import emit  # scripts/ is on sys.path when a script runs
 
 import mmstore
 import mmstore._store as mmstore_store
@@ -956,12 +956,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if args.quick:
         body.append(f"(--quick: {args.big_mib:g} MiB instead of 100, fewer and shorter samples; not figures to quote.)")
-    print("\n".join(body), flush=True)
-    if args.json:
-        results["report"] = body
-        results["total_seconds"] = elapsed
-        with open(args.json, "w") as out:
-            json.dump(results, out, indent=2, default=str)
+    emit(body, results, args.json, elapsed)
     return 0
 
 

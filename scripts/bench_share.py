@@ -53,6 +53,7 @@ import diskcache
 import h5py
 import lmdb
 import numpy as np
+from _report import emit  # scripts/ is on sys.path when a script runs
 
 import mmstore
 from mmstore._filesystems import mount_of
@@ -834,12 +835,7 @@ def main(argv: list[str] | None = None) -> int:
     body += ["", f"Total run time {elapsed:.1f} s; load average at end: {load}."]
     if args.quick:
         body.append("(--quick: smaller sizes and fewer repeats; not the figures to quote.)")
-    print("\n".join(body), flush=True)
-    if args.json:
-        results["report"] = body
-        results["total_seconds"] = elapsed
-        with open(args.json, "w") as out:
-            json.dump(results, out, indent=2, default=str)
+    emit(body, results, args.json, elapsed)
     return 0
 
 

@@ -27,7 +27,6 @@ as the machine's reference cost of waking a blocked process.
 from __future__ import annotations
 
 import argparse
-import json
 import mmap
 import multiprocessing
 import os
@@ -48,6 +47,7 @@ from typing import Any
 
 import h5py
 import numpy as np
+from _report import emit  # scripts/ is on sys.path when a script runs
 
 import mmstore
 from mmstore._filesystems import mount_of
@@ -943,12 +943,7 @@ def main(argv: list[str] | None = None) -> int:
     body += ["", f"Total run time {elapsed:.1f} s; load average at end: {load}; main process peak RSS {peak:.0f} MiB."]
     if cfg.quick:
         body.append("(--quick: short measurements and few samples; not the figures to quote.)")
-    print("\n".join(body), flush=True)
-    if args.json:
-        results["report"] = body
-        results["total_seconds"] = elapsed
-        with open(args.json, "w") as out:
-            json.dump(results, out, indent=2, default=str)
+    emit(body, results, args.json, elapsed)
     return 0
 
 

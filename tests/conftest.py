@@ -5,6 +5,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -38,6 +39,16 @@ def store_files(root: Path) -> list[str]:
         for name in files:
             found.append(os.path.relpath(os.path.join(directory, name), root))
     return sorted(found)
+
+
+def collect_results(processes: list[Any], results: Any) -> list[Any]:
+    """One result per started process from ``results`` (a queue), then each process joined
+    and checked to have exited cleanly."""
+    collected = [results.get(timeout=PROCESS_TIMEOUT) for _ in processes]
+    for process in processes:
+        process.join(PROCESS_TIMEOUT)
+        assert process.exitcode == 0
+    return collected
 
 
 def run_in_fork(child: Callable[[], int]) -> int:

@@ -12,7 +12,7 @@ import pytest
 
 import mmstore
 from tests import workers
-from tests.conftest import PROCESS_TIMEOUT
+from tests.conftest import PROCESS_TIMEOUT, collect_results
 
 
 @pytest.fixture
@@ -191,10 +191,7 @@ def test_eight_processes_compute_each_key_exactly_once(tmp_path: Path, spawn) ->
     ]
     for process in processes:
         process.start()
-    outcomes = [results.get(timeout=PROCESS_TIMEOUT) for _ in processes]
-    for process in processes:
-        process.join(PROCESS_TIMEOUT)
-        assert process.exitcode == 0
+    outcomes = collect_results(processes, results)
     computed = Path(log).read_text().split()
     assert sorted(computed, key=int) == [str(k) for k in range(12)], "each key computed exactly once"
     for outcome in outcomes:

@@ -10,7 +10,7 @@ import pytest
 
 import mmstore
 from tests import workers
-from tests.conftest import PROCESS_TIMEOUT, run_in_fork, store_files
+from tests.conftest import PROCESS_TIMEOUT, collect_results, run_in_fork, store_files
 from tests.workers import TICK, ticks
 
 
@@ -188,10 +188,7 @@ def test_one_writer_four_followers_see_every_row_once_in_order(store_path: Path,
             if rng.random() < 0.7 or position == total:
                 writer.flush()
         writer.close()
-        seen = [results.get(timeout=PROCESS_TIMEOUT) for _ in followers]
-        for process in followers:
-            process.join(PROCESS_TIMEOUT)
-            assert process.exitcode == 0
+        seen = collect_results(followers, results)
     for rows, blocks, problems in seen:
         assert rows == total
         assert problems == 0

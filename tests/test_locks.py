@@ -11,7 +11,7 @@ import pytest
 import mmstore
 from mmstore._locks import mark_alive, names_file, remove_if_writer_gone
 from tests import workers
-from tests.conftest import PROCESS_TIMEOUT
+from tests.conftest import collect_results
 
 
 @pytest.mark.slow
@@ -27,10 +27,7 @@ def test_sixteen_processes_never_hold_a_writer_lock_together(store_path: Path, s
     ]
     for child in children:
         child.start()
-    overlaps = [results.get(timeout=PROCESS_TIMEOUT) for _ in children]
-    for child in children:
-        child.join(PROCESS_TIMEOUT)
-        assert child.exitcode == 0
+    overlaps = collect_results(children, results)
     total = processes * rounds
     assert overlaps == [0] * processes  # way 1: the exclusive marker never found taken
     assert (store_path / "counter.txt").read_text() == str(total)  # way 2: no lost update
