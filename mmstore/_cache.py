@@ -131,14 +131,14 @@ class Cache:
     def _locate(self, key: Any) -> tuple[str, int]:
         """(entry name, access slot) of a key: a str or bytes, or any value memoize can key
         by value (numbers, None, tuples/lists/dicts of them, NumPy scalars and arrays)."""
-        kind = type(key)
-        if kind is not str and kind is not bytes:
+        is_str = isinstance(key, str)
+        if not is_str and not isinstance(key, bytes):
             # Keyed by value, never remembered: 1, 1.0, True and np.int64(1) are equal
             # dict keys but different cache keys, the same in every process.
             return _entry_of(b"v" + _keys.digest(key).encode())  # ArgumentTypeError if it cannot
-        found = self._names.get(key)
+        found = self._names.get(key)  # equal strs (or bytes) always encode alike: safe to remember
         if found is None:
-            found = _entry_of(b"s" + key.encode("utf-8", "surrogatepass") if kind is str else b"b" + key)
+            found = _entry_of(b"s" + key.encode("utf-8", "surrogatepass") if is_str else b"b" + bytes(key))
             if len(self._names) > 65536:
                 self._names.clear()
             self._names[key] = found
