@@ -33,7 +33,7 @@ import stat
 import struct
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -402,15 +402,10 @@ class Writer:
         except OSError as exc:
             raise _durable.io_error(exc, f"dataset {self.name!r}: opening its sidecar to sync it") from None
         try:
-            self._fsync(fd)
+            self._fsync(lambda: _durable.fsync(fd, f"dataset {self.name!r}"))
         finally:
             os.close(fd)
-        try:
-            _durable.fsync_dir_chain(location.directory, self._store.path)
-        except FsyncError:
-            self._closed_reason = "unusable after an fsync error (reopen it to go on)"
-            self._failed = True
-            raise
+        self._fsync(lambda: _durable.fsync_dir_chain(location.directory, self._store.path))
         self._sidecar_durable = True
 
     def _sync_committed(self) -> None:
@@ -418,10 +413,14 @@ class Writer:
         if not self._closed:
             self._fsync()
 
-    def _fsync(self, fd: int | None = None) -> None:
-        """fsync the data file (or ``fd``); after a failure this writer refuses to publish anything more."""
+    def _fsync(self, sync: Callable[[], None] | None = None) -> None:
+        """fsync the data file (or run ``sync``, another fsync); after a failure this writer
+        refuses to publish anything more."""
         try:
-            _durable.fsync(self._fd if fd is None else fd, f"dataset {self.name!r}")
+            if sync is None:
+                _durable.fsync(self._fd, f"dataset {self.name!r}")
+            else:
+                sync()
         except FsyncError:
             self._closed_reason = "unusable after an fsync error (reopen it to go on)"
             self._failed = True
