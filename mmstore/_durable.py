@@ -28,6 +28,9 @@ NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLO
 # O_NONBLOCK: opening a FIFO planted where a sidecar or data file should be
 # must not hang the reader (it has no effect on regular files).
 READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+# Writing into an existing data file (a packed one). Not O_APPEND: on Linux that makes
+# pwrite() ignore its offset. O_NONBLOCK: a FIFO planted there fails instead of hanging.
+WRITE_EXISTING_FLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 # Large writes are split so that a single call never exceeds Linux's 2 GiB cap.
 WRITE_CHUNK = 1 << 30
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})

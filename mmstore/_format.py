@@ -29,6 +29,12 @@ XXH3_ALGORITHM = "xxh3_64"  # what put writes: xxHash XXH3 64-bit, seed 0, 16 he
 _CHECKSUM_RE = re.compile(r"^(crc32:[0-9a-f]{8}|xxh3_64:[0-9a-f]{16})$")
 
 MAX_SIDECAR_BYTES = 64 * 2**20
+# A packed data file holds successive generations of one small dataset, each
+# starting on this boundary (docs/FORMAT.md, "Packed data files"); a packed
+# generation is at most PACKED_MAX_NBYTES, so checking its checksum whenever it
+# is mapped costs a few microseconds.
+PACKED_ALIGNMENT = 64
+PACKED_MAX_NBYTES = 2**20
 MAX_NDIM = 64
 # Anything larger cannot be mapped on a 64-bit machine anyway; the bound also
 # keeps shape * itemsize arithmetic far from any overflow in NumPy.
@@ -60,6 +66,7 @@ class Header(NamedTuple):
     attrs: dict[str, Any]
     checksum: str | None = None
     growable: bool = False
+    packed: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -75,11 +82,14 @@ class Header(NamedTuple):
             f'"byteorder":"{_byteorder_cached(self.dtype)}","data_file":{json.dumps(self.data_file)},'
             f'"offset":{self.offset},"generation":{self.generation},'
             f'"growable":{"true" if self.growable else "false"},"checksum":{checksum},"attrs":{attrs},'
-            f'"created":{float(self.created)!r},"modified":{float(self.modified)!r}}}\n'
+            f'"created":{float(self.created)!r},"modified":{float(self.modified)!r}'
+            f"{_PACKED_FIELD if self.packed else ''}}}\n"
         ).encode()
 
 
 # --- dtypes -------------------------------------------------------------------
+
+_PACKED_FIELD = ',"packed":true'  # written only when true: absent means false
 
 _ENCODED_DTYPES: dict[np.dtype[Any], Any] = {}
 _DTYPE_JSON_TEXT: dict[np.dtype[Any], str] = {}
@@ -312,6 +322,16 @@ def parse_header(name: str, raw: bytes) -> Header:
         raise bad(f"growable {growable!r} is not a boolean")
     if growable and not shape:
         raise bad("a growable dataset needs at least one dimension")
+    packed = record.get("packed", False)
+    if not isinstance(packed, bool):
+        raise bad(f"packed {packed!r} is not a boolean")
+    if packed:
+        if growable:
+            raise bad("a growable dataset cannot be packed")
+        if offset % PACKED_ALIGNMENT:
+            raise bad(f"offset {offset} of a packed generation is not a multiple of {PACKED_ALIGNMENT}")
+        if math.prod(shape) * dtype.itemsize > PACKED_MAX_NBYTES:
+            raise bad(f"a packed generation holds at most {PACKED_MAX_NBYTES} bytes")
     checksum = record["checksum"]
     if checksum is not None and not (isinstance(checksum, str) and _CHECKSUM_RE.match(checksum)):
         raise bad(f"checksum {checksum!r} is not of the form 'xxh3_64:<16 hex>' or 'crc32:<8 hex>'")
@@ -336,6 +356,7 @@ def parse_header(name: str, raw: bytes) -> Header:
         attrs=attrs,
         checksum=checksum,
         growable=growable,
+        packed=packed,
     )
 
 

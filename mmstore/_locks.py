@@ -27,7 +27,7 @@ import time
 
 import filelock
 
-from ._durable import READ_FLAGS, make_directories
+from ._durable import READ_FLAGS, io_error, make_directories
 from ._errors import LockTimeout
 
 _OPEN_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -73,7 +73,7 @@ class DatasetLock:
             raise self._timeout_error(timeout)
         try:
             if self._fd < 0:
-                self._fd = open_lock_file(self.path, self.permissions)
+                self._fd = self._open()
             sleep = _FIRST_SLEEP
             while not filelock.lock_descriptor(self._fd, blocking=False):
                 if deadline is not None:
@@ -87,13 +87,19 @@ class DatasetLock:
             self._thread_lock.release()
             raise
 
+    def _open(self) -> int:
+        try:
+            return open_lock_file(self.path, self.permissions)
+        except OSError as exc:  # a full disk when the lock file is new, say
+            raise io_error(exc, f"opening {self.label}") from None
+
     def try_acquire(self) -> bool:
         """One non-blocking attempt (used by recovery, which skips busy datasets)."""
         if not self._thread_lock.acquire(blocking=False):
             return False
         try:
             if self._fd < 0:
-                self._fd = open_lock_file(self.path, self.permissions)
+                self._fd = self._open()
             if filelock.lock_descriptor(self._fd, blocking=False):
                 return True
         except BaseException:

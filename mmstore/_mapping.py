@@ -158,6 +158,13 @@ def file_digest(fd: int, offset: int, nbytes: int, algorithm: str) -> str:
     return f"{XXH3_ALGORITHM}:{hasher.hexdigest()}"
 
 
+def buffer_digest(data: Any, algorithm: str) -> str:
+    """The checksum string (``algorithm:hex``) of the bytes in ``data``."""
+    if algorithm == "crc32":
+        return format_checksum(crc32_update(0, data))
+    return f"{XXH3_ALGORITHM}:{xxhash.xxh3_64_hexdigest(data)}"
+
+
 def crc32_file(fd: int, offset: int, nbytes: int) -> int:
     """CRC-32 of ``nbytes`` at ``offset`` in open file ``fd``, read in bounded chunks."""
     state = [0]

@@ -10,6 +10,16 @@ docs/FORMAT.md for the files):
    generation number), write the new sidecar to a temp file, swap it in.
 3. After the lock: drop the liveness lock and unlink the old generation's data
    file. Readers that still map it keep a consistent old snapshot.
+
+With ``Store(..., pack_small=True)``, small arrays (at most PACK_MAX_NBYTES) are
+packed instead (an opt-in: it trades invariant 2's file per generation for a
+region per generation, see docs/FORMAT.md): under the dataset's
+lock, the new generation is appended to the dataset's current packed data file
+after the committed generation (never over it), and the sidecar is swapped in.
+That saves the creation of a data file and the unlink of the old one, the two
+most expensive system calls of a small put. A packed file rolls over to a new
+one (and the old is unlinked) once the next generation would end beyond
+PACK_FILE_BYTES, which bounds the space that replaced generations hold.
 """
 
 from __future__ import annotations
@@ -53,6 +63,7 @@ from ._errors import (
 )
 from ._format import (
     MANIFEST_NAME,
+    PACKED_ALIGNMENT,
     XXH3_ALGORITHM,
     Header,
     as_dtype,
@@ -75,6 +86,10 @@ _MAX_CACHED_DATASETS = _descriptor_budget()
 _MAX_LOCATIONS = _MAX_CACHED_DATASETS
 
 _VANISHED = object()
+
+# Small-put packing (see the module docstring and docs/FORMAT.md, "Packed data files").
+PACK_MAX_NBYTES = 16 * 1024
+PACK_FILE_BYTES = 64 * 1024
 
 _live_stores: weakref.WeakSet[Store] = weakref.WeakSet()
 _warmed_up = False  # Store._warm_up has run in this process
@@ -107,6 +122,12 @@ class Store:
     directories get the matching search bits). As a shorthand, an integer
     ``mode`` (``Store(path, mode=0o660)``) means mode ``"a"`` with those
     permissions.
+
+    ``pack_small=True`` makes this handle's puts of arrays up to 16 KiB append
+    to the dataset's packed data file instead of creating a new file per
+    generation: about 2x faster small puts, and a replaced generation keeps
+    ~its size on disk until the packed file (at most 64 KiB) rolls over.
+    Readers need nothing: every handle reads packed datasets (docs/FORMAT.md).
     """
 
     def __init__(
@@ -116,6 +137,7 @@ class Store:
         *,
         timeout: float = 10.0,
         permissions: int | None = None,
+        pack_small: bool = False,
     ) -> None:
         if isinstance(mode, int) and not isinstance(mode, bool):
             if permissions is not None and permissions != mode:
@@ -131,6 +153,7 @@ class Store:
         self.mode = "w-" if mode == "x" else mode
         self.timeout = float(timeout)
         self.readonly = mode == "r"
+        self.pack_small = bool(pack_small)
         self._closed = False
         self._pid = os.getpid()
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first
@@ -568,6 +591,12 @@ class Store:
         encode_dtype(source.dtype)
         attrs_record = encode_attrs(attrs) if attrs else {}
 
+        if self.pack_small and isinstance(source, np.ndarray) and source.nbytes <= PACK_MAX_NBYTES:
+            for _attempt in range(3):
+                if self._put_packed(location, source, attrs_record, durable):
+                    return
+            raise StoreIOError(errno.EIO, f"dataset {name!r}: could not commit (its new data file kept vanishing)")
+
         def write(fd: int, _path: str) -> tuple[np.dtype[Any], tuple[int, ...], str]:
             hasher = _mapping.new_hasher()
             _mapping.write_array(fd, source, hasher)
@@ -716,7 +745,85 @@ class Store:
             os.close(fd)  # drops the liveness lock, after the commit
             if not committed:
                 _durable.unlink_quietly(data_path)
-        # Committed: what follows is cleanup and durability, never a reason to undo it.
+        self._after_commit(location, old_header, data_file, durable)
+        return True
+
+    def _put_packed(self, location: _Location, array: np.ndarray, attrs: dict[str, Any], durable: bool) -> bool:
+        """Commit a small array as a packed generation (see the module docstring);
+        False if a new data file vanished before the commit (write it again)."""
+        name = location.name
+        data = np.ascontiguousarray(array).reshape(-1).view(np.uint8)  # ascontiguousarray: 0-d stays 0-d
+        checksum = _mapping.buffer_digest(data, XXH3_ALGORITHM)
+        old_header: Header | None = None
+        lock = location.lock
+        lock.acquire(self.timeout)
+        try:
+            old_header = self._committed_header(location)
+            fd, data_file, offset, created = self._packed_target(location, old_header, data.size)
+            committed = False
+            try:
+                try:
+                    _durable.write_all(fd, data, offset)
+                    if durable:
+                        self._fsync(fd, f"dataset {name!r}")
+                except OSError as exc:
+                    raise _durable.io_error(exc, f"dataset {name!r}: writing its data") from None
+                if created and os.fstat(fd).st_nlink == 0:
+                    return False  # recovery judged our new file abandoned before we locked it
+                now = time.time()
+                header = Header(
+                    name=name,
+                    dtype=array.dtype,
+                    shape=array.shape,
+                    data_file=data_file,
+                    offset=offset,
+                    generation=old_header.generation + 1 if old_header is not None else 1,
+                    created=old_header.created if old_header is not None else now,
+                    modified=now,
+                    attrs=attrs,
+                    checksum=checksum,
+                    packed=True,
+                )
+                self._write_sidecar_locked(location, header, durable)
+                committed = True
+            finally:
+                os.close(fd)
+                if created and not committed:
+                    _durable.unlink_quietly(location.data_path(data_file))
+        finally:
+            lock.release()
+        self._after_commit(location, old_header, data_file, durable)
+        return True
+
+    def _packed_target(self, location: _Location, old: Header | None, nbytes: int) -> tuple[int, str, int, bool]:
+        """Where a packed generation of ``nbytes`` goes (the caller holds the dataset lock):
+        (write descriptor, data file name, offset, whether the file is new).
+
+        After the committed generation in its packed data file if it fits within
+        PACK_FILE_BYTES: those bytes are either unused or an unfinished append of a
+        killed writer, never part of a committed generation. Otherwise a new file.
+        """
+        if old is not None and old.packed:
+            offset = -(-(old.offset + old.nbytes) // PACKED_ALIGNMENT) * PACKED_ALIGNMENT if nbytes else 0
+            if offset + nbytes <= PACK_FILE_BYTES:
+                try:
+                    fd = location.open_file(old.data_file, _durable.WRITE_EXISTING_FLAGS)
+                except OSError:
+                    fd = -1  # missing or not a plain file (a corrupt dataset): start a new file
+                if fd >= 0:
+                    if stat.S_ISREG(os.fstat(fd).st_mode):
+                        return fd, old.data_file, offset, False
+                    os.close(fd)
+        data_file = _names.data_file_name(location.leaf, _names.new_token())
+        try:
+            fd = _durable.create_new(location.data_path(data_file), self.permissions)
+        except OSError as exc:
+            raise _durable.io_error(exc, f"dataset {location.name!r}: creating its data file") from None
+        mark_alive(fd)
+        return fd, data_file, 0, True
+
+    def _after_commit(self, location: _Location, old_header: Header | None, data_file: str, durable: bool) -> None:
+        """What follows a commit: cleanup and durability, never a reason to undo it."""
         if old_header is not None and old_header.data_file != data_file:
             _durable.unlink_quietly(location.data_path(old_header.data_file))
         if durable:
@@ -726,8 +833,7 @@ class Store:
                 self._fsync_failure = exc
                 raise
         else:
-            self._mark_dirty(location, data_path)
-        return True
+            self._mark_dirty(location, location.data_path(data_file))
 
     def _mark_dirty(self, location: _Location, data_path: str | None = None, sidecar: bool = True) -> None:
         """Remember what a commit without fsync changed, for flush(): the data file

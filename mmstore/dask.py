@@ -45,14 +45,15 @@ from ._store import Store
 __all__ = ["GenerationGoneError", "PinnedDataset", "from_dask", "pin", "to_dask"]
 
 _MAPS_KEPT = 64  # datasets each process keeps mapped for pinned arrays (a map costs address space only)
-# (store root, dataset name) -> (identity of the mapped data file, its rows). One generation per
+# (store root, dataset name) -> ((device, inode, offset) of the mapped generation, its rows); the
+# offset tells apart generations of one packed data file (docs/FORMAT.md). One generation per
 # dataset: mapping a newer one drops the older map, so a long-lived worker does not keep the
 # disk space of replaced generations alive.
-_maps: OrderedDict[tuple[str, str], tuple[tuple[int, int], np.ndarray]] = OrderedDict()
+_maps: OrderedDict[tuple[str, str], tuple[tuple[int, int, int], np.ndarray]] = OrderedDict()
 _maps_guard = threading.Lock()
 
 
-def _remember_map(key: tuple[str, str], identity: tuple[int, int], rows: np.ndarray) -> np.ndarray:
+def _remember_map(key: tuple[str, str], identity: tuple[int, int, int], rows: np.ndarray) -> np.ndarray:
     with _maps_guard:
         kept = _maps.get(key)
         if kept is not None and kept[0] == identity:
@@ -107,6 +108,11 @@ class PinnedDataset:
     def generation(self) -> int:
         return self.header.generation
 
+    @property
+    def generation_identity(self) -> tuple[int, int, int]:
+        """Data file identity and offset: generations of a packed file share the file."""
+        return (*self.identity, self.header.offset)
+
     def __getstate__(self) -> dict[str, Any]:
         return {key: value for key, value in self.__dict__.items() if not key.startswith("_")}
 
@@ -136,13 +142,13 @@ class PinnedDataset:
         key = (self.root, self.header.name)
         with _maps_guard:
             kept = _maps.get(key)
-            if kept is not None and kept[0] == self.identity:
+            if kept is not None and kept[0] == self.generation_identity:
                 _maps.move_to_end(key)
                 rows = kept[1]
             else:
                 rows = None
         if rows is None:
-            rows = _remember_map(key, self.identity, self._map())
+            rows = _remember_map(key, self.generation_identity, self._map())
         return rows[: self.shape[0]] if self.header.growable else rows
 
     def _map(self) -> np.ndarray:
@@ -208,7 +214,7 @@ def _pin(store: Store, name: str) -> PinnedDataset:
         except BaseException:
             os.close(fd)
             raise
-        _remember_map((pinned.root, name), pinned.identity, mapped.rows)
+        _remember_map((pinned.root, name), pinned.generation_identity, mapped.rows)
         return pinned
     raise FormatError(f"dataset {name!r}: replaced too often to pin a consistent generation")
 

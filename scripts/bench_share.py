@@ -357,8 +357,10 @@ GetFn = Callable[[Any], Any]
 SmallOpen = Callable[[str, int], tuple[list[Any], PutFn, GetFn, Callable[[], None]]]
 
 
-def _small_mmstore(directory: str, keys: int, durable: bool = False) -> tuple[list[Any], PutFn, GetFn, Any]:
-    store = mmstore.Store(os.path.join(directory, "store"), "w-")
+def _small_mmstore(
+    directory: str, keys: int, durable: bool = False, pack_small: bool = False
+) -> tuple[list[Any], PutFn, GetFn, Any]:
+    store = mmstore.Store(os.path.join(directory, "store"), "w-", pack_small=pack_small)
     put: PutFn = functools.partial(store.put, durable=True) if durable else store.put
     return [f"k{i:03d}" for i in range(keys)], put, store.get, store.close
 
@@ -476,6 +478,11 @@ class SmallMethod:
 def _small_methods() -> list[SmallMethod]:
     return [
         SmallMethod("mmstore", "mmstore put / get", _small_mmstore),
+        SmallMethod(
+            "mmstore_packed",
+            "mmstore Store(pack_small=True) put / get",
+            functools.partial(_small_mmstore, pack_small=True),
+        ),
         SmallMethod("lmdb", "LMDB (sync=False)", _small_lmdb),
         SmallMethod("lmdb_sync", "LMDB (default sync=True)", functools.partial(_small_lmdb, sync=True), True),
         SmallMethod("diskcache", "diskcache Cache.set / get", _small_diskcache),

@@ -8,6 +8,11 @@ unreferenced data file is left behind.
 
     python scripts/crash_put.py --trials 1000          # full run, figures in docs/
     python scripts/crash_put.py --trials 20 --mib 16   # what CI runs (tests/test_crash.py)
+    python scripts/crash_put.py --trials 1000 --pack-small  # small puts appended to packed data files
+
+With --pack-small the writer uses Store(pack_small=True) and replaces the dataset
+with 8 KiB and 128-byte arrays: each put appends a generation to the dataset's
+packed data file, which rolls over to a new file every few puts.
 """
 
 from __future__ import annotations
@@ -32,9 +37,9 @@ NAME = "crash/big"
 TIMEOUT = 120.0
 
 
-def put_forever(path: str, n: int, small_every: int, started: Any) -> None:
+def put_forever(path: str, n: int, small_every: int, started: Any, pack_small: bool = False) -> None:
     """Replace NAME with constant arrays k = 1, 2, ... until killed."""
-    store = mmstore.Store(path)
+    store = mmstore.Store(path, pack_small=pack_small)
     k = int(store.attrs(NAME)["k"])
     started.set()
     while True:
@@ -81,25 +86,30 @@ def _files(path: str) -> list[str]:
     return [os.path.join(d, f) for d, _, files in os.walk(path) for f in files]
 
 
-def run_trials(trials: int, mib: int, seed: int = 0, path: str | None = None) -> Report:
+PACKED_ELEMENTS = 1024  # 8 KiB of int64: packed, and a 64 KiB packed file holds 7 of them
+
+
+def run_trials(trials: int, mib: int, seed: int = 0, path: str | None = None, pack_small: bool = False) -> Report:
     rng = random.Random(seed)
-    n = mib * 2**20 // 8
+    n = PACKED_ELEMENTS if pack_small else mib * 2**20 // 8
     context = multiprocessing.get_context("spawn")
     report = Report()
     with tempfile.TemporaryDirectory(prefix="mmstore-crash-") as temp:
         store_path = path or os.path.join(temp, "store")
-        with mmstore.Store(store_path) as store:
+        with mmstore.Store(store_path, pack_small=pack_small) as store:
             store.put(NAME, np.zeros(n, dtype=np.int64), attrs={"k": 0})
         # Calibrate: how long does one put take here? Kill instants span ~3 puts.
         start = time.perf_counter()
-        with mmstore.Store(store_path) as store:
+        with mmstore.Store(store_path, pack_small=pack_small) as store:
             store.put(NAME, np.zeros(n, dtype=np.int64), attrs={"k": 0})
         span = 3 * (time.perf_counter() - start) + 0.005
         last_k = 0
         for trial in range(trials):
             report.trials = trial + 1
             started = context.Event()
-            child = context.Process(target=put_forever, args=(store_path, n, rng.choice([0, 2, 3]), started))
+            child = context.Process(
+                target=put_forever, args=(store_path, n, rng.choice([0, 2, 3]), started, pack_small)
+            )
             child.start()
             if not started.wait(TIMEOUT):
                 child.kill()
@@ -119,9 +129,10 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=200)
     parser.add_argument("--mib", type=int, default=64, help="size of the large array (MiB)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pack-small", action="store_true", help="small puts into packed data files")
     args = parser.parse_args()
     start = time.perf_counter()
-    report = run_trials(args.trials, args.mib, args.seed)
+    report = run_trials(args.trials, args.mib, args.seed, pack_small=args.pack_small)
     elapsed = time.perf_counter() - start
     print(
         f"trials: {report.trials}  failures: {len(report.failures)}  new generations seen: "

@@ -33,6 +33,15 @@ def test_sigkill_during_put_leaves_old_or_new_value_and_recovery_cleans_up(tmp_p
 
 
 @pytest.mark.slow
+def test_sigkill_during_packed_puts_leaves_old_or_new_value(tmp_path: Path) -> None:
+    crash_put = load_script("crash_put")
+    report = crash_put.run_trials(trials=30, mib=0, seed=2, path=str(tmp_path / "store"), pack_small=True)
+    assert report.trials == 30
+    assert report.failures == []
+    assert report.generations_seen >= 10
+
+
+@pytest.mark.slow
 def test_crash_torture_of_growable_dataset(tmp_path: Path) -> None:
     torture = load_script("crash_torture")
     report = torture.run_trials(trials=25, seed=3, path=str(tmp_path / "store"))

@@ -316,7 +316,7 @@ def test_a_process_keeps_one_generation_of_each_dataset_mapped(store: mmstore.St
     second = mmdask.to_dask(store, "x", chunks=50)
     assert float(second.sum().compute(scheduler="sync")) == 100.0
     kept = [identity for (root, name), (identity, _rows) in mmdask._maps.items() if root == store.path and name == "x"]
-    assert kept == [_pinned(second).identity]
+    assert kept == [_pinned(second).generation_identity]
     assert float(first.sum().compute(scheduler="sync")) == 4950.0  # the old graph maps its generation again
 
 

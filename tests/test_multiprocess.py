@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 import mmstore
 from tests import workers
 from tests.conftest import PROCESS_TIMEOUT, store_files
@@ -26,11 +28,13 @@ def test_writer_process_puts_reader_process_sees_exact_bytes(store_path: Path, s
     assert attrs == {"seed": 42}
 
 
-def test_reader_keeps_a_valid_snapshot_while_writer_replaces_100_times(store_path: Path, spawn) -> None:
-    n = 50_000
+@pytest.mark.parametrize(("n", "pack_small"), [(50_000, False), (1000, True)], ids=["files", "packed"])
+def test_reader_keeps_a_valid_snapshot_while_writer_replaces_100_times(
+    store_path: Path, spawn, n: int, pack_small: bool
+) -> None:
     mmstore.Store(store_path).close()
     started = spawn.Event()
-    writer = spawn.Process(target=workers.replace_many, args=(str(store_path), "x", 100, started, n))
+    writer = spawn.Process(target=workers.replace_many, args=(str(store_path), "x", 100, started, n, pack_small))
     writer.start()
     assert started.wait(PROCESS_TIMEOUT)
     snapshots = []
@@ -56,11 +60,14 @@ def test_reader_keeps_a_valid_snapshot_while_writer_replaces_100_times(store_pat
     assert sum(name.endswith(".dat") for name in store_files(store_path)) == 1
 
 
-def test_four_concurrent_writers_lose_no_commit(store_path: Path, spawn) -> None:
+@pytest.mark.parametrize("pack_small", [False, True], ids=["files", "packed"])
+def test_four_concurrent_writers_lose_no_commit(store_path: Path, spawn, pack_small: bool) -> None:
     count = 50
     mmstore.Store(store_path).close()
     barrier = spawn.Barrier(4)
-    writers = [spawn.Process(target=workers.put_many, args=(str(store_path), w, count, barrier)) for w in range(4)]
+    writers = [
+        spawn.Process(target=workers.put_many, args=(str(store_path), w, count, barrier, pack_small)) for w in range(4)
+    ]
     for process in writers:
         process.start()
     for process in writers:

@@ -26,18 +26,18 @@ def get_and_report(path: str, name: str, queue: Any) -> None:
         queue.put((array.dtype.str, array.shape, array.tobytes(), store.attrs(name)))
 
 
-def replace_many(path: str, name: str, count: int, started: Any, n: int) -> None:
+def replace_many(path: str, name: str, count: int, started: Any, n: int, pack_small: bool = False) -> None:
     """Replace ``name`` ``count`` times; value k is the constant array k."""
-    with mmstore.Store(path) as store:
+    with mmstore.Store(path, pack_small=pack_small) as store:
         for k in range(1, count + 1):
             store.put(name, np.full(n, k, dtype=np.int64))
             if k == 1:
                 started.set()
 
 
-def put_many(path: str, writer: int, count: int, barrier: Any) -> None:
+def put_many(path: str, writer: int, count: int, barrier: Any, pack_small: bool = False) -> None:
     """One of several concurrent writers: its own names plus one shared name."""
-    with mmstore.Store(path) as store:
+    with mmstore.Store(path, pack_small=pack_small) as store:
         barrier.wait()
         for i in range(count):
             store.put(f"w{writer}/d{i}", np.full(16, writer * 1000 + i, dtype=np.int64))
