@@ -511,7 +511,7 @@ class Cache:
         if lock is None:
             path = os.path.join(self.path, ".compute", f"{stripe:03x}.lock")
             lock = self._compute_locks[stripe] = DatasetLock(
-                path, f"computation of a cache key in {self.path!r}", self.store.permissions
+                path, f"computation of a cache key in {self.path!r}", self.store.permissions, keep_open=False
             )
         return lock
 

@@ -6,10 +6,12 @@ commit (reading the old header, swapping the sidecar); a writer handle holds
 it for its whole life, so a put waits for the handle to close.
 
 Why not ``filelock.FileLock`` directly: its acquire+release costs ~60 us of
-Python machinery; the descriptor API costs ~1 us plus an open() of the existing
-lock file. The descriptor is closed on release, so a process touching thousands
-of datasets holds none open between commits. Lock files are never unlinked:
-unlinking a locked file would split waiters across two inodes.
+Python machinery; the descriptor API costs ~1 us. The descriptor stays open
+after release (reopening would cost an open() and a close() per commit), for
+the most recently released locks of the process (a sixteenth of its descriptor
+limit); the store also closes it when it forgets the location or closes. Lock
+files are never unlinked: unlinking a locked file would split waiters across
+two inodes.
 
 flock belongs to the open file description, so two threads sharing one
 descriptor would both "hold" it; a threading lock serialises them first. After
@@ -22,8 +24,11 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import resource
 import threading
 import time
+import weakref
+from collections import OrderedDict
 
 import filelock
 
@@ -55,15 +60,61 @@ def open_lock_file(path: str, permissions: int | None = None) -> int:
     return fd
 
 
+# Released locks whose descriptor stays open, least recently released first. The
+# count is bounded per process (all stores and caches together), so a process that
+# touches many datasets keeps only the most recent ones open.
+_idle_guard = threading.Lock()
+_idle: OrderedDict[int, weakref.ref[DatasetLock]] = OrderedDict()
+_idle_limit = 0  # set on first use: the descriptor limit may change after import
+
+
+def _park(lock: DatasetLock) -> None:
+    global _idle_limit
+    with _idle_guard:
+        if not _idle_limit:
+            _idle_limit = _idle_budget()
+        key = id(lock)
+        _idle[key] = weakref.ref(lock)
+        _idle.move_to_end(key)
+        while len(_idle) > _idle_limit:
+            _key, ref = _idle.popitem(last=False)
+            oldest = ref()
+            if oldest is not None:
+                oldest.close_if_idle()  # non-blocking: a lock in use keeps its descriptor
+
+
+def _idle_budget() -> int:
+    """A sixteenth of the descriptor limit, within [16, 1024]."""
+    try:
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):
+        return 64
+    if soft == resource.RLIM_INFINITY:
+        return 1024
+    return max(16, min(1024, soft // 16))
+
+
+def _forget_idle_after_fork() -> None:
+    global _idle_guard
+    _idle_guard = threading.Lock()
+    _idle.clear()  # the stores drop their inherited descriptors themselves
+
+
+os.register_at_fork(after_in_child=_forget_idle_after_fork)
+
+
 class DatasetLock:
     """An exclusive, timed lock on one dataset, held through one open descriptor."""
 
-    __slots__ = ("_fd", "_thread_lock", "label", "path", "permissions")
+    __slots__ = ("__weakref__", "_fd", "_thread_lock", "keep_open", "label", "path", "permissions")
 
-    def __init__(self, path: str, label: str, permissions: int | None = None) -> None:
+    def __init__(self, path: str, label: str, permissions: int | None = None, keep_open: bool = True) -> None:
         self.path = path
         self.label = label
         self.permissions = permissions
+        # False for locks of which a process may touch thousands (the cache's
+        # computation stripes): their descriptor is closed on every release.
+        self.keep_open = keep_open
         self._fd = -1
         self._thread_lock = threading.Lock()
 
@@ -109,15 +160,17 @@ class DatasetLock:
         return False
 
     def release(self) -> None:
-        # The descriptor is closed too: a process touching thousands of datasets must
-        # not keep one open per dataset (reopening an existing lock file costs ~5 us).
         try:
             filelock.unlock_descriptor(self._fd)
-        finally:
-            try:
+            if not self.keep_open:
                 self.close()
-            finally:
-                self._thread_lock.release()
+        except BaseException:
+            self.close()  # closing the descriptor releases the flock for certain
+            raise
+        finally:
+            self._thread_lock.release()
+        if self.keep_open:
+            _park(self)
 
     def close(self) -> None:
         if self._fd >= 0:
