@@ -111,9 +111,16 @@ def make_directories(path: str, permissions: int | None = None) -> None:
 
 def write_all(fd: int, data: Any, offset: int | None = None) -> None:
     """Write the whole buffer, looping over short writes."""
-    view = memoryview(data).cast("B")
-    position = 0
-    total = len(view)
+    view = memoryview(data)
+    total = view.nbytes
+    if 0 < total <= WRITE_CHUNK:  # the usual case: one call writes it all
+        written = os.write(fd, view) if offset is None else os.pwrite(fd, view, offset)
+        if written == total:
+            return
+        position = written
+    else:
+        position = 0
+    view = view.cast("B")
     while position < total:
         chunk = view[position : position + WRITE_CHUNK]
         if offset is None:

@@ -60,9 +60,9 @@ def open_lock_file(path: str, permissions: int | None = None) -> int:
     return fd
 
 
-# Released locks whose descriptor stays open, least recently released first. The
-# count is bounded per process (all stores and caches together), so a process that
-# touches many datasets keeps only the most recent ones open.
+# Released locks whose descriptor stays open, in the order they were first released.
+# The count is bounded per process (all stores and caches together), so a process
+# that touches many datasets keeps only a bounded number open.
 _idle_guard = threading.Lock()
 _idle: OrderedDict[int, weakref.ref[DatasetLock]] = OrderedDict()
 _idle_limit = 0  # set on first use: the descriptor limit may change after import
@@ -73,13 +73,13 @@ def _park(lock: DatasetLock) -> None:
     with _idle_guard:
         if not _idle_limit:
             _idle_limit = _idle_budget()
-        key = id(lock)
-        _idle[key] = weakref.ref(lock)
-        _idle.move_to_end(key)
+        _idle[id(lock)] = weakref.ref(lock)
+        lock._parked = True
         while len(_idle) > _idle_limit:
             _key, ref = _idle.popitem(last=False)
             oldest = ref()
             if oldest is not None:
+                oldest._parked = False  # parked again at its next release
                 oldest.close_if_idle()  # non-blocking: a lock in use keeps its descriptor
 
 
@@ -106,7 +106,9 @@ os.register_at_fork(after_in_child=_forget_idle_after_fork)
 class DatasetLock:
     """An exclusive, timed lock on one dataset, held through one open descriptor."""
 
-    __slots__ = ("__weakref__", "_fd", "_thread_lock", "keep_open", "label", "path", "permissions")
+    __slots__ = (
+        "__weakref__", "_fd", "_parked", "_thread_lock", "held_file", "keep_open", "label", "path", "permissions",
+    )  # fmt: skip
 
     def __init__(self, path: str, label: str, permissions: int | None = None, keep_open: bool = True) -> None:
         self.path = path
@@ -116,7 +118,12 @@ class DatasetLock:
         # computation stripes): their descriptor is closed on every release.
         self.keep_open = keep_open
         self._fd = -1
+        self._parked = False
         self._thread_lock = threading.Lock()
+        # (file name, descriptor) of a file the lock holder keeps open between commits
+        # (a packed data file, see _store.py); used only while the lock is held, and
+        # closed whenever the lock's own descriptor is.
+        self.held_file: tuple[str, int] | None = None
 
     def acquire(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout if timeout >= 0 else None
@@ -169,13 +176,20 @@ class DatasetLock:
             raise
         finally:
             self._thread_lock.release()
-        if self.keep_open:
+        if self.keep_open and not self._parked:
             _park(self)
 
     def close(self) -> None:
+        self.drop_held_file()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+    def drop_held_file(self) -> None:
+        if self.held_file is not None:
+            _name, fd = self.held_file
+            self.held_file = None
+            os.close(fd)
 
     def close_if_idle(self) -> bool:
         """Close the descriptor unless a thread holds (or is taking) the lock."""
@@ -188,13 +202,16 @@ class DatasetLock:
         return True
 
     def forget_after_fork(self) -> None:
-        """In a forked child: drop the inherited descriptor without unlocking it."""
-        if self._fd >= 0:
-            try:
-                os.close(self._fd)
-            except OSError:
-                pass
+        """In a forked child: drop the inherited descriptors without unlocking."""
+        for fd in (self._fd, self.held_file[1] if self.held_file is not None else -1):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
         self._fd = -1
+        self.held_file = None
+        self._parked = False
         self._thread_lock = threading.Lock()
 
     def _timeout_error(self, timeout: float) -> LockTimeout:

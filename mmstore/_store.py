@@ -792,9 +792,10 @@ class Store:
                 self._write_sidecar_locked(location, header, durable)
                 committed = True
             finally:
-                os.close(fd)
-                if created and not committed:
-                    _durable.unlink_quietly(location.data_path(data_file))
+                if created:  # (an existing file's descriptor stays with the lock)
+                    os.close(fd)
+                    if not committed:
+                        _durable.unlink_quietly(location.data_path(data_file))
         finally:
             lock.release()
         self._after_commit(location, old_header, data_file, durable)
@@ -808,17 +809,26 @@ class Store:
         PACK_FILE_BYTES: those bytes are either unused or an unfinished append of a
         killed writer, never part of a committed generation. Otherwise a new file.
         """
+        lock = location.lock
         if old is not None and old.packed:
             offset = -(-(old.offset + old.nbytes) // PACKED_ALIGNMENT) * PACKED_ALIGNMENT if nbytes else 0
             if offset + nbytes <= PACK_FILE_BYTES:
+                held = lock.held_file
+                if held is not None and held[0] == old.data_file:
+                    return held[1], old.data_file, offset, False
+                lock.drop_held_file()
                 try:
                     fd = location.open_file(old.data_file, _durable.WRITE_EXISTING_FLAGS)
                 except OSError:
                     fd = -1  # missing or not a plain file (a corrupt dataset): start a new file
                 if fd >= 0:
                     if stat.S_ISREG(os.fstat(fd).st_mode):
+                        # Kept open for the next puts (the name identifies the file: data
+                        # file names are never reused).
+                        lock.held_file = (old.data_file, fd)
                         return fd, old.data_file, offset, False
                     os.close(fd)
+        lock.drop_held_file()
         data_file = _names.data_file_name(location.leaf, _names.new_token())
         try:
             fd = _durable.create_new(location.data_path(data_file), self.permissions)
@@ -858,6 +868,7 @@ class Store:
         lock = location.lock
         lock.acquire(self.timeout)
         try:
+            lock.drop_held_file()  # a packed file this commit replaces: do not pin its space
             if os.fstat(data_fd).st_nlink == 0:
                 return _VANISHED
             old_header = self._committed_header(location)
@@ -970,6 +981,7 @@ class Store:
         lock = location.lock
         lock.acquire(self.timeout)
         try:
+            lock.drop_held_file()
             old_header = self._committed_header(location)
             try:
                 os.unlink(location.sidecar)

@@ -473,6 +473,7 @@ class SmallMethod:
     note: str = ""
     put_us: list[float] = field(default_factory=list)
     get_us: list[float] = field(default_factory=list)
+    create_us: list[float] = field(default_factory=list)  # the file-creation probe before each repeat
 
 
 def _small_methods() -> list[SmallMethod]:
@@ -501,12 +502,13 @@ def _small_methods() -> list[SmallMethod]:
 
 def _time_small(
     method: SmallMethod, directory: str, values: list[np.ndarray], put_ops: int, get_ops: int, warm_puts: int = 0
-) -> tuple[float, float]:
+) -> tuple[float, float, float]:
     """Microseconds per put and per get, cycling over the keys; the store is fresh.
-
-    ``warm_puts`` untimed puts go first (only the slow-method probe uses them).
+    Also the median cost of creating a file in that directory just before (see
+    _create_probe). ``warm_puts`` untimed puts go first (only the slow-method probe uses them).
     """
     os.makedirs(directory)
+    create_us = _create_probe(directory)
     keys, put, get, close = method.open(directory, len(values))
     count = len(values)
     try:
@@ -532,7 +534,27 @@ def _time_small(
     finally:
         close()
         shutil.rmtree(directory, ignore_errors=True)
-    return put_seconds / put_ops * 1e6, get_seconds / get_ops * 1e6
+    return put_seconds / put_ops * 1e6, get_seconds / get_ops * 1e6, create_us
+
+
+def _create_probe(directory: str, count: int = 20) -> float:
+    """Median microseconds to create (and close) an empty file in ``directory``.
+
+    On ext4 without a journal, allocating an inode checks every inode of the block
+    group freed in the last 60 s (360 s if its inode-table block is dirty), so after
+    many deletes (by any process, including earlier methods of this run) each file
+    creation costs 100-600 us instead of ~15 us. Methods that create files per put
+    (mmstore, the floors, .npy) pay it; diskcache and LMDB create none. This probe
+    shows how much of it each measurement saw.
+    """
+    samples = []
+    for i in range(count):
+        path = os.path.join(directory, f".probe{i}")
+        start = time.perf_counter()
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        samples.append((time.perf_counter() - start) * 1e6)
+        os.unlink(path)
+    return statistics.median(samples)
 
 
 # The floor under a first get in a fresh process: the same system calls, JSON parse and
@@ -583,7 +605,9 @@ def part_b(root: str, repeats: int, ops: int, keys: int, repeated_gets: int, fre
             # Untimed first puts create the keys (and grow LMDB's file), then time replacing ones.
             probe_keys = min(20, keys)
             probe_dir = os.path.join(root, f"probe-{method.key}")
-            probe_us, _ = _time_small(method, probe_dir, values[:probe_keys], 2 * probe_keys, 1, warm_puts=probe_keys)
+            probe_us, _, _ = _time_small(
+                method, probe_dir, values[:probe_keys], 2 * probe_keys, 1, warm_puts=probe_keys
+            )
             if probe_us > 1000:
                 method.put_ops = max(keys, ops // 10)
                 method.note = (
@@ -598,9 +622,10 @@ def part_b(root: str, repeats: int, ops: int, keys: int, repeated_gets: int, fre
         shift = repeat % len(methods)
         for method in methods[shift:] + methods[:shift]:
             directory = os.path.join(root, f"b-{method.key}-{repeat}")
-            put_us, get_us = _time_small(method, directory, values, method.put_ops, ops)
+            put_us, get_us, create_us = _time_small(method, directory, values, method.put_ops, ops)
             method.put_us.append(put_us)
             method.get_us.append(get_us)
+            method.create_us.append(create_us)
         _progress(f"part B: repeat {repeat + 1}/{repeats} done")
 
     # (a) repeated get of one unchanged dataset
@@ -639,7 +664,14 @@ def part_b(root: str, repeats: int, ops: int, keys: int, repeated_gets: int, fre
         "keys": keys,
         "repeats": repeats,
         "methods": {
-            m.key: {"label": m.label, "put_ops": m.put_ops, "note": m.note, "put_us": m.put_us, "get_us": m.get_us}
+            m.key: {
+                "label": m.label,
+                "put_ops": m.put_ops,
+                "note": m.note,
+                "put_us": m.put_us,
+                "get_us": m.get_us,
+                "create_us": m.create_us,
+            }
             for m in methods
         },
         "repeated_get_calls": repeated_gets,
@@ -658,7 +690,19 @@ def _progress(text: str) -> None:
 
 def _fs_type(path: str) -> str:
     mount = mount_of(path)
-    return "? (mounted on ?)" if mount is None else f"{mount.type} (mounted on {mount.point})"
+    if mount is None:
+        return "? (mounted on ?)"
+    journal = ""
+    if mount.type == "ext4":
+        # jbd2 lists one entry per journaled device ("vda-8", "loop0-8"); without a journal,
+        # ext4's inode allocator checks recently freed inodes (see _create_probe).
+        device = os.path.basename(mount.source)
+        try:
+            journaled = any(entry.rpartition("-")[0] == device for entry in os.listdir("/proc/fs/jbd2"))
+        except OSError:
+            journaled = None
+        journal = {True: ", with a journal", False: ", without a journal", None: ""}[journaled]
+    return f"{mount.type}{journal} (mounted on {mount.point})"
 
 
 def _table(title: str, rows: list[tuple[str, list[float]]], unit: str, scale: float, digits: int) -> list[str]:
@@ -717,6 +761,12 @@ def report(results: dict[str, Any]) -> list[str]:
     for m in methods.values():
         if m["note"]:
             out.append(f"- {m['label']}: {m['note']}.")
+    out.append(
+        "- Creating an empty file in each method's directory just before its timed puts (median of the repeats' "
+        "20-file probes; see _create_probe: on ext4 without a journal it grows with recent deletes): "
+        + ", ".join(f"{m['label']} {statistics.median(m['create_us']):.0f} us" for m in methods.values())
+        + "."
+    )
     out.append("")
     repeated = statistics.median(b["repeated_get_us"])
     fresh = statistics.median(b["fresh_process_first_get_us"])
@@ -742,6 +792,7 @@ def report(results: dict[str, Any]) -> list[str]:
     mm_share = statistics.median(a["seconds"]["mmstore"])
     npy_share = statistics.median(a["seconds"]["npy"])
     mm_put = statistics.median(methods["mmstore"]["put_us"])
+    packed_mm_put = statistics.median(methods["mmstore_packed"]["put_us"])
     dc_put = statistics.median(methods["diskcache"]["put_us"])
     checks = [
         (
@@ -750,6 +801,10 @@ def report(results: dict[str, Any]) -> list[str]:
             mm_share <= npy_share,
         ),
         (f"1 KiB put: mmstore {mm_put:.1f} us <= diskcache set {dc_put:.1f} us", mm_put <= dc_put),
+        (
+            f"1 KiB put with Store(pack_small=True): mmstore {packed_mm_put:.1f} us <= diskcache set {dc_put:.1f} us",
+            packed_mm_put <= dc_put,
+        ),
         (f"repeated get: {repeated:.2f} us <= 3 us", repeated <= 3.0),
         (f"first get in a fresh process: {fresh:.1f} us <= 50 us", fresh <= 50.0),
     ]
@@ -773,7 +828,8 @@ def report(results: dict[str, Any]) -> list[str]:
         f"Floors in this run: the bare system calls of a replacing put cost {floor_put:.1f} us "
         f"({floor_put / dc_put:.2f}x diskcache's whole set; mmstore's put is {mm_put / floor_put:.2f}x the floor); "
         f"with small arrays packed into one open data file {packed_put:.1f} us ({packed_put / dc_put:.2f}x "
-        f"diskcache); a bare first get in a fresh process {statistics.median(floor_fresh):.1f} us."
+        f"diskcache; Store(pack_small=True)'s put is {packed_mm_put / packed_put:.2f}x it); "
+        f"a bare first get in a fresh process {statistics.median(floor_fresh):.1f} us."
     )
     out.append("")
     out.append("Targets (medians): " + "; ".join(f"{text.split(':')[0]} {_verdict(ok)}" for text, ok in checks) + ".")
