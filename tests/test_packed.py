@@ -14,7 +14,7 @@ import mmstore
 from mmstore._format import PACKED_ALIGNMENT, PACKED_MAX_NBYTES
 from mmstore._store import PACK_FILE_BYTES, PACK_MAX_NBYTES
 from tests import workers
-from tests.conftest import PROCESS_TIMEOUT, store_files
+from tests.conftest import PROCESS_TIMEOUT, run_in_fork, store_files
 
 
 @pytest.fixture
@@ -30,6 +30,19 @@ def sidecar(store_path: Path, name: str) -> dict[str, Any]:
 
 def data_files(store_path: Path) -> list[str]:
     return [name for name in store_files(store_path) if name.endswith(".dat")]
+
+
+def open_deleted_files() -> list[str]:
+    """Files this process holds open that were unlinked (their space stays taken)."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.endswith(".dat (deleted)"):
+            found.append(target)
+    return found
 
 
 GENOMIC = [("chr", "S10"), ("pos", "<i4"), ("pct", "<f4"), ("c", "<i4"), ("t", "<i4")]
@@ -82,14 +95,20 @@ def test_replacements_append_and_never_touch_committed_generations(packing: mmst
 
 def test_large_arrays_keep_a_file_per_generation(packing: mmstore.Store, store_path: Path) -> None:
     packing.put("x", np.arange(10))
+    packing.put("x", np.arange(11))  # an append: the packed file's descriptor stays with the lock
     small_file = sidecar(store_path, "x")["data_file"]
     packing.put("x", np.ones(PACK_MAX_NBYTES // 8 + 1))
+    assert open_deleted_files() == []  # the replaced packed file's descriptor was not kept
     record = sidecar(store_path, "x")
     assert "packed" not in record and record["offset"] == 0
     assert data_files(store_path) == [record["data_file"]] and record["data_file"] != small_file
     packing.put("x", np.arange(5))
     assert sidecar(store_path, "x")["packed"] is True
     assert data_files(store_path) == [sidecar(store_path, "x")["data_file"]]
+    for k in range(2 * PACK_FILE_BYTES // 64 - 10):  # rolls over to new packed files, ends on an append
+        packing.put("x", np.full(8, k))
+    packing.delete("x")
+    assert open_deleted_files() == []
 
 
 def test_a_default_store_reads_and_replaces_packed_datasets(
@@ -198,3 +217,21 @@ def test_packed_put_needs_a_writable_store(packing: mmstore.Store, store_path: P
         with pytest.raises(mmstore.ReadOnlyError):
             reader.put("x", np.arange(2))
         assert (reader.get("x") == np.arange(4)).all()
+
+
+def test_a_forked_child_appends_through_its_own_descriptors(packing: mmstore.Store) -> None:
+    packing.put("x", np.arange(3))
+    packing.put("x", np.arange(4))  # the parent now keeps the packed file open with the lock
+    held = packing._locate("x").lock.held_file
+    assert held is not None
+
+    def child() -> int:
+        if packing._locate("x").lock.held_file is not None:
+            return 3  # inherited descriptors must be dropped in the child
+        packing.put("x", np.arange(5))
+        return 0 if packing.get("x").tolist() == list(range(5)) else 2
+
+    assert run_in_fork(child) == 0
+    assert packing.get("x").tolist() == list(range(5))
+    packing.put("x", np.arange(6))  # the parent's lock and descriptor still work
+    assert packing.get("x").tolist() == list(range(6))
