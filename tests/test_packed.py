@@ -32,15 +32,16 @@ def data_files(store_path: Path) -> list[str]:
     return [name for name in store_files(store_path) if name.endswith(".dat")]
 
 
-def open_deleted_files() -> list[str]:
-    """Files this process holds open that were unlinked (their space stays taken)."""
+def open_deleted_files(store_path: Path) -> list[str]:
+    """Data files of the store this process holds open that were unlinked (their space
+    stays taken). Only this store's: other tests may leave pinned files to the GC."""
     found = []
     for fd in os.listdir("/proc/self/fd"):
         try:
             target = os.readlink(f"/proc/self/fd/{fd}")
         except OSError:
             continue
-        if target.endswith(".dat (deleted)"):
+        if target.startswith(str(store_path) + "/") and target.endswith(".dat (deleted)"):
             found.append(target)
     return found
 
@@ -98,7 +99,7 @@ def test_large_arrays_keep_a_file_per_generation(packing: mmstore.Store, store_p
     packing.put("x", np.arange(11))  # an append: the packed file's descriptor stays with the lock
     small_file = sidecar(store_path, "x")["data_file"]
     packing.put("x", np.ones(PACK_MAX_NBYTES // 8 + 1))
-    assert open_deleted_files() == []  # the replaced packed file's descriptor was not kept
+    assert open_deleted_files(store_path) == []  # the replaced packed file's descriptor was not kept
     record = sidecar(store_path, "x")
     assert "packed" not in record and record["offset"] == 0
     assert data_files(store_path) == [record["data_file"]] and record["data_file"] != small_file
@@ -108,7 +109,7 @@ def test_large_arrays_keep_a_file_per_generation(packing: mmstore.Store, store_p
     for k in range(2 * PACK_FILE_BYTES // 64 - 10):  # rolls over to new packed files, ends on an append
         packing.put("x", np.full(8, k))
     packing.delete("x")
-    assert open_deleted_files() == []
+    assert open_deleted_files(store_path) == []
 
 
 def test_a_default_store_reads_and_replaces_packed_datasets(
