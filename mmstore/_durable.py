@@ -20,6 +20,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import sys
 from typing import Any
 
 from ._errors import FsyncError, StoreFullError, StoreIOError
@@ -52,6 +53,8 @@ def _load_renameat2() -> Any:
 
 _renameat2 = _load_renameat2()
 _exchange_supported = _renameat2 is not None
+# os.fsencode without its Python-level call (a commit encodes two paths)
+_FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
 
 
 def io_error(exc: OSError, what: str) -> OSError:
@@ -200,7 +203,13 @@ def swap_into_place(temp_path: str, path: str) -> None:
     """
     global _exchange_supported
     if _exchange_supported:
-        result = _renameat2(_AT_FDCWD, os.fsencode(temp_path), _AT_FDCWD, os.fsencode(path), _RENAME_EXCHANGE)
+        result = _renameat2(
+            _AT_FDCWD,
+            temp_path.encode(_FS_ENCODING, _FS_ERRORS),
+            _AT_FDCWD,
+            path.encode(_FS_ENCODING, _FS_ERRORS),
+            _RENAME_EXCHANGE,
+        )
         if result == 0:
             # Committed. temp_path now names the old file: removing it is cleanup,
             # and if that fails (or we crash first) recovery removes the hidden file.

@@ -76,10 +76,11 @@ class Header(NamedTuple):
         """The sidecar bytes: one line of JSON (written by hand: this is on every commit's path)."""
         attrs = json.dumps(self.attrs, separators=(",", ":"), allow_nan=False) if self.attrs else "{}"
         checksum = "null" if self.checksum is None else f'"{self.checksum}"'
+        dtype_text, byteorder = _dtype_json_parts(self.dtype)
         return (
             f'{{"format":"{DATASET_FORMAT}","version":{FORMAT_VERSION},"name":{_json_string(self.name)},'
-            f'"dtype":{_dtype_json_text(self.dtype)},"shape":[{",".join(map(str, self.shape))}],'
-            f'"byteorder":"{_byteorder_cached(self.dtype)}","data_file":{_json_string(self.data_file)},'
+            f'"dtype":{dtype_text},"shape":[{",".join(map(str, self.shape))}],'
+            f'"byteorder":"{byteorder}","data_file":{_json_string(self.data_file)},'
             f'"offset":{self.offset},"generation":{self.generation},'
             f'"growable":{"true" if self.growable else "false"},"checksum":{checksum},"attrs":{attrs},'
             f'"created":{float(self.created)!r},"modified":{float(self.modified)!r}'
@@ -94,16 +95,17 @@ _PACKED_FIELD = ',"packed":true'  # written only when true: absent means false
 _json_string = json.encoder.encode_basestring_ascii
 
 _ENCODED_DTYPES: dict[np.dtype[Any], Any] = {}
-_DTYPE_JSON_TEXT: dict[np.dtype[Any], str] = {}
+_DTYPE_JSON_PARTS: dict[np.dtype[Any], tuple[str, str]] = {}
 
 
-def _dtype_json_text(dtype: np.dtype[Any]) -> str:
-    text = _DTYPE_JSON_TEXT.get(dtype)
-    if text is None:
-        text = json.dumps(encode_dtype(dtype), separators=(",", ":"))
-        if len(_DTYPE_JSON_TEXT) < 1024:
-            _DTYPE_JSON_TEXT[dtype] = text
-    return text
+def _dtype_json_parts(dtype: np.dtype[Any]) -> tuple[str, str]:
+    """The sidecar's ``dtype`` JSON text and ``byteorder`` (one lookup: hashing a dtype is not free)."""
+    parts = _DTYPE_JSON_PARTS.get(dtype)
+    if parts is None:
+        parts = (json.dumps(encode_dtype(dtype), separators=(",", ":")), _byteorder_cached(dtype))
+        if len(_DTYPE_JSON_PARTS) < 1024:
+            _DTYPE_JSON_PARTS[dtype] = parts
+    return parts
 
 
 def as_dtype(obj: Any, what: str) -> np.dtype[Any]:

@@ -126,12 +126,15 @@ class DatasetLock:
         self.held_file: tuple[str, int] | None = None
 
     def acquire(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout if timeout >= 0 else None
-        if not self._thread_lock.acquire(timeout=-1 if timeout < 0 else timeout):
+        start = time.monotonic()
+        if not self._thread_lock.acquire(True, -1 if timeout < 0 else timeout):
             raise self._timeout_error(timeout)
         try:
             if self._fd < 0:
                 self._fd = self._open()
+            if filelock.lock_descriptor(self._fd, blocking=False):
+                return  # uncontended: the usual case
+            deadline = start + timeout if timeout >= 0 else None
             sleep = _FIRST_SLEEP
             while not filelock.lock_descriptor(self._fd, blocking=False):
                 if deadline is not None:

@@ -757,7 +757,9 @@ class Store:
         """Commit a small array as a packed generation (see the module docstring);
         False if a new data file vanished before the commit (write it again)."""
         name = location.name
-        data = np.ascontiguousarray(array).reshape(-1).view(np.uint8)  # ascontiguousarray: 0-d stays 0-d
+        if not array.flags.c_contiguous:
+            array = np.ascontiguousarray(array)  # (0-d stays 0-d)
+        data = array.reshape(-1).view(np.uint8)
         checksum = _mapping.buffer_digest(data, XXH3_ALGORITHM)
         old_header: Header | None = None
         lock = location.lock
