@@ -282,16 +282,20 @@ def parse_header(name: str, raw: bytes) -> Header:
     if len(raw) > MAX_SIDECAR_BYTES:
         raise bad(f"sidecar is larger than {MAX_SIDECAR_BYTES} bytes")
     try:
-        record = json.loads(raw)
+        # Decoded here rather than by json.loads(bytes), which guesses among UTF-8/16/32
+        # in Python code on every call: sidecars are UTF-8 (docs/FORMAT.md).
+        record = json.loads(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise bad(f"not valid JSON ({exc})") from None
     if not isinstance(record, dict):
         raise bad("not a JSON object")
     if record.get("format") != DATASET_FORMAT:
         raise bad(f"format is {record.get('format')!r}, expected {DATASET_FORMAT!r}")
-    _check_version(record.get("version"), f"dataset {name!r}")
-    missing = _HEADER_KEYS - record.keys()
-    if missing:
+    version = record.get("version")
+    if not (type(version) is int and 1 <= version <= FORMAT_VERSION):
+        _check_version(version, f"dataset {name!r}")  # raises, saying why
+    if not record.keys() >= _HEADER_KEYS:
+        missing = _HEADER_KEYS - record.keys()
         raise bad(f"missing field(s) {', '.join(sorted(missing))}")
     try:
         dtype = decode_dtype(record["dtype"])
@@ -348,20 +352,11 @@ def parse_header(name: str, raw: bytes) -> Header:
     recorded_name = record["name"]
     if not isinstance(recorded_name, str):
         raise bad("name is not a string")
+    # Positional (in field order): half the cost of keywords on this path.
     return Header(
-        name=name,
-        dtype=dtype,
-        shape=tuple(shape),
-        data_file=data_file,
-        offset=offset,
-        generation=generation,
-        created=float(created),
-        modified=float(modified),
-        attrs=attrs,
-        checksum=checksum,
-        growable=growable,
-        packed=packed,
-    )
+        name, dtype, tuple(shape), data_file, offset, generation, float(created), float(modified),
+        attrs, checksum, growable, packed,
+    )  # fmt: skip
 
 
 def encode_attrs(attrs: Any) -> dict[str, Any]:

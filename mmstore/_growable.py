@@ -130,7 +130,7 @@ class _Mapped:
                 if size < end if header.packed else size != end:
                     raise FormatError(f"dataset {header.name!r}: data file is {size} bytes, the header needs {end}")
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-            self.map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=prot) if size else None
+            self.map = mmap.mmap(fd, size, mmap.MAP_SHARED, prot) if size else None
         finally:
             if own_fd:
                 os.close(fd)
@@ -157,8 +157,8 @@ class _Mapped:
                 raise FormatError(
                     f"dataset {header.name!r}: checksum mismatch (header {header.checksum}, data {actual})"
                 )
-        if not writable:
-            rows.flags.writeable = False
+        if not writable and self.map is None:
+            rows.flags.writeable = False  # (a map made with PROT_READ gives read-only arrays already)
         self.rows = rows
 
     @property
