@@ -47,7 +47,7 @@ from ._errors import (
     FsyncError,
     InvalidArgumentError,
 )
-from ._format import Header, as_dtype, encode_attrs, encode_dtype
+from ._format import XXH3_ALGORITHM, Header, as_dtype, encode_attrs, encode_dtype
 from ._locks import mark_alive
 from ._mapping import buffer_digest
 from ._notify import Waiter
@@ -214,6 +214,7 @@ class Writer:
         self._row_shape = self._mapped.row_shape
         self._sidecar_durable = False  # flush(durable=True) syncs the sidecar and directory once
         self._edited = False  # in-place edits since the last flush
+        self._rehash_on_close = False  # a packed generation whose checksum an edit cleared
 
     # --- shape and data ---------------------------------------------------------
 
@@ -235,8 +236,7 @@ class Writer:
         """A writable view of every row written so far (flushed or not). Edits through it
         are in place: readers see them at once, and the data checksum becomes unknown."""
         self._check_open()
-        self._crc_known = False
-        self._edited = True
+        self._note_edit()
         return self._mapped.rows[: self._length] if self._header.shape else self._mapped.rows
 
     def __getitem__(self, index: Any) -> Any:
@@ -246,10 +246,22 @@ class Writer:
 
     def __setitem__(self, index: Any, value: Any) -> None:
         self._check_open()
-        self._crc_known = False
-        self._edited = True
+        self._note_edit()
         rows = self._mapped.rows[: self._length] if self._header.shape else self._mapped.rows
         rows[index] = value
+
+    def _note_edit(self) -> None:
+        """Before the first in-place edit: the sidecar's data checksum (a dataset made by
+        put) stops being true, so a sidecar without it is committed first (same data file
+        and generation). Readers check a packed generation's checksum when they map it,
+        so a packed one gets its checksum back at close()."""
+        self._crc_known = False
+        self._edited = True
+        if self._header.checksum is not None and not self.growable:
+            self._header = self._header._replace(checksum=None, modified=time.time())
+            self._store._write_sidecar_locked(self._location, self._header, durable=False)
+            self._store._mark_dirty(self._location)
+            self._rehash_on_close = self._header.packed
 
     def append(self, rows: Any) -> None:
         """Append one row or a block of rows; they become visible to readers at flush()."""
@@ -385,6 +397,11 @@ class Writer:
             self.flush()
             if self._mapped.control is not None:
                 self._update_checksum(self._mapped.control)
+            if self._rehash_on_close:
+                data = self._mapped.rows.reshape(-1).view(np.uint8)
+                self._header = self._header._replace(checksum=buffer_digest(data, XXH3_ALGORITHM), modified=time.time())
+                self._store._write_sidecar_locked(self._location, self._header, durable=False)
+                self._store._mark_dirty(self._location)
             if self.growable and self._committed != self._header.shape[0]:
                 # Record the committed length in the sidecar too (same data file and generation).
                 self._header = self._header._replace(
