@@ -21,6 +21,9 @@ import numpy.lib.format as npy_format
 from ._errors import FormatError, InvalidArgumentError, UnsupportedDtypeError
 
 FORMAT_VERSION = 1
+# A sidecar of a packed generation says version 2 (and only such a sidecar does), so that
+# a reader that predates packing refuses it with "upgrade mmstore" instead of a size error.
+PACKED_FORMAT_VERSION = 2
 MANIFEST_NAME = "mmstore.json"
 MANIFEST_FORMAT = "mmstore"
 DATASET_FORMAT = "mmstore-dataset"
@@ -78,7 +81,8 @@ class Header(NamedTuple):
         checksum = "null" if self.checksum is None else f'"{self.checksum}"'
         dtype_text, byteorder = _dtype_json_parts(self.dtype)
         return (
-            f'{{"format":"{DATASET_FORMAT}","version":{FORMAT_VERSION},"name":{_json_string(self.name)},'
+            f'{{"format":"{DATASET_FORMAT}","version":{PACKED_FORMAT_VERSION if self.packed else FORMAT_VERSION},'
+            f'"name":{_json_string(self.name)},'
             f'"dtype":{dtype_text},"shape":[{",".join(map(str, self.shape))}],'
             f'"byteorder":"{byteorder}","data_file":{_json_string(self.data_file)},'
             f'"offset":{self.offset},"generation":{self.generation},'
@@ -292,8 +296,8 @@ def parse_header(name: str, raw: bytes) -> Header:
     if record.get("format") != DATASET_FORMAT:
         raise bad(f"format is {record.get('format')!r}, expected {DATASET_FORMAT!r}")
     version = record.get("version")
-    if not (type(version) is int and 1 <= version <= FORMAT_VERSION):
-        _check_version(version, f"dataset {name!r}")  # raises, saying why
+    if not (type(version) is int and 1 <= version <= PACKED_FORMAT_VERSION):
+        _check_version(version, f"dataset {name!r}", PACKED_FORMAT_VERSION)  # raises, saying why
     if not record.keys() >= _HEADER_KEYS:
         missing = _HEADER_KEYS - record.keys()
         raise bad(f"missing field(s) {', '.join(sorted(missing))}")
@@ -333,6 +337,8 @@ def parse_header(name: str, raw: bytes) -> Header:
     packed = record.get("packed", False)
     if not isinstance(packed, bool):
         raise bad(f"packed {packed!r} is not a boolean")
+    if packed != (version == PACKED_FORMAT_VERSION):
+        raise bad(f"format version {version} with packed={packed} (version 2 is for packed generations only)")
     if packed:
         if growable:
             raise bad("a growable dataset cannot be packed")
@@ -404,12 +410,12 @@ def parse_manifest(root: str, raw: bytes) -> int:
     return _check_version(record.get("version"), f"store {root!r}")
 
 
-def _check_version(version: Any, what: str) -> int:
-    """The format version of a sidecar or manifest; FormatError if bad or newer than ours."""
+def _check_version(version: Any, what: str, newest: int = FORMAT_VERSION) -> int:
+    """The format version of a sidecar or manifest; FormatError if bad or newer than ``newest``."""
     if not _is_count(version) or version < 1:
         raise FormatError(f"{what}: bad format version {version!r}")
-    if version > FORMAT_VERSION:
+    if version > newest:
         raise FormatError(
-            f"{what}: format version {version} is newer than this mmstore supports ({FORMAT_VERSION}); upgrade mmstore"
+            f"{what}: format version {version} is newer than this mmstore supports ({newest}); upgrade mmstore"
         )
     return int(version)

@@ -90,6 +90,11 @@ class MissingDataFile(FormatError):
     """The data file a header names is gone: corrupt, or replaced since the header was read."""
 
 
+class ChecksumMismatch(FormatError):
+    """A packed generation's bytes do not match its header's checksum: corrupt, or a writer
+    changed the sidecar (and then the bytes) since the header was read."""
+
+
 def data_file_error(header: Header, exc: OSError) -> Exception:
     """The error for a data file that could not be opened."""
     if isinstance(exc, FileNotFoundError):
@@ -154,7 +159,7 @@ class _Mapped:
             start = header.offset
             actual = buffer_digest(self.map[start : start + header.nbytes], header.checksum.partition(":")[0])
             if actual != header.checksum:
-                raise FormatError(
+                raise ChecksumMismatch(
                     f"dataset {header.name!r}: checksum mismatch (header {header.checksum}, data {actual})"
                 )
         if not writable and self.map is None:
@@ -627,6 +632,7 @@ def create_dataset(
     lock = location.lock
     lock.acquire(store.timeout)
     try:
+        lock.drop_held_file()  # a packed file this may replace: do not pin its space
         old_header = store._committed_header(location)
         if old_header is not None and not exist_ok:
             raise DatasetExistsError(f"dataset {name!r} already exists (use open_writer, or exist_ok=True to replace)")
@@ -691,6 +697,7 @@ def open_dataset_writer(store: Store, location: _Location) -> Writer:
     lock = location.lock
     lock.acquire(store.timeout)
     try:
+        lock.drop_held_file()  # the writer maps the file itself
         header = store._current_entry(location).header
         return _open_locked(store, location, header)
     except BaseException:

@@ -7,8 +7,8 @@ it for its whole life, so a put waits for the handle to close.
 
 Why not ``filelock.FileLock`` directly: its acquire+release costs ~60 us of
 Python machinery; the descriptor API costs ~1 us. The descriptor stays open
-after release (reopening would cost an open() and a close() per commit), for
-the most recently released locks of the process (a sixteenth of its descriptor
+after release (reopening would cost an open() and a close() per commit), for a
+bounded number of released locks per process (a sixteenth of its descriptor
 limit); the store also closes it when it forgets the location or closes. Lock
 files are never unlinked: unlinking a locked file would split waiters across
 two inodes.
@@ -27,7 +27,6 @@ import os
 import resource
 import threading
 import time
-import weakref
 from collections import OrderedDict
 
 import filelock
@@ -60,11 +59,13 @@ def open_lock_file(path: str, permissions: int | None = None) -> int:
     return fd
 
 
-# Released locks whose descriptor stays open, in the order they were first released.
+# Released locks whose descriptors stay open, in the order they were first released
+# (not re-sorted on every release: that would cost each commit more than it saves).
 # The count is bounded per process (all stores and caches together), so a process
-# that touches many datasets keeps only a bounded number open.
+# that touches many datasets keeps only a bounded number open. Strong references: a
+# lock a store has forgotten while another thread still used it is closed from here.
 _idle_guard = threading.Lock()
-_idle: OrderedDict[int, weakref.ref[DatasetLock]] = OrderedDict()
+_idle: OrderedDict[int, DatasetLock] = OrderedDict()
 _idle_limit = 0  # set on first use: the descriptor limit may change after import
 
 
@@ -73,18 +74,17 @@ def _park(lock: DatasetLock) -> None:
     with _idle_guard:
         if not _idle_limit:
             _idle_limit = _idle_budget()
-        _idle[id(lock)] = weakref.ref(lock)
+        _idle[id(lock)] = lock
         lock._parked = True
         while len(_idle) > _idle_limit:
-            _key, ref = _idle.popitem(last=False)
-            oldest = ref()
-            if oldest is not None:
-                oldest._parked = False  # parked again at its next release
-                oldest.close_if_idle()  # non-blocking: a lock in use keeps its descriptor
+            _key, oldest = _idle.popitem(last=False)
+            oldest._parked = False  # parked again at its next release
+            oldest.close_if_idle()  # non-blocking: a lock in use keeps its descriptors
 
 
 def _idle_budget() -> int:
-    """A sixteenth of the descriptor limit, within [16, 1024]."""
+    """A sixteenth of the descriptor limit, within [16, 1024] (each idle lock holds its
+    own descriptor and perhaps a held file's, so up to an eighth of the limit)."""
     try:
         soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     except (OSError, ValueError):
@@ -107,7 +107,7 @@ class DatasetLock:
     """An exclusive, timed lock on one dataset, held through one open descriptor."""
 
     __slots__ = (
-        "__weakref__", "_fd", "_parked", "_thread_lock", "held_file", "keep_open", "label", "path", "permissions",
+        "_fd", "_parked", "_thread_lock", "held_file", "keep_open", "label", "path", "permissions",
     )  # fmt: skip
 
     def __init__(self, path: str, label: str, permissions: int | None = None, keep_open: bool = True) -> None:

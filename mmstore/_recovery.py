@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import _durable, _names
-from ._errors import FormatError, InvalidNameError, MmstoreError
+from ._errors import DatasetNotFoundError, FormatError, InvalidNameError, MmstoreError
 from ._format import MANIFEST_NAME, parse_header
 from ._locks import remove_if_writer_gone, writer_is_gone
 from ._mapping import crc32_file, file_digest
@@ -213,17 +213,30 @@ def verify_store(store: Store, progress: Callable[[str], None] | None = None) ->
             if progress is not None:
                 progress(name)
             report.checked += 1
-            header = None
-            try:
-                _names.validate_name(name)
-                store._drop_entry(name)  # read from disk: the cache trusts that sidecars change only by rename
-                header = store.header(name)
-                referenced.add(header.data_file)
-                problem = _check_data(store, name, header)
-            except MmstoreError as exc:
-                problem = str(exc)
-            except OSError as exc:
-                problem = f"cannot read: {exc.strerror or exc}"
+            header: Any = None
+            gone = False
+            for _attempt in range(5):
+                previous, header = header, None
+                try:
+                    _names.validate_name(name)
+                    store._drop_entry(name)  # read from disk: the cache trusts that sidecars change only by rename
+                    header = store.header(name)
+                    referenced.add(header.data_file)
+                    problem = _check_data(store, name, header)
+                except DatasetNotFoundError:
+                    gone = previous is not None  # deleted while we checked it: nothing to report
+                    problem = None if gone else f"no dataset {name!r}"
+                except MmstoreError as exc:
+                    problem = str(exc)
+                except OSError as exc:
+                    problem = f"cannot read: {exc.strerror or exc}"
+                if problem is None or header is None or header == previous:
+                    break
+                # A commit or a writer may have changed the dataset between our reading its
+                # sidecar and checking its data (a replaced data file is gone, an edited one
+                # no longer matches): check it again, and report only what persists.
+            if gone:
+                continue
             if header is None:
                 unreadable[file_name[:-5]] = name
             if problem is not None:

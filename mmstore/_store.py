@@ -73,7 +73,7 @@ from ._format import (
     parse_header,
     parse_manifest,
 )
-from ._growable import MissingDataFile, Reader, Writer, _Mapped, data_file_error, validate_length
+from ._growable import ChecksumMismatch, MissingDataFile, Reader, Writer, _Mapped, data_file_error, validate_length
 from ._locks import DatasetLock, mark_alive
 
 if TYPE_CHECKING:
@@ -388,16 +388,16 @@ class Store:
         return mapped.rows[: validate_length(header, mapped, length)], header
 
     def _map_entry(self, location: _Location, entry: _Entry) -> tuple[_Entry, _Mapped]:
-        """Map the entry's data file. If it vanished because a commit replaced the
-        dataset between our reading the sidecar and opening its data file, read
-        the new sidecar and try again; a data file missing under an unchanged
-        sidecar is a corrupt dataset."""
+        """Map the entry's data file. If it vanished (or a packed generation's bytes no
+        longer match its checksum) because a commit or a writer changed the dataset
+        between our reading the sidecar and mapping, read the new sidecar and try
+        again; the same problem under an unchanged sidecar is a corrupt dataset."""
         for _attempt in range(1000):
             try:
                 self._map_data(location, entry, None)
                 assert entry.mapped is not None
                 return entry, entry.mapped
-            except MissingDataFile:
+            except (MissingDataFile, ChecksumMismatch):
                 newer = self._current_entry(location)
                 if newer is entry:
                     raise
@@ -467,8 +467,8 @@ class Store:
             if map_data:
                 try:
                     self._map_data(location, entry, directory_fd)
-                except MissingDataFile:
-                    pass  # replaced since we read the sidecar: _map_entry reads the new one
+                except (MissingDataFile, ChecksumMismatch):
+                    pass  # changed since we read the sidecar? _map_entry reads it again
         finally:
             if directory_fd is not None:
                 os.close(directory_fd)
@@ -596,7 +596,7 @@ class Store:
         encode_dtype(source.dtype)
         attrs_record = encode_attrs(attrs) if attrs else {}
 
-        if self.pack_small and isinstance(source, np.ndarray) and source.nbytes <= PACK_MAX_NBYTES:
+        if self.pack_small and isinstance(source, np.ndarray) and 0 < source.nbytes <= PACK_MAX_NBYTES:
             for _attempt in range(3):
                 if self._put_packed(location, source, attrs_record, durable):
                     return
@@ -813,10 +813,15 @@ class Store:
         """
         lock = location.lock
         if old is not None and old.packed:
-            offset = -(-(old.offset + old.nbytes) // PACKED_ALIGNMENT) * PACKED_ALIGNMENT if nbytes else 0
+            # Never below the committed generation's end: bytes of committed generations
+            # are never written again. (Empty arrays are not packed: put() stores them in
+            # a file of their own.)
+            offset = -(-(old.offset + old.nbytes) // PACKED_ALIGNMENT) * PACKED_ALIGNMENT
             if offset + nbytes <= PACK_FILE_BYTES:
                 held = lock.held_file
-                if held is not None and held[0] == old.data_file:
+                # The name identifies the file (data file names are never reused), unless the
+                # file was replaced behind the store's back (a restore): then it is unlinked.
+                if held is not None and held[0] == old.data_file and os.fstat(held[1]).st_nlink:
                     return held[1], old.data_file, offset, False
                 lock.drop_held_file()
                 try:
