@@ -279,3 +279,27 @@ def test_in_place_edits_of_a_put_dataset_keep_it_verifiable(store_path: Path, pa
         with mmstore.Store(store_path, "r") as reader:
             assert reader.get("x").tolist() == [0, 2, 4, 99, 98, 10, 12, 14, 16, 18]
             assert reader.verify().ok
+
+
+@pytest.mark.slow
+def test_readers_and_verify_never_see_an_edit_session_as_corruption(packing: mmstore.Store, spawn: Any) -> None:
+    packing.put("x", np.zeros(16, dtype=np.int64))
+    packing.put("x", np.zeros(16, dtype=np.int64))  # a packed generation at a non-zero offset
+    started = spawn.Event()
+    writer = spawn.Process(target=workers.edit_in_place_many, args=(str(packing.path), "x", 300, started))
+    writer.start()
+    assert started.wait(PROCESS_TIMEOUT)
+    gets = verifies = 0
+    with mmstore.Store(packing.path, "r") as reader:
+        while writer.is_alive() or gets == 0:
+            array = reader.get("x")  # a checksum mismatch here would raise FormatError
+            assert array[1:].tolist() == [0] * 15
+            gets += 1
+            if gets % 20 == 0:
+                report = reader.verify()
+                assert report.ok, report.problems
+                verifies += 1
+    writer.join(PROCESS_TIMEOUT)
+    assert writer.exitcode == 0
+    assert packing.get("x")[0] == 300 and packing.verify().ok
+    assert gets > 0

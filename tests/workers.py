@@ -301,3 +301,13 @@ def cache_counts_without_close(path: str) -> None:
     cache.set("k", np.zeros(1))
     cache.get("k")
     cache.get("k")
+
+
+def edit_in_place_many(path: str, name: str, sessions: int, started: Any) -> None:
+    """Open a writer on ``name``, change element 0 to k, close; for k = 1..sessions."""
+    with mmstore.Store(path, pack_small=True) as store:
+        for k in range(1, sessions + 1):
+            with store.open_writer(name) as writer:
+                writer[0] = k
+            if k == 1:
+                started.set()
