@@ -51,6 +51,37 @@ def _load_renameat2() -> Any:
     return function
 
 
+def _load_fallocate() -> Any:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        function = libc.fallocate
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+    function.restype = ctypes.c_int
+    return function
+
+
+_fallocate = _load_fallocate()
+_FALLOC_FL_KEEP_SIZE = 1
+
+
+def preallocate(fd: int, nbytes: int) -> None:
+    """Reserve the blocks of a new file about to be written with ``nbytes`` (a hint).
+
+    Writing into allocated blocks is ~10% faster on ext4 than delayed allocation page by
+    page (NumPy's tofile does the same), and a full disk fails here, before any copying.
+    KEEP_SIZE: the file's size still grows only as bytes are written. Unsupported file
+    systems just skip it (no emulation by writing zeros, as posix_fallocate would do).
+    """
+    if _fallocate is None or nbytes <= 0:
+        return
+    if _fallocate(fd, _FALLOC_FL_KEEP_SIZE, 0, nbytes) != 0:
+        err = ctypes.get_errno()
+        if err in _FULL_ERRNOS:
+            raise OSError(err, os.strerror(err))
+
+
 _renameat2 = _load_renameat2()
 _exchange_supported = _renameat2 is not None
 # os.fsencode without its Python-level call (a commit encodes two paths)

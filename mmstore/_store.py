@@ -87,6 +87,9 @@ _MAX_LOCATIONS = _MAX_CACHED_DATASETS
 
 _VANISHED = object()
 
+# Data files at least this large get their blocks reserved before the write (_durable.preallocate).
+PREALLOCATE_BYTES = 1 << 20
+
 # Small-put packing (see the module docstring and docs/FORMAT.md, "Packed data files").
 PACK_MAX_NBYTES = 16 * 1024
 PACK_FILE_BYTES = 64 * 1024
@@ -603,6 +606,8 @@ class Store:
             raise StoreIOError(errno.EIO, f"dataset {name!r}: could not commit (its new data file kept vanishing)")
 
         def write(fd: int, _path: str) -> tuple[np.dtype[Any], tuple[int, ...], str]:
+            if source.nbytes >= PREALLOCATE_BYTES:
+                _durable.preallocate(fd, source.nbytes)
             hasher = _mapping.new_hasher()
             _mapping.write_array(fd, source, hasher)
             return source.dtype, source.shape, f"{XXH3_ALGORITHM}:{hasher.hexdigest()}"
