@@ -40,29 +40,19 @@ _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 
 
-def _load_renameat2() -> Any:
+def _libc_function(name: str, *argtypes: Any) -> Any:
+    """A C library function returning int (errno kept for ctypes.get_errno), or None."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        function = libc.renameat2
+        function = getattr(libc, name)
     except (OSError, AttributeError):
         return None
-    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.argtypes = list(argtypes)
     function.restype = ctypes.c_int
     return function
 
 
-def _load_fallocate() -> Any:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        function = libc.fallocate
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
-    function.restype = ctypes.c_int
-    return function
-
-
-_fallocate = _load_fallocate()
+_fallocate = _libc_function("fallocate", ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong)
 _FALLOC_FL_KEEP_SIZE = 1
 
 
@@ -82,7 +72,7 @@ def preallocate(fd: int, nbytes: int) -> None:
             raise OSError(err, os.strerror(err))
 
 
-_renameat2 = _load_renameat2()
+_renameat2 = _libc_function("renameat2", ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
 _exchange_supported = _renameat2 is not None
 # os.fsencode without its Python-level call (a commit encodes two paths)
 _FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 import warnings
 import zlib
 from typing import Any, NamedTuple
@@ -90,6 +91,15 @@ class Header(NamedTuple):
             f'"created":{float(self.created)!r},"modified":{float(self.modified)!r}'
             f"{_PACKED_FIELD if self.packed else ''}}}\n"
         ).encode()
+
+
+def successor_header(old: Header | None, **fields: Any) -> Header:
+    """The header of the generation that replaces ``old`` (or of generation 1 if there is
+    none): the next generation number, ``old``'s creation time, modified now."""
+    now = time.time()
+    if old is None:
+        return Header(generation=1, created=now, modified=now, **fields)
+    return Header(generation=old.generation + 1, created=old.created, modified=now, **fields)
 
 
 # --- dtypes -------------------------------------------------------------------

@@ -47,7 +47,7 @@ from ._errors import (
     FsyncError,
     InvalidArgumentError,
 )
-from ._format import XXH3_ALGORITHM, Header, as_dtype, encode_attrs, encode_dtype
+from ._format import XXH3_ALGORITHM, Header, as_dtype, encode_attrs, encode_dtype, successor_header
 from ._locks import mark_alive
 from ._mapping import buffer_digest
 from ._notify import Waiter
@@ -263,10 +263,14 @@ class Writer:
         self._crc_known = False
         self._edited = True
         if self._header.checksum is not None and not self.growable:
-            self._header = self._header._replace(checksum=None, modified=time.time())
-            self._store._write_sidecar_locked(self._location, self._header, durable=False)
-            self._store._mark_dirty(self._location)
+            self._rewrite_sidecar(checksum=None)
             self._rehash_on_close = self._header.packed
+
+    def _rewrite_sidecar(self, **changes: Any) -> None:
+        """Commit the sidecar again with ``changes`` (same data file and generation)."""
+        self._header = self._header._replace(modified=time.time(), **changes)
+        self._store._write_sidecar_locked(self._location, self._header, durable=False)
+        self._store._mark_dirty(self._location)  # Store.flush() makes it durable
 
     def append(self, rows: Any) -> None:
         """Append one row or a block of rows; they become visible to readers at flush()."""
@@ -404,16 +408,9 @@ class Writer:
                 self._update_checksum(self._mapped.control)
             if self._rehash_on_close:
                 data = self._mapped.rows.reshape(-1).view(np.uint8)
-                self._header = self._header._replace(checksum=buffer_digest(data, XXH3_ALGORITHM), modified=time.time())
-                self._store._write_sidecar_locked(self._location, self._header, durable=False)
-                self._store._mark_dirty(self._location)
+                self._rewrite_sidecar(checksum=buffer_digest(data, XXH3_ALGORITHM))
             if self.growable and self._committed != self._header.shape[0]:
-                # Record the committed length in the sidecar too (same data file and generation).
-                self._header = self._header._replace(
-                    shape=(self._committed, *self._mapped.row_shape), modified=time.time()
-                )
-                self._store._write_sidecar_locked(self._location, self._header, durable=False)
-                self._store._mark_dirty(self._location)
+                self._rewrite_sidecar(shape=(self._committed, *self._mapped.row_shape))  # the committed length
         finally:
             self._closed = True
             os.close(self._fd)
@@ -663,20 +660,10 @@ def create_dataset(
                 if nbytes:
                     _allocate(fd, nbytes, name)
                 offset = 0
-            now = time.time()
-            header = Header(
-                name=name,
-                dtype=dtype,
-                shape=shape,
-                data_file=data_file,
-                offset=offset,
-                generation=old_header.generation + 1 if old_header is not None else 1,
-                created=old_header.created if old_header is not None else now,
-                modified=now,
-                attrs=attrs_record,
-                checksum=None,
-                growable=growable,
-            )
+            header = successor_header(
+                old_header, name=name, dtype=dtype, shape=shape, data_file=data_file, offset=offset,
+                attrs=attrs_record, checksum=None, growable=growable,
+            )  # fmt: skip
             store._write_sidecar_locked(location, header, durable=False)
         except BaseException:
             os.close(fd)

@@ -72,6 +72,7 @@ from ._format import (
     manifest_bytes,
     parse_header,
     parse_manifest,
+    successor_header,
 )
 from ._growable import ChecksumMismatch, MissingDataFile, Reader, Writer, _Mapped, data_file_error, validate_length
 from ._locks import DatasetLock, mark_alive
@@ -732,19 +733,11 @@ class Store:
             except OSError as exc:
                 raise _durable.io_error(exc, f"dataset {name!r}: writing its data") from None
 
-            def make_header(generation: int, created: float | None, now: float) -> Header:
-                return Header(
-                    name=name,
-                    dtype=dtype,
-                    shape=shape,
-                    data_file=data_file,
-                    offset=0,
-                    generation=generation,
-                    created=created if created is not None else now,
-                    modified=now,
-                    attrs=attrs,
+            def make_header(old: Header | None) -> Header:
+                return successor_header(
+                    old, name=name, dtype=dtype, shape=shape, data_file=data_file, offset=0, attrs=attrs,
                     checksum=checksum,
-                )
+                )  # fmt: skip
 
             outcome = self._commit(location, fd, make_header, durable)
             if outcome is _VANISHED:
@@ -782,20 +775,10 @@ class Store:
                     raise _durable.io_error(exc, f"dataset {name!r}: writing its data") from None
                 if created and os.fstat(fd).st_nlink == 0:
                     return False  # recovery judged our new file abandoned before we locked it
-                now = time.time()
-                header = Header(
-                    name=name,
-                    dtype=array.dtype,
-                    shape=array.shape,
-                    data_file=data_file,
-                    offset=offset,
-                    generation=old_header.generation + 1 if old_header is not None else 1,
-                    created=old_header.created if old_header is not None else now,
-                    modified=now,
-                    attrs=attrs,
-                    checksum=checksum,
-                    packed=True,
-                )
+                header = successor_header(
+                    old_header, name=name, dtype=array.dtype, shape=array.shape, data_file=data_file,
+                    offset=offset, attrs=attrs, checksum=checksum, packed=True,
+                )  # fmt: skip
                 self._write_sidecar_locked(location, header, durable)
                 committed = True
             finally:
@@ -884,9 +867,7 @@ class Store:
             if os.fstat(data_fd).st_nlink == 0:
                 return _VANISHED
             old_header = self._committed_header(location)
-            generation = old_header.generation + 1 if old_header is not None else 1
-            created = old_header.created if old_header is not None else None
-            self._write_sidecar_locked(location, make_header(generation, created, time.time()), durable)
+            self._write_sidecar_locked(location, make_header(old_header), durable)
         finally:
             lock.release()
         return old_header
