@@ -84,7 +84,6 @@ _MODES = ("r", "r+", "a", "w-", "x")
 
 
 _MAX_CACHED_DATASETS = _descriptor_budget()
-_MAX_LOCATIONS = _MAX_CACHED_DATASETS
 
 _VANISHED = object()
 

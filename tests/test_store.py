@@ -347,7 +347,7 @@ def test_no_descriptor_leak_over_many_puts_and_gets(store: mmstore.Store) -> Non
     gc.collect()
     after = len(os.listdir("/proc/self/fd"))
     # Bounded by the caches (a pinned sidecar and a map per entry, a lock per location), not by the puts.
-    bound = 2 * _store._MAX_CACHED_DATASETS + _store._MAX_LOCATIONS + 10
+    bound = 2 * _store._MAX_CACHED_DATASETS + store._entry_budget + 10  # remembered locations: one budget
     assert after - before <= bound
     for i in range(300):
         store.put(f"more{i}", np.arange(2))
