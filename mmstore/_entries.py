@@ -51,8 +51,12 @@ class _Location:
         self.permissions = permissions
         self.inside = False  # checked that no group directory on the way is a symlink
         self.root = root
-        self.groups = name.split("/")[:-1]
-        self.directory, self.leaf = _names.split_leaf(root, name)
+        if "/" in name:
+            self.groups = name.split("/")[:-1]
+            self.directory, self.leaf = _names.split_leaf(root, name)
+        else:  # (every dataset's first read comes here)
+            self.groups = []
+            self.directory, self.leaf = root, name
         self.sidecar = self.directory + "/" + self.leaf + ".json"
         self._lock: DatasetLock | None = None  # made on first use: readers never lock
 

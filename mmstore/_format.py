@@ -287,8 +287,93 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+# The sidecar exactly as Header.to_json writes it, for plain names, file names and simple
+# dtypes: one C-level match checks the layout and most field rules (JSON integer and
+# number syntax, sizes bounded by digit counts, the checksum form), so parse_header skips
+# json.loads and most of its per-field checks on what mmstore itself wrote. Anything else
+# (escapes, non-ASCII, whitespace, structured dtypes, another key order, errors) takes
+# the full path, which also gives every error message. (The attrs object is matched lazily:
+# the fixed-form fields after it leave one place where it can end; json.loads checks it.)
+_PLAIN = rb'[^"\\\x00-\x1f\x7f-\xff]'  # a printable ASCII string character that needs no escape
+_FILE = rb'[^"\\/\x00-\x1f\x7f-\xff]'  # ... and is not a slash
+_COUNT = rb"(?:0|[1-9][0-9]{0,17})"  # < 10**18 < MAX_NBYTES
+_TIME = rb"(-?(?:0|[1-9][0-9]{0,19})\.[0-9]{1,20})"  # a finite float, as repr() writes one
+_CANONICAL_SIDECAR = re.compile(
+    rb'\{"format":"mmstore-dataset","version":([12]),"name":"' + _PLAIN + rb'*",'
+    rb'"dtype":"('
+    + _PLAIN
+    + rb'+)","shape":\[((?:'
+    + _COUNT
+    + rb"(?:,"
+    + _COUNT
+    + rb"){0,%d})?)\]," % (MAX_NDIM - 1)
+    + rb'"byteorder":"([<>|]|mixed)","data_file":"((?!\.)'
+    + _FILE
+    + rb'+)",'
+    rb'"offset":(' + _COUNT + rb'),"generation":((?!0)' + _COUNT + rb'),"growable":(true|false),'
+    rb'"checksum":(null|"(?:crc32:[0-9a-f]{8}|xxh3_64:[0-9a-f]{16})"),"attrs":(\{.*?\}),'
+    rb'"created":' + _TIME + rb',"modified":' + _TIME + rb'(,"packed":true)?\}\n?',
+    re.DOTALL,
+)
+
+
+def _parse_canonical(name: str, raw: bytes) -> Header | None:
+    """The header of a sidecar in the form mmstore writes, or None if ``raw`` is not in
+    that form or breaks a rule (parse_header's full path then says which)."""
+    match = _CANONICAL_SIDECAR.fullmatch(raw)
+    if match is None:
+        return None
+    (
+        version,
+        dtype_text,
+        shape_text,
+        byteorder,
+        data_file,
+        offset,
+        generation,
+        growable,
+        checksum,
+        attrs_text,
+        created,
+        modified,
+        packed,
+    ) = match.groups()
+    try:
+        dtype = decode_dtype(dtype_text.decode())
+        attrs = {} if attrs_text == b"{}" else json.loads(attrs_text.decode("utf-8"))
+    except (ValueError, RecursionError):  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+        return None
+    shape = tuple(map(int, shape_text.split(b","))) if shape_text else ()
+    is_growable = growable == b"true"
+    is_packed = packed is not None
+    start = int(offset)
+    count = math.prod(shape)
+    if (
+        type(attrs) is not dict
+        or (version == b"2") != is_packed
+        or byteorder.decode() != _byteorder_cached(dtype)
+        or count * max(dtype.itemsize, 1) > MAX_NBYTES
+        or (is_growable and not shape)
+        or (is_packed and (is_growable or start % PACKED_ALIGNMENT or count * dtype.itemsize > PACKED_MAX_NBYTES))
+    ):
+        return None
+    return Header(
+        name, dtype, shape, data_file.decode(), start, int(generation), float(created), float(modified),
+        attrs, None if checksum == b"null" else checksum[1:-1].decode(), is_growable, is_packed,
+    )  # fmt: skip
+
+
 def parse_header(name: str, raw: bytes) -> Header:
     """Parse and validate a sidecar; every problem is a FormatError naming ``name``."""
+    if len(raw) <= MAX_SIDECAR_BYTES:
+        header = _parse_canonical(name, raw)
+        if header is not None:
+            return header
+    return _parse_any(name, raw)
+
+
+def _parse_any(name: str, raw: bytes) -> Header:
+    """parse_header for any sidecar: json.loads, then every field checked, saying what is wrong."""
 
     def bad(problem: str) -> FormatError:
         return FormatError(f"dataset {name!r}: corrupt header: {problem}")

@@ -66,6 +66,7 @@ _PUBLISH_OFFSET = 16
 _MAPPED_APPEND_BYTES = 64 * 1024
 _MIN_GROWTH_BYTES = 1 << 20
 _PACK_U64 = struct.Struct("<Q").pack
+_READ_WRITE = mmap.PROT_READ | mmap.PROT_WRITE
 
 
 def row_bytes(dtype: np.dtype[Any], row_shape: tuple[int, ...]) -> int:
@@ -109,9 +110,13 @@ def data_file_error(header: Header, exc: OSError) -> Exception:
 class _Mapped:
     """A map of a data file: the control block (growable datasets) and the rows."""
 
+    __slots__ = ("capacity", "control", "control_u32", "map", "row_bytes", "row_shape", "rows", "size")
+
     def __init__(self, header: Header, path: str, writable: bool, fd: int | None = None) -> None:
-        self.row_shape = header.shape[1:]
-        self.row_bytes = row_bytes(header.dtype, self.row_shape)
+        # (Every dataset's first read in a process comes here: fields are read once.)
+        shape, dtype, offset = header.shape, header.dtype, header.offset
+        self.row_shape = row_shape = shape[1:]
+        self.row_bytes = math.prod(row_shape) * dtype.itemsize
         own_fd = fd is None
         if fd is None:
             try:
@@ -124,45 +129,48 @@ class _Mapped:
                 raise FormatError(f"dataset {header.name!r}: data file {header.data_file!r} is not a regular file")
             self.size = size = st.st_size
             if header.growable:
-                if header.offset != CONTROL_BYTES or size < CONTROL_BYTES or self.row_bytes == 0:
+                if offset != CONTROL_BYTES or size < CONTROL_BYTES or self.row_bytes == 0:
                     raise FormatError(f"dataset {header.name!r}: growable data file has no valid control block")
                 self.capacity = (size - CONTROL_BYTES) // self.row_bytes
             else:
-                self.capacity = header.shape[0] if header.shape else 1
-                end = header.offset + header.nbytes
+                self.capacity = shape[0] if shape else 1
+                count = math.prod(shape)
+                end = offset + count * dtype.itemsize
                 # A packed file may run on past this generation (an unfinished append
                 # of a killed writer); any other data file is exactly its data.
                 if size < end if header.packed else size != end:
                     raise FormatError(f"dataset {header.name!r}: data file is {size} bytes, the header needs {end}")
-            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-            self.map = mmap.mmap(fd, size, mmap.MAP_SHARED, prot) if size else None
+            self.map = mapped = (
+                mmap.mmap(fd, size, mmap.MAP_SHARED, _READ_WRITE if writable else mmap.PROT_READ) if size else None
+            )
         finally:
             if own_fd:
                 os.close(fd)
         self.control: np.ndarray | None = None
         self.control_u32: np.ndarray | None = None
         if header.growable:
-            assert self.map is not None
-            if self.map[0:8] != MAGIC:
+            assert mapped is not None
+            if mapped[0:8] != MAGIC:
                 raise FormatError(f"dataset {header.name!r}: bad control block magic")
-            self.control = np.frombuffer(self.map, dtype="<u8", count=5)
+            self.control = np.frombuffer(mapped, dtype="<u8", count=5)
             self.control_u32 = self.control.view("<u4")
-            count = self.capacity * math.prod(self.row_shape)
-            rows = np.frombuffer(self.map, header.dtype, count, CONTROL_BYTES).reshape((self.capacity, *self.row_shape))
-        elif self.map is None:
-            rows = np.zeros(header.shape, header.dtype)
+            count = self.capacity * math.prod(row_shape)
+            rows = np.frombuffer(mapped, dtype, count, CONTROL_BYTES).reshape((self.capacity, *row_shape))
+        elif mapped is None:
+            rows = np.zeros(shape, dtype)
         else:
-            rows = np.frombuffer(self.map, header.dtype, math.prod(header.shape), header.offset).reshape(header.shape)
-        if header.packed and header.checksum is not None and self.map is not None:
-            # Cheap (a packed generation is small) and the only check that tells a
-            # header pointing at another generation of the same file.
-            start = header.offset
-            actual = buffer_digest(self.map[start : start + header.nbytes], header.checksum.partition(":")[0])
-            if actual != header.checksum:
-                raise ChecksumMismatch(
-                    f"dataset {header.name!r}: checksum mismatch (header {header.checksum}, data {actual})"
-                )
-        if not writable and self.map is None:
+            rows = np.frombuffer(mapped, dtype, count, offset)
+            if len(shape) != 1:
+                rows = rows.reshape(shape)
+            if header.packed and header.checksum is not None:
+                # Cheap (a packed generation is small) and the only check that tells a
+                # header pointing at another generation of the same file.
+                actual = buffer_digest(mapped[offset:end], header.checksum.partition(":")[0])
+                if actual != header.checksum:
+                    raise ChecksumMismatch(
+                        f"dataset {header.name!r}: checksum mismatch (header {header.checksum}, data {actual})"
+                    )
+        if not writable and mapped is None:
             rows.flags.writeable = False  # (a map made with PROT_READ gives read-only arrays already)
         self.rows = rows
 

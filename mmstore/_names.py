@@ -55,7 +55,21 @@ def validate_name(name: object) -> str:
 _PLAIN_ASCII = re.compile(r"[\x20-\x7e]+")
 
 
+# Names of ASCII letters, digits, "_", "-" and "." whose parts do not start with "." and
+# whose groups do not end in .json or .dat, each part at most MAX_PART_BYTES long: valid by
+# construction (bar length and the reserved name), so one match replaces the checks below.
+_SIMPLE_PART = rf"[A-Za-z0-9_-][A-Za-z0-9_.-]{{0,{MAX_PART_BYTES - 1}}}"
+_SIMPLE_NAME = re.compile(rf"(?:{_SIMPLE_PART}(?<!\.json)(?<!\.dat)/)*{_SIMPLE_PART}")
+
+
 def _name_problem(name: str) -> str | None:
+    if len(name) <= MAX_NAME_LENGTH and _SIMPLE_NAME.fullmatch(name) and name not in RESERVED_TOP_LEVEL:
+        return None
+    return _any_name_problem(name)
+
+
+def _any_name_problem(name: str) -> str | None:
+    """What is wrong with ``name``, checked rule by rule (for any name), or None."""
     if not name:
         return "it is empty"
     if len(name) > MAX_NAME_LENGTH:

@@ -76,6 +76,7 @@ from ._format import (
 )
 from ._growable import ChecksumMismatch, MissingDataFile, Reader, Writer, _Mapped, data_file_error, validate_length
 from ._locks import DatasetLock, mark_alive
+from ._names import validate_name
 
 if TYPE_CHECKING:
     from ._recovery import VerifyReport
@@ -86,6 +87,7 @@ _MODES = ("r", "r+", "a", "w-", "x")
 _MAX_CACHED_DATASETS = _descriptor_budget()
 
 _VANISHED = object()
+_READ_FLAGS = _durable.READ_FLAGS
 
 # Data files at least this large get their blocks reserved before the write (_durable.preallocate).
 PREALLOCATE_BYTES = 1 << 20
@@ -94,7 +96,10 @@ PREALLOCATE_BYTES = 1 << 20
 PACK_MAX_NBYTES = 16 * 1024
 PACK_FILE_BYTES = 64 * 1024
 
-_live_stores: weakref.WeakSet[Store] = weakref.WeakSet()
+# The open stores of this process, by id (a store leaves at close() or when collected).
+# A dict rather than a WeakSet: "is this the only open store?" is asked on every
+# dataset's first read, and a WeakSet's len() and membership test are Python code.
+_live_stores: dict[int, weakref.ref[Store]] = {}
 _warmed_up = False  # Store._warm_up has run in this process
 
 
@@ -105,8 +110,12 @@ def _warm_up_header(dtype: str, count: int, checksum: str | None, attrs: dict[st
     )  # fmt: skip
 
 
+def _open_stores() -> list[Store]:
+    return [store for store in (ref() for ref in list(_live_stores.values())) if store is not None]
+
+
 def _after_fork_in_child() -> None:
-    for store in list(_live_stores):
+    for store in _open_stores():
         store._forget_after_fork()
 
 
@@ -176,7 +185,7 @@ class Store:
 
             warn_if_unsafe(self.path)
             recover_on_open(self)
-        _live_stores.add(self)
+        _live_stores[id(self)] = weakref.ref(self)
 
     # --- opening --------------------------------------------------------------
 
@@ -298,8 +307,9 @@ class Store:
         """The location of a dataset name, validating the name on first use."""
         location = self._locations.get(name)
         if location is None:
-            self._check_open()
-            _names.validate_name(name)
+            if self._closed:
+                self._check_open()
+            validate_name(name)
             with self._locations_guard:
                 location = self._locations.get(name)
                 if location is None:
@@ -408,9 +418,13 @@ class Store:
         raise FormatError(f"dataset {location.name!r}: replaced too often to read a consistent generation")
 
     def _map_data(self, location: _Location, entry: _Entry, directory_fd: int | None) -> None:
-        fd = self._open_data(location, entry.header, directory_fd)
+        header = entry.header
         try:
-            entry.mapped = _Mapped(entry.header, "", writable=False, fd=fd)
+            fd = location.open_file(header.data_file, _READ_FLAGS, directory_fd)
+        except OSError as exc:
+            raise data_file_error(header, exc) from None
+        try:
+            entry.mapped = _Mapped(header, "", writable=False, fd=fd)
         finally:
             os.close(fd)
 
@@ -440,16 +454,18 @@ class Store:
         """Read and remember the committed sidecar. Its directory is reached once, without
         following group symlinks, and ``map_data`` maps the data file through the same
         directory descriptor (one walk for both files)."""
-        self._check_open()
+        # Every dataset's first read in a process comes here: kept to few calls and lookups.
+        if self._closed:
+            self._check_open()
         name = location.name
-        try:
-            directory_fd = location.open_directory()
-        except (FileNotFoundError, NotADirectoryError):
-            self._drop_entry(name)
-            raise self._missing(name) from None
+        directory_fd = None
         try:
             try:
-                fd = location.open_file(location.leaf + ".json", _durable.READ_FLAGS, directory_fd)
+                if location.groups:
+                    directory_fd = location.open_directory()
+                    fd = os.open(location.leaf + ".json", _READ_FLAGS, dir_fd=directory_fd)
+                else:
+                    fd = os.open(location.sidecar, _READ_FLAGS)
             except (FileNotFoundError, NotADirectoryError):
                 self._drop_entry(name)
                 raise self._missing(name) from None
@@ -484,7 +500,7 @@ class Store:
         # The descriptor budget is per process: the open stores share it, and the one
         # holding the most entries gives up its least recently used first.
         while self._entries_in_process() >= self._entry_budget:
-            largest = max(_live_stores, key=lambda store: len(store._entries), default=self)
+            largest = max(_open_stores(), key=lambda store: len(store._entries), default=self)
             if not largest._entries:
                 break
             _oldest, evicted = largest._entries.popitem(last=False)
@@ -492,9 +508,9 @@ class Store:
         self._entries[name] = entry
 
     def _entries_in_process(self) -> int:
-        if len(_live_stores) == 1 and self in _live_stores:  # the common case (a WeakSet walk costs ~2 us)
+        if len(_live_stores) == 1 and id(self) in _live_stores:  # the common case
             return len(self._entries)
-        return sum(len(store._entries) for store in _live_stores)
+        return sum(len(store._entries) for store in _open_stores())
 
     def _drop_entry(self, name: str) -> None:
         old = self._entries.pop(name, None)
@@ -1044,7 +1060,7 @@ class Store:
                 location._lock.close()
         self._locations.clear()
         self._closed = True
-        _live_stores.discard(self)
+        _live_stores.pop(id(self), None)
 
     @property
     def closed(self) -> bool:
@@ -1059,6 +1075,7 @@ class Store:
     def __del__(self) -> None:
         try:
             if not self._closed:
+                _live_stores.pop(id(self), None)
                 for entry in self._entries.values():
                     _close_quietly(entry.sidecar_fd)
                 for location in self._locations.values():

@@ -202,8 +202,11 @@ def good_header(store: mmstore.Store, store_path: Path) -> dict:
     return json.loads((store_path / "x.json").read_text())
 
 
-def write_header(store_path: Path, record: object) -> None:
-    (store_path / "x.json").write_text(record if isinstance(record, str) else json.dumps(record))
+def write_header(store_path: Path, record: object, compact: bool = False) -> None:
+    """Write a sidecar; ``compact`` in the one-line form put writes (parse_header's fast path)."""
+    if not isinstance(record, str):
+        record = json.dumps(record, separators=(",", ":")) + "\n" if compact else json.dumps(record)
+    (store_path / "x.json").write_text(record)
 
 
 CORRUPTIONS = {
@@ -233,13 +236,14 @@ CORRUPTIONS = {
 }
 
 
+@pytest.mark.parametrize("compact", [False, True], ids=["spaced", "compact"])
 @pytest.mark.parametrize("corruption", list(CORRUPTIONS), ids=str)
 def test_corrupt_header_raises_format_error_for_that_dataset_only(
-    store: mmstore.Store, store_path: Path, corruption: str
+    store: mmstore.Store, store_path: Path, corruption: str, compact: bool
 ) -> None:
     header = good_header(store, store_path)
     store.put("other", np.arange(4))
-    write_header(store_path, CORRUPTIONS[corruption](header))
+    write_header(store_path, CORRUPTIONS[corruption](header), compact)
     with mmstore.Store(store_path, "r") as reader:
         with pytest.raises(mmstore.FormatError) as info:
             reader.get("x")
