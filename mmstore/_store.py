@@ -103,11 +103,19 @@ _live_stores: dict[int, weakref.ref[Store]] = {}
 _warmed_up = False  # Store._warm_up has run in this process
 
 
-def _warm_up_header(dtype: str, count: int, checksum: str | None, attrs: dict[str, Any]) -> Header:
-    return Header(
-        name="warm-up", dtype=np.dtype(dtype), shape=(count,), data_file=MANIFEST_NAME, offset=0,
-        generation=1, created=0.0, modified=0.0, attrs=attrs, checksum=checksum,
-    )  # fmt: skip
+# Two sidecars in the form put writes, for _warm_up: the commonest dtype with every optional
+# field set, and the manifest's bytes seen as a dataset of that many bytes. Constants, not
+# Header.to_json(): encoding dtypes is the writers' cold path, which readers never need.
+_WARM_UP_SIDECAR = (
+    b'{"format":"mmstore-dataset","version":1,"name":"warm-up","dtype":"<f8","shape":[1],"byteorder":"<",'
+    b'"data_file":"mmstore.json","offset":0,"generation":1,"growable":false,"checksum":"xxh3_64:0000000000000000",'
+    b'"attrs":{"unit":"s"},"created":1.5,"modified":1.5}\n'
+)
+_WARM_UP_MANIFEST = (
+    b'{"format":"mmstore-dataset","version":1,"name":"warm-up","dtype":"|u1","shape":[%d],"byteorder":"|",'
+    b'"data_file":"mmstore.json","offset":0,"generation":1,"growable":false,"checksum":null,'
+    b'"attrs":{},"created":1.5,"modified":1.5}\n'
+)
 
 
 def _open_stores() -> list[Store]:
@@ -192,13 +200,14 @@ class Store:
     def _warm_up(self) -> None:
         """Run get()'s code once per process, on the store's own manifest.
 
-        A fresh interpreter runs new code several times slower than warm code: the
-        first JSON parse, dtype decode, open/fstat/mmap and array construction of
-        a process cost ~150 us more than the next ones. Doing them here, when the
-        store opens, keeps that one-time cost out of the first get() of a dataset.
-        The manifest is read as a byte array through the same methods a dataset's
-        first read uses (a full header parse, entry bookkeeping, the map); nothing
-        is kept.
+        A fresh interpreter runs new code several times slower than warm code, so
+        the first get() of a process costs ~2.5x the next ones. Doing that work
+        here moves it out of the first get() (for a long-lived process, the first
+        request's latency) into the first open. It moves more than it saves: the
+        first open plus first get of a process take ~130 us longer with the
+        warm-up than without (docs/PERFORMANCE.md). The manifest is read as a
+        byte array through the same methods a dataset's first read uses (a
+        header parse, entry bookkeeping, the map); nothing is kept.
         """
         global _warmed_up
         if _warmed_up:
@@ -213,9 +222,8 @@ class Store:
             return
         try:
             st = os.fstat(fd)
-            # The full validation path, with the commonest dtype and every optional field set.
-            parse_header(key, _warm_up_header("<f8", 1, "xxh3_64:0000000000000000", {"unit": "s"}).to_json())
-            header = parse_header(key, _warm_up_header("|u1", st.st_size, None, {}).to_json())
+            parse_header(key, _WARM_UP_SIDECAR)
+            header = parse_header(key, _WARM_UP_MANIFEST % st.st_size)
             entry = _Entry(header, fd, st)
         except BaseException:
             os.close(fd)
