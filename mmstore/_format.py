@@ -30,7 +30,7 @@ MANIFEST_FORMAT = "mmstore"
 DATASET_FORMAT = "mmstore-dataset"
 CHECKSUM_ALGORITHM = "crc32"  # growable datasets' control block, and accepted in sidecars
 XXH3_ALGORITHM = "xxh3_64"  # what put writes: xxHash XXH3 64-bit, seed 0, 16 hex digits
-_CHECKSUM_RE = re.compile(r"^(crc32:[0-9a-f]{8}|xxh3_64:[0-9a-f]{16})$")
+_CHECKSUM_RE = re.compile(r"crc32:[0-9a-f]{8}|xxh3_64:[0-9a-f]{16}")  # (fullmatch: "$" allows a "\n")
 
 MAX_SIDECAR_BYTES = 64 * 2**20
 # A packed data file holds successive generations of one small dataset, each
@@ -287,13 +287,30 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
+# Sidecars are strict JSON: Python's json module also takes NaN, Infinity and numbers that
+# overflow to inf, which Header.to_json (allow_nan=False) could then not write back.
+_decode_json = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float).decode
+
+
 # The sidecar exactly as Header.to_json writes it, for plain names, file names and simple
 # dtypes: one C-level match checks the layout and most field rules (JSON integer and
 # number syntax, sizes bounded by digit counts, the checksum form), so parse_header skips
 # json.loads and most of its per-field checks on what mmstore itself wrote. Anything else
 # (escapes, non-ASCII, whitespace, structured dtypes, another key order, errors) takes
-# the full path, which also gives every error message. (The attrs object is matched lazily:
-# the fixed-form fields after it leave one place where it can end; json.loads checks it.)
+# the full path, which also gives every error message. (The attrs object: "{}", or else the
+# longest run that leaves the fixed-form fields after it, which can match in one place only;
+# the JSON decoder checks it. A lazy match would retry those fields at every byte.)
 _PLAIN = rb'[^"\\\x00-\x1f\x7f-\xff]'  # a printable ASCII string character that needs no escape
 _FILE = rb'[^"\\/\x00-\x1f\x7f-\xff]'  # ... and is not a slash
 _COUNT = rb"(?:0|[1-9][0-9]{0,17})"  # < 10**18 < MAX_NBYTES
@@ -311,7 +328,7 @@ _CANONICAL_SIDECAR = re.compile(
     + _FILE
     + rb'+)",'
     rb'"offset":(' + _COUNT + rb'),"generation":((?!0)' + _COUNT + rb'),"growable":(true|false),'
-    rb'"checksum":(null|"(?:crc32:[0-9a-f]{8}|xxh3_64:[0-9a-f]{16})"),"attrs":(\{.*?\}),'
+    rb'"checksum":(null|"(?:crc32:[0-9a-f]{8}|xxh3_64:[0-9a-f]{16})"),"attrs":(\{\}|\{.*\}),'
     rb'"created":' + _TIME + rb',"modified":' + _TIME + rb'(,"packed":true)?\}\n?',
     re.DOTALL,
 )
@@ -340,7 +357,7 @@ def _parse_canonical(name: str, raw: bytes) -> Header | None:
     ) = match.groups()
     try:
         dtype = decode_dtype(dtype_text.decode())
-        attrs = {} if attrs_text == b"{}" else json.loads(attrs_text.decode("utf-8"))
+        attrs = {} if attrs_text == b"{}" else _decode_json(attrs_text.decode("utf-8"))
     except (ValueError, RecursionError):  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
         return None
     shape = tuple(map(int, shape_text.split(b","))) if shape_text else ()
@@ -383,7 +400,7 @@ def _parse_any(name: str, raw: bytes) -> Header:
     try:
         # Decoded here rather than by json.loads(bytes), which guesses among UTF-8/16/32
         # in Python code on every call: sidecars are UTF-8 (docs/FORMAT.md).
-        record = json.loads(raw.decode("utf-8"))
+        record = _decode_json(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise bad(f"not valid JSON ({exc})") from None
     if not isinstance(record, dict):
@@ -442,7 +459,7 @@ def _parse_any(name: str, raw: bytes) -> Header:
         if math.prod(shape) * dtype.itemsize > PACKED_MAX_NBYTES:
             raise bad(f"a packed generation holds at most {PACKED_MAX_NBYTES} bytes")
     checksum = record["checksum"]
-    if checksum is not None and not (isinstance(checksum, str) and _CHECKSUM_RE.match(checksum)):
+    if checksum is not None and not (isinstance(checksum, str) and _CHECKSUM_RE.fullmatch(checksum)):
         raise bad(f"checksum {checksum!r} is not of the form 'xxh3_64:<16 hex>' or 'crc32:<8 hex>'")
     attrs = record["attrs"]
     if not isinstance(attrs, dict):

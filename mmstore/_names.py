@@ -30,9 +30,9 @@ MAX_PART_BYTES = 200
 RESERVED_TOP_LEVEL = frozenset({"mmstore"})  # "mmstore.json" is the manifest
 TOKEN_HEX_DIGITS = 16
 
-DATA_FILE_RE = re.compile(r"^(?P<leaf>.+)\.(?P<token>[0-9a-f]{16})\.dat$", re.DOTALL)
-TEMP_FILE_RE = re.compile(r"^\.(?P<leaf>.+)\.(?P<token>[0-9a-f]{16})\.tmp$", re.DOTALL)
-LOCK_FILE_RE = re.compile(r"^\.(?P<leaf>.+)\.lock$", re.DOTALL)
+DATA_FILE_RE = re.compile(r"^(?P<leaf>.+)\.(?P<token>[0-9a-f]{16})\.dat\Z", re.DOTALL)
+TEMP_FILE_RE = re.compile(r"^\.(?P<leaf>.+)\.(?P<token>[0-9a-f]{16})\.tmp\Z", re.DOTALL)
+LOCK_FILE_RE = re.compile(r"^\.(?P<leaf>.+)\.lock\Z", re.DOTALL)
 
 # Unicode categories that make a name render differently from what it is:
 # controls, format characters (zero-width joiners, bidi overrides), surrogates,

@@ -233,6 +233,10 @@ CORRUPTIONS = {
     "bad-checksum-field": lambda h: {**h, "checksum": 12},
     "attrs-not-object": lambda h: {**h, "attrs": [1]},
     "bool-generation": lambda h: {**h, "generation": True},
+    "checksum-newline": lambda h: {**h, "checksum": f"{h['checksum']}\n"},
+    "nan-attr": lambda h: {**h, "attrs": {"x": float("nan")}},
+    "infinity-attr": lambda h: {**h, "attrs": {"x": [1, float("-inf")]}},
+    "overflowing-attr": lambda h: json.dumps({**h, "attrs": {"x": 1.25}}).replace("1.25", "1e400"),
 }
 
 
@@ -317,3 +321,19 @@ def test_header_json_round_trips(dtype: np.dtype) -> None:
     parsed = _format.parse_header('a/b\u00e9"q', raw)
     assert parsed == header
     assert json.loads(raw)["name"] == 'a/b\u00e9"q'
+
+
+def test_names_of_store_files_match_whole_names_only() -> None:
+    assert _names.DATA_FILE_RE.match("x.0123456789abcdef.dat")
+    assert _names.DATA_FILE_RE.match("x.0123456789abcdef.dat\n") is None
+    assert _names.TEMP_FILE_RE.match(".x.0123456789abcdef.tmp\n") is None
+    assert _names.LOCK_FILE_RE.match(".x.lock\n") is None
+
+
+def test_large_attrs_parse_the_same_either_way() -> None:
+    attrs = {f"k{i}": [i, "some text", 1.5, {"nested": None}] for i in range(2000)}
+    header = _format.Header("a", np.dtype("<f8"), (3,), "a.0123456789abcdef.dat", 0, 2, 1.5, 2.5, attrs, None)
+    raw = header.to_json()
+    assert len(raw) > 64 * 1024
+    fast = _format._parse_canonical("a", raw)
+    assert fast is not None and fast == _format._parse_any("a", raw) == header
