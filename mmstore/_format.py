@@ -316,20 +316,24 @@ _FILE = rb'[^"\\/\x00-\x1f\x7f-\xff]'  # ... and is not a slash
 _COUNT = rb"(?:0|[1-9][0-9]{0,17})"  # < 10**18 < MAX_NBYTES
 _TIME = rb"(-?(?:0|[1-9][0-9]{0,19})\.[0-9]{1,20})"  # a finite float, as repr() writes one
 _CANONICAL_SIDECAR = re.compile(
-    rb'\{"format":"mmstore-dataset","version":([12]),"name":"' + _PLAIN + rb'*",'
-    rb'"dtype":"('
-    + _PLAIN
-    + rb'+)","shape":\[((?:'
-    + _COUNT
-    + rb"(?:,"
-    + _COUNT
-    + rb"){0,%d})?)\]," % (MAX_NDIM - 1)
-    + rb'"byteorder":"([<>|]|mixed)","data_file":"((?!\.)'
-    + _FILE
-    + rb'+)",'
-    rb'"offset":(' + _COUNT + rb'),"generation":((?!0)' + _COUNT + rb'),"growable":(true|false),'
-    rb'"checksum":(null|"(?:crc32:[0-9a-f]{8}|xxh3_64:[0-9a-f]{16})"),"attrs":(\{\}|\{.*\}),'
-    rb'"created":' + _TIME + rb',"modified":' + _TIME + rb'(,"packed":true)?\}\n?',
+    b",".join(
+        [
+            rb'\{"format":"mmstore-dataset"',
+            rb'"version":([12])',
+            rb'"name":"' + _PLAIN + rb'*"',
+            rb'"dtype":"(' + _PLAIN + rb'+)"',
+            rb'"shape":\[((?:' + _COUNT + rb"(?:," + _COUNT + rb"){0,%d})?)\]" % (MAX_NDIM - 1),
+            rb'"byteorder":"([<>|]|mixed)"',
+            rb'"data_file":"((?!\.)' + _FILE + rb'+)"',
+            rb'"offset":(' + _COUNT + rb")",
+            rb'"generation":((?!0)' + _COUNT + rb")",
+            rb'"growable":(true|false)',
+            rb'"checksum":(null|"(?:crc32:[0-9a-f]{8}|xxh3_64:[0-9a-f]{16})")',
+            rb'"attrs":(\{\}|\{.*\})',
+            rb'"created":' + _TIME,
+            rb'"modified":' + _TIME + rb'(,"packed":true)?\}\n?',
+        ]
+    ),
     re.DOTALL,
 )
 
@@ -341,20 +345,9 @@ def _parse_canonical(name: str, raw: bytes) -> Header | None:
     if match is None:
         return None
     (
-        version,
-        dtype_text,
-        shape_text,
-        byteorder,
-        data_file,
-        offset,
-        generation,
-        growable,
-        checksum,
-        attrs_text,
-        created,
-        modified,
-        packed,
-    ) = match.groups()
+        version, dtype_text, shape_text, byteorder, data_file, offset, generation, growable, checksum,
+        attrs_text, created, modified, packed,
+    ) = match.groups()  # fmt: skip
     try:
         dtype = decode_dtype(dtype_text.decode())
         attrs = {} if attrs_text == b"{}" else _decode_json(attrs_text.decode("utf-8"))
