@@ -338,6 +338,20 @@ _CANONICAL_SIDECAR = re.compile(
 )
 
 
+_new_tuple = tuple.__new__  # Header's own __new__ is Python code around this call
+# A sidecar's dtype text -> (dtype, its byteorder field), for _parse_canonical: one lookup.
+_SIMPLE_DTYPES: dict[bytes, tuple[np.dtype[Any], bytes]] = {}
+
+
+def _simple_dtype(text: bytes) -> tuple[np.dtype[Any], bytes]:
+    """The dtype a sidecar's simple ``dtype`` string names, and its byteorder (ValueError if none)."""
+    dtype = decode_dtype(text.decode())
+    known = (dtype, _byteorder_cached(dtype).encode())
+    if len(_SIMPLE_DTYPES) < 1024:
+        _SIMPLE_DTYPES[text] = known
+    return known
+
+
 def _parse_canonical(name: str, raw: bytes) -> Header | None:
     """The header of a sidecar in the form mmstore writes, or None if ``raw`` is not in
     that form or breaks a rule (parse_header's full path then says which)."""
@@ -349,11 +363,14 @@ def _parse_canonical(name: str, raw: bytes) -> Header | None:
         attrs_text, created, modified, packed,
     ) = match.groups()  # fmt: skip
     try:
-        dtype = decode_dtype(dtype_text.decode())
+        dtype, dtype_byteorder = _SIMPLE_DTYPES.get(dtype_text) or _simple_dtype(dtype_text)
         attrs = {} if attrs_text == b"{}" else _decode_json(attrs_text.decode("utf-8"))
     except (ValueError, RecursionError):  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
         return None
-    shape = tuple(map(int, shape_text.split(b","))) if shape_text else ()
+    if shape_text.isdigit():  # one dimension (cheaper than `b"," in`, which tries an int first)
+        shape: tuple[int, ...] = (int(shape_text),)
+    else:
+        shape = tuple(map(int, shape_text.split(b","))) if shape_text else ()
     is_growable = growable == b"true"
     is_packed = packed is not None
     start = int(offset)
@@ -361,16 +378,16 @@ def _parse_canonical(name: str, raw: bytes) -> Header | None:
     if (
         type(attrs) is not dict
         or (version == b"2") != is_packed
-        or byteorder.decode() != _byteorder_cached(dtype)
+        or byteorder != dtype_byteorder
         or count * max(dtype.itemsize, 1) > MAX_NBYTES
         or (is_growable and not shape)
         or (is_packed and (is_growable or start % PACKED_ALIGNMENT or count * dtype.itemsize > PACKED_MAX_NBYTES))
     ):
         return None
-    return Header(
+    return _new_tuple(Header, (
         name, dtype, shape, data_file.decode(), start, int(generation), float(created), float(modified),
         attrs, None if checksum == b"null" else checksum[1:-1].decode(), is_growable, is_packed,
-    )  # fmt: skip
+    ))  # fmt: skip
 
 
 def parse_header(name: str, raw: bytes) -> Header:

@@ -66,7 +66,9 @@ _PUBLISH_OFFSET = 16
 _MAPPED_APPEND_BYTES = 64 * 1024
 _MIN_GROWTH_BYTES = 1 << 20
 _PACK_U64 = struct.Struct("<Q").pack
-_READ_WRITE = mmap.PROT_READ | mmap.PROT_WRITE
+_READ, _READ_WRITE = mmap.PROT_READ, mmap.PROT_READ | mmap.PROT_WRITE
+# Bound once for _Mapped: a module attribute lookup is a dictionary lookup per call.
+_fstat, _S_ISREG, _prod, _mmap, _frombuffer = os.fstat, stat.S_ISREG, math.prod, mmap.mmap, np.frombuffer
 
 
 def row_bytes(dtype: np.dtype[Any], row_shape: tuple[int, ...]) -> int:
@@ -116,7 +118,7 @@ class _Mapped:
         # (Every dataset's first read in a process comes here: fields are read once.)
         shape, dtype, offset = header.shape, header.dtype, header.offset
         self.row_shape = row_shape = shape[1:]
-        self.row_bytes = math.prod(row_shape) * dtype.itemsize
+        self.row_bytes = _prod(row_shape) * dtype.itemsize
         own_fd = fd is None
         if fd is None:
             try:
@@ -124,8 +126,8 @@ class _Mapped:
             except OSError as exc:
                 raise data_file_error(header, exc) from None
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
+            st = _fstat(fd)
+            if not _S_ISREG(st.st_mode):
                 raise FormatError(f"dataset {header.name!r}: data file {header.data_file!r} is not a regular file")
             self.size = size = st.st_size
             if header.growable:
@@ -134,15 +136,13 @@ class _Mapped:
                 self.capacity = (size - CONTROL_BYTES) // self.row_bytes
             else:
                 self.capacity = shape[0] if shape else 1
-                count = math.prod(shape)
+                count = _prod(shape)
                 end = offset + count * dtype.itemsize
                 # A packed file may run on past this generation (an unfinished append
                 # of a killed writer); any other data file is exactly its data.
                 if size < end if header.packed else size != end:
                     raise FormatError(f"dataset {header.name!r}: data file is {size} bytes, the header needs {end}")
-            self.map = mapped = (
-                mmap.mmap(fd, size, mmap.MAP_SHARED, _READ_WRITE if writable else mmap.PROT_READ) if size else None
-            )
+            self.map = mapped = _mmap(fd, size, mmap.MAP_SHARED, _READ_WRITE if writable else _READ) if size else None
         finally:
             if own_fd:
                 os.close(fd)
@@ -159,7 +159,7 @@ class _Mapped:
         elif mapped is None:
             rows = np.zeros(shape, dtype)
         else:
-            rows = np.frombuffer(mapped, dtype, count, offset)
+            rows = _frombuffer(mapped, dtype, count, offset)
             if len(shape) != 1:
                 rows = rows.reshape(shape)
             if header.packed and header.checksum is not None:

@@ -63,7 +63,10 @@ _SIMPLE_NAME = re.compile(rf"(?:{_SIMPLE_PART}(?<!\.json)(?<!\.dat)/)*{_SIMPLE_P
 
 
 def _name_problem(name: str) -> str | None:
-    if len(name) <= MAX_NAME_LENGTH and _SIMPLE_NAME.fullmatch(name) and name not in RESERVED_TOP_LEVEL:
+    if name.isascii() and name.isidentifier():  # one part of [A-Za-z0-9_]: cheaper than a match
+        if len(name) <= MAX_PART_BYTES and name not in RESERVED_TOP_LEVEL:
+            return None
+    elif len(name) <= MAX_NAME_LENGTH and _SIMPLE_NAME.fullmatch(name) and name not in RESERVED_TOP_LEVEL:
         return None
     return _any_name_problem(name)
 

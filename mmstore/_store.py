@@ -318,21 +318,19 @@ class Store:
             if self._closed:
                 self._check_open()
             validate_name(name)
-            with self._locations_guard:
-                location = self._locations.get(name)
-                if location is None:
-                    if len(self._locations) >= self._entry_budget:
-                        self._forget_idle_locations()
-                    location = _Location(self.path, name, self.permissions)
-                    self._locations[name] = location
+            if len(self._locations) >= self._entry_budget:
+                with self._locations_guard:
+                    self._forget_idle_locations()
+            # setdefault is atomic: threads racing on a new name all get the one stored.
+            location = self._locations.setdefault(name, _Location(self.path, name, self.permissions))
         return location
 
     def _forget_idle_locations(self) -> None:
         """Drop the older half of the remembered locations whose locks are not held."""
         for name in list(self._locations)[: self._entry_budget // 2]:
-            lock = self._locations[name]._lock
-            if lock is None or lock.close_if_idle():
-                del self._locations[name]
+            location = self._locations.get(name)
+            if location is not None and (location._lock is None or location._lock.close_if_idle()):
+                self._locations.pop(name, None)
 
     def _locate_for_writing(self, name: str) -> _Location:
         """_locate, and (once per name) refuse group directories that are symlinks or not
