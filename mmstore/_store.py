@@ -446,7 +446,10 @@ class Store:
         (and, with ``map_data``, mapping the data file of a re-read entry)."""
         entry = self._entries.get(location.name)
         if entry is not None:
-            self._entries.move_to_end(location.name)
+            try:
+                self._entries.move_to_end(location.name)
+            except KeyError:
+                pass  # another thread dropped it just now: it is still this call's to check
             try:
                 st = os.stat(location.sidecar)
             except (FileNotFoundError, NotADirectoryError):
@@ -500,18 +503,26 @@ class Store:
         return entry
 
     def _remember(self, name: str, entry: _Entry) -> None:
-        old = self._entries.pop(name, None)
+        entries = self._entries
+        old = entries.pop(name, None)
         if old is not None:
             _close_quietly(old.sidecar_fd)
         # The descriptor budget is per process: the open stores share it, and the one
         # holding the most entries gives up its least recently used first.
         while self._entries_in_process() >= self._entry_budget:
             largest = max(_open_stores(), key=lambda store: len(store._entries), default=self)
-            if not largest._entries:
+            try:
+                _oldest, evicted = largest._entries.popitem(last=False)
+            except KeyError:  # (empty, or emptied by another thread just now)
                 break
-            _oldest, evicted = largest._entries.popitem(last=False)
             _close_quietly(evicted.sidecar_fd)
-        self._entries[name] = entry
+        # Insert without overwriting: another thread may be remembering the same name
+        # (an overwritten entry's descriptor would leak). Whoever pops an entry closes
+        # its descriptor, so each is closed exactly once. No lock: these are atomic.
+        while entries.setdefault(name, entry) is not entry:
+            displaced = entries.pop(name, None)
+            if displaced is not None:
+                _close_quietly(displaced.sidecar_fd)
 
     def _entries_in_process(self) -> int:
         if len(_live_stores) == 1 and id(self) in _live_stores:  # the common case

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -352,6 +353,45 @@ def test_no_descriptor_leak_over_many_puts_and_gets(store: mmstore.Store) -> Non
     for i in range(300):
         store.put(f"more{i}", np.arange(2))
     assert len(os.listdir("/proc/self/fd")) - before <= bound
+
+
+def test_threads_sharing_a_store_leak_no_sidecar_descriptors(store: mmstore.Store) -> None:
+    # Threads reading and replacing the same names at once: every sidecar descriptor the
+    # store holds belongs to one of its cached entries (an entry remembered by one thread
+    # used to overwrite another thread's, leaking its descriptor).
+    names = [f"g{i % 5}/k{i}" for i in range(120)]
+    for i, name in enumerate(names):
+        store.put(name, np.full(3, i))
+    failures: list[str] = []
+
+    def work(seed: int) -> None:
+        try:
+            for step in range(1500):
+                index = (step * 7 + seed * 13) % len(names)
+                if store.get(names[index])[0] != index:
+                    failures.append(f"{names[index]} has the wrong value")
+                if step % 10 == seed:
+                    store.put(names[index], np.full(3, index))
+        except Exception as exc:  # reported below, with the thread's error
+            failures.append(repr(exc))
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=600)
+    assert not any(thread.is_alive() for thread in threads)
+    assert failures == []
+    sidecar_fds = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        target = target.removesuffix(" (deleted)")
+        if target.startswith(store.path + "/") and not target.endswith((".dat", ".lock")):
+            sidecar_fds += 1  # a sidecar, or a replaced one (renamed to a temp name and unlinked)
+    assert sidecar_fds == len(store._entries)
 
 
 # --- streamed sources and failures -----------------------------------------------------
