@@ -202,7 +202,8 @@ _DECODED_DTYPES: dict[str, np.dtype[Any]] = {}
 
 def decode_dtype(obj: Any) -> np.dtype[Any]:
     """Parse the JSON form of a dtype; raises ValueError (callers add the dataset name)."""
-    key = obj if isinstance(obj, str) else json.dumps(obj)
+    # (A list's key cannot equal a string's: the string "[]" is no dtype, the list [] is one.)
+    key = obj if isinstance(obj, str) else "\0" + json.dumps(obj)
     cached = _DECODED_DTYPES.get(key)
     if cached is not None:
         return cached

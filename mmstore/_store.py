@@ -455,7 +455,9 @@ class Store:
             except (FileNotFoundError, NotADirectoryError):
                 self._drop_entry(location.name)
                 raise self._missing(location.name) from None
-            if st.st_ino == entry.inode and st.st_dev == entry.device:
+            # Still ours after the stat: its descriptor was open all along (a popped entry's
+            # is closed, and its inode number could have gone to a newer sidecar).
+            if st.st_ino == entry.inode and st.st_dev == entry.device and self._entries.get(location.name) is entry:
                 return entry
         return self._read_entry(location, map_data)
 
@@ -1069,9 +1071,12 @@ class Store:
         # close() drops bookkeeping only; durability is flush()'s job (DESIGN invariant 4).
         with self._dirty_guard:
             self._dirty = (set(), set(), set())
-        for entry in self._entries.values():
+        while self._entries:  # popped one by one: whoever pops an entry closes it (threads)
+            try:
+                _name, entry = self._entries.popitem()
+            except KeyError:
+                break
             _close_quietly(entry.sidecar_fd)
-        self._entries.clear()
         for location in self._locations.values():
             if location._lock is not None:
                 location._lock.close()

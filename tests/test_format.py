@@ -337,3 +337,16 @@ def test_large_attrs_parse_the_same_either_way() -> None:
     assert len(raw) > 64 * 1024
     fast = _format._parse_canonical("a", raw)
     assert fast is not None and fast == _format._parse_any("a", raw) == header
+
+
+def test_a_string_dtype_never_reads_a_list_dtypes_cache_entry() -> None:
+    record = {
+        "format": "mmstore-dataset", "version": 1, "name": "x", "dtype": [["a", "<i4"]], "shape": [2],
+        "byteorder": "<", "data_file": "x.0123456789abcdef.dat", "offset": 0, "generation": 1,
+        "growable": False, "checksum": None, "attrs": {}, "created": 1.0, "modified": 1.0,
+    }  # fmt: skip
+    assert _format.parse_header("x", json.dumps(record).encode()).dtype == np.dtype([("a", "<i4")])
+    text = json.dumps(record["dtype"])  # the list's JSON text, as a string dtype: no dtype
+    for layout in ({}, {"separators": (",", ":")}):
+        with pytest.raises(mmstore.FormatError, match="dtype"):
+            _format.parse_header("x", json.dumps({**record, "dtype": text}, **layout).encode())
