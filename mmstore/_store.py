@@ -87,7 +87,6 @@ _MODES = ("r", "r+", "a", "w-", "x")
 _MAX_CACHED_DATASETS = _descriptor_budget()
 
 _VANISHED = object()
-_READ_FLAGS = _durable.READ_FLAGS
 
 # Data files at least this large get their blocks reserved before the write (_durable.preallocate).
 PREALLOCATE_BYTES = 1 << 20
@@ -424,13 +423,9 @@ class Store:
         raise FormatError(f"dataset {location.name!r}: replaced too often to read a consistent generation")
 
     def _map_data(self, location: _Location, entry: _Entry, directory_fd: int | None) -> None:
-        header = entry.header
+        fd = self._open_data(location, entry.header, directory_fd)
         try:
-            fd = location.open_file(header.data_file, _READ_FLAGS, directory_fd)
-        except OSError as exc:
-            raise data_file_error(header, exc) from None
-        try:
-            entry.mapped = _Mapped(header, "", writable=False, fd=fd)
+            entry.mapped = _Mapped(entry.header, "", writable=False, fd=fd)
         finally:
             os.close(fd)
 
@@ -474,9 +469,9 @@ class Store:
             try:
                 if location.groups:
                     directory_fd = location.open_directory()
-                    fd = os.open(location.leaf + ".json", _READ_FLAGS, dir_fd=directory_fd)
+                    fd = os.open(location.leaf + ".json", _durable.READ_FLAGS, dir_fd=directory_fd)
                 else:
-                    fd = os.open(location.sidecar, _READ_FLAGS)
+                    fd = os.open(location.sidecar, _durable.READ_FLAGS)
             except (FileNotFoundError, NotADirectoryError):
                 self._drop_entry(name)
                 raise self._missing(name) from None
