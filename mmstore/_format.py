@@ -329,7 +329,7 @@ _CANONICAL_SIDECAR = re.compile(
             rb'"offset":(' + _COUNT + rb")",
             rb'"generation":((?!0)' + _COUNT + rb")",
             rb'"growable":(true|false)',
-            rb'"checksum":(null|"(?:crc32:[0-9a-f]{8}|xxh3_64:[0-9a-f]{16})")',
+            rb'"checksum":(null|"(?:' + _CHECKSUM_RE.pattern.encode() + rb')")',
             rb'"attrs":(\{\}|\{.*\})',
             rb'"created":' + _TIME,
             rb'"modified":' + _TIME + rb'(,"packed":true)?\}\n?',
@@ -337,6 +337,20 @@ _CANONICAL_SIDECAR = re.compile(
     ),
     re.DOTALL,
 )
+
+
+def _packed_problem(version: object, packed: bool, growable: bool, offset: int, nbytes: int) -> str | None:
+    """What is wrong with a header's packing (docs/FORMAT.md, "Packed data files"), or None."""
+    if packed != (version == PACKED_FORMAT_VERSION):
+        return f"format version {version} with packed={packed} (version 2 is for packed generations only)"
+    if packed:
+        if growable:
+            return "a growable dataset cannot be packed"
+        if offset % PACKED_ALIGNMENT:
+            return f"offset {offset} of a packed generation is not a multiple of {PACKED_ALIGNMENT}"
+        if nbytes > PACKED_MAX_NBYTES:
+            return f"a packed generation holds at most {PACKED_MAX_NBYTES} bytes"
+    return None
 
 
 _new_tuple = tuple.__new__  # Header's own __new__ is Python code around this call
@@ -382,7 +396,10 @@ def _parse_canonical(name: str, raw: bytes) -> Header | None:
         or byteorder != dtype_byteorder
         or count * max(dtype.itemsize, 1) > MAX_NBYTES
         or (is_growable and not shape)
-        or (is_packed and (is_growable or start % PACKED_ALIGNMENT or count * dtype.itemsize > PACKED_MAX_NBYTES))
+        or (
+            (is_packed or version == b"2")
+            and _packed_problem(int(version), is_packed, is_growable, start, count * dtype.itemsize)
+        )
     ):
         return None
     return _new_tuple(Header, (
@@ -460,15 +477,9 @@ def _parse_any(name: str, raw: bytes) -> Header:
     packed = record.get("packed", False)
     if not isinstance(packed, bool):
         raise bad(f"packed {packed!r} is not a boolean")
-    if packed != (version == PACKED_FORMAT_VERSION):
-        raise bad(f"format version {version} with packed={packed} (version 2 is for packed generations only)")
-    if packed:
-        if growable:
-            raise bad("a growable dataset cannot be packed")
-        if offset % PACKED_ALIGNMENT:
-            raise bad(f"offset {offset} of a packed generation is not a multiple of {PACKED_ALIGNMENT}")
-        if math.prod(shape) * dtype.itemsize > PACKED_MAX_NBYTES:
-            raise bad(f"a packed generation holds at most {PACKED_MAX_NBYTES} bytes")
+    problem = _packed_problem(version, packed, growable, offset, math.prod(shape) * dtype.itemsize)
+    if problem is not None:
+        raise bad(problem)
     checksum = record["checksum"]
     if checksum is not None and not (isinstance(checksum, str) and _CHECKSUM_RE.fullmatch(checksum)):
         raise bad(f"checksum {checksum!r} is not of the form 'xxh3_64:<16 hex>' or 'crc32:<8 hex>'")

@@ -118,7 +118,7 @@ class _Mapped:
         # (Every dataset's first read in a process comes here: fields are read once.)
         shape, dtype, offset = header.shape, header.dtype, header.offset
         self.row_shape = row_shape = shape[1:]
-        self.row_bytes = _prod(row_shape) * dtype.itemsize
+        self.row_bytes = row_bytes(dtype, row_shape)
         own_fd = fd is None
         if fd is None:
             try:
@@ -154,8 +154,8 @@ class _Mapped:
                 raise FormatError(f"dataset {header.name!r}: bad control block magic")
             self.control = np.frombuffer(mapped, dtype="<u8", count=5)
             self.control_u32 = self.control.view("<u4")
-            count = self.capacity * math.prod(row_shape)
-            rows = np.frombuffer(mapped, dtype, count, CONTROL_BYTES).reshape((self.capacity, *row_shape))
+            count = self.capacity * _prod(row_shape)
+            rows = _frombuffer(mapped, dtype, count, CONTROL_BYTES).reshape((self.capacity, *row_shape))
         elif mapped is None:
             rows = np.zeros(shape, dtype)
         else:

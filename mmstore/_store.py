@@ -467,11 +467,8 @@ class Store:
         directory_fd = None
         try:
             try:
-                if location.groups:
-                    directory_fd = location.open_directory()
-                    fd = os.open(location.leaf + ".json", _durable.READ_FLAGS, dir_fd=directory_fd)
-                else:
-                    fd = os.open(location.sidecar, _durable.READ_FLAGS)
+                directory_fd = location.open_directory()
+                fd = location.open_file(location.leaf + ".json", _durable.READ_FLAGS, directory_fd)
             except (FileNotFoundError, NotADirectoryError):
                 self._drop_entry(name)
                 raise self._missing(name) from None
