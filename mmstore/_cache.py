@@ -120,7 +120,10 @@ class Cache:
         self._published_at = time.time()
         _live_caches.add(self)
         self._lock = DatasetLock(
-            os.path.join(self.path, _CONTROL_NAME + "-lock"), f"cache {self.path!r}", self.store.permissions
+            os.path.join(self.path, _CONTROL_NAME + "-lock"),
+            f"cache {self.path!r}",
+            self.store.permissions,
+            counted=False,
         )
         self._compute_locks: dict[int, DatasetLock] = {}
         self._held = threading.local()
@@ -511,7 +514,11 @@ class Cache:
         if lock is None:
             path = os.path.join(self.path, ".compute", f"{stripe:03x}.lock")
             lock = self._compute_locks[stripe] = DatasetLock(
-                path, f"computation of a cache key in {self.path!r}", self.store.permissions, keep_open=False
+                path,
+                f"computation of a cache key in {self.path!r}",
+                self.store.permissions,
+                keep_open=False,
+                counted=False,
             )
         return lock
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
 
-from . import _names
+from . import _durable, _names
 from ._errors import FormatError
 from ._format import Header
 from ._growable import _Mapped
-from ._locks import DatasetLock
+from ._locks import COUNTER_BYTES, DatasetLock, counter_is_even
 
 _READ_ALL = 1 << 16
 # O_PATH: walking needs only search permission on a directory, as a path lookup does.
@@ -25,10 +26,11 @@ _DIRECTORY_FLAGS = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_CL
 def _descriptor_budget() -> int:
     """How many datasets to keep mapped and remembered: an eighth of the descriptor limit.
 
-    Each cached dataset pins a sidecar descriptor (and its map one more); each
-    remembered location may keep a lock descriptor. So a process touching many
-    datasets uses at most ~3/8 of its descriptors on them: 128 datasets under the
-    common limit of 1024, up to 4096 where the limit is high.
+    Each cached dataset pins a sidecar descriptor, its map one more and, once read
+    twice, its lock file's (for the change counter) one more; each remembered
+    location may keep a lock descriptor. So a process touching many datasets uses
+    at most half of its descriptors on them: 128 datasets under the common limit
+    of 1024, up to 4096 where the limit is high, at least 16.
     """
     try:
         import resource
@@ -38,7 +40,7 @@ def _descriptor_budget() -> int:
         return 256
     if soft == resource.RLIM_INFINITY:
         return 4096
-    return max(64, min(4096, soft // 8))
+    return max(16, min(4096, soft // 8))
 
 
 class _Location:
@@ -67,6 +69,21 @@ class _Location:
                 self.directory + "/" + _names.lock_file_name(self.leaf), f"dataset {self.name!r}", self.permissions
             )
         return self._lock
+
+    def open_counter(self) -> int:
+        """A read-only descriptor of the lock file, for its change counter; -1 if there is
+        no regular file to read (a store not written by mmstore, another user's file)."""
+        try:
+            fd = self.open_file(_names.lock_file_name(self.leaf), _durable.READ_FLAGS)
+        except (OSError, FormatError):
+            return -1
+        try:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                return fd
+        except OSError:
+            pass
+        os.close(fd)
+        return -1
 
     def data_path(self, data_file: str) -> str:
         return self.directory + "/" + data_file
@@ -140,6 +157,21 @@ def _first_symlink(root: str, parts: list[str]) -> str | None:
     return None
 
 
+# Serialises opening an entry's counter descriptor against closing the entry (the only
+# two places that touch Entry.counter_fd besides reads); reentrant, as __del__ may close.
+_counter_guard = threading.RLock()
+
+
+def _reset_counter_guard_after_fork() -> None:
+    global _counter_guard
+    _counter_guard = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_reset_counter_guard_after_fork)
+
+_NO_COUNTER = -2  # Entry.counter_fd: the lock file could not be opened; not tried again
+
+
 class _Entry:
     """A committed header (and, once read, its mapped array) plus the identity
     of the sidecar it came from.
@@ -147,10 +179,15 @@ class _Entry:
     The sidecar descriptor is held open so that its inode number cannot be
     reused by a later sidecar: while we hold it, a stat() that shows the same
     inode really is the same, unchanged commit (sidecars are never rewritten in
-    place, only replaced by rename). One stat() is all a repeated get costs.
+    place, only replaced by rename).
+
+    ``counter`` is the dataset's change counter (see _locks.py) as read, even,
+    before a check that found this entry current; while the lock file still shows
+    it, no writer has taken the lock since, and a repeated get costs one pread()
+    of ``counter_fd``. Whoever pops an entry from a store's cache closes it.
     """
 
-    __slots__ = ("device", "header", "inode", "mapped", "sidecar_fd")
+    __slots__ = ("closed", "counter", "counter_fd", "device", "header", "inode", "mapped", "sidecar_fd")
 
     def __init__(self, header: Header, sidecar_fd: int, st: os.stat_result) -> None:
         self.header = header
@@ -158,6 +195,39 @@ class _Entry:
         self.sidecar_fd = sidecar_fd
         self.inode = st.st_ino
         self.device = st.st_dev
+        self.counter: bytes | None = None
+        self.counter_fd = -1  # opened on the entry's first recheck (a first get never needs it)
+        self.closed = False
+
+    def read_counter(self, location: _Location) -> bytes | None:
+        """The change counter now if it shows no change under way, else None; opens the
+        lock file on first use. (A descriptor closed by another thread meanwhile reads
+        garbage or fails; the caller trusts the value only if the entry is still cached,
+        and entries are popped before they are closed.)"""
+        fd = self.counter_fd
+        if fd == -1:
+            opened = location.open_counter()
+            with _counter_guard:
+                if self.closed or self.counter_fd != -1:  # popped meanwhile, or another thread was first
+                    if opened >= 0:
+                        os.close(opened)
+                    return None
+                self.counter_fd = fd = opened if opened >= 0 else _NO_COUNTER
+        if fd < 0:
+            return None
+        try:
+            raw = os.pread(fd, COUNTER_BYTES, 0)
+        except OSError:
+            return None
+        return raw if counter_is_even(raw) else None
+
+    def close(self) -> None:
+        with _counter_guard:
+            self.closed = True
+            counter_fd, self.counter_fd = self.counter_fd, -1
+        _close_quietly(self.sidecar_fd)
+        if counter_fd >= 0:
+            _close_quietly(counter_fd)
 
 
 def _is_symlink(name: str, directory_fd: int) -> bool:

@@ -17,6 +17,18 @@ flock belongs to the open file description, so two threads sharing one
 descriptor would both "hold" it; a threading lock serialises them first. After
 fork a child must not touch its parent's descriptors (an unlock there would
 release the parent's lock), so stores drop them in the child (see _store.py).
+
+The *change counter*: a dataset lock file holds a 64-bit counter in its first
+8 bytes (little-endian), which every writer bumps to odd right after taking the
+lock and back to even just before releasing it. Every change of a dataset is made
+under its lock, so a reader that saw an even value before reading the sidecar,
+and sees the same value now, knows the sidecar has not changed since: a
+repeated get costs one pread() instead of a stat() path walk (docs/FORMAT.md).
+The value is stored as a Gray code, so each bump flips exactly one bit and a
+read racing a write sees the old or the new value, never a torn mix that could
+equal an older value. A lock file too short to hold a counter (new, or emptied
+by a foreign program) starts at a random even value, so a restarted counter
+cannot come back to a value a reader remembers.
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ import errno
 import fcntl
 import os
 import resource
+import secrets
 import threading
 import time
 from collections import OrderedDict
@@ -39,6 +52,29 @@ _OPEN_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
 # the lock for tens of microseconds), cap so a waiter never sleeps long past a release.
 _FIRST_SLEEP = 20e-6
 _MAX_SLEEP = 2e-3
+
+
+COUNTER_BYTES = 8
+
+
+def counter_is_even(raw: bytes) -> bool:
+    """True if ``raw`` is a whole change counter showing no change under way (the Gray
+    code's bit parity is that of the count it encodes)."""
+    return len(raw) == COUNTER_BYTES and not int.from_bytes(raw, "little").bit_count() & 1
+
+
+def _next_gray(code: int) -> int:
+    """The Gray code of the next count: flip bit 0 after an even count, else the bit
+    left of the lowest set bit (one bit changes either way)."""
+    if not code.bit_count() & 1:
+        return code ^ 1
+    return code ^ ((code & -code) << 1)
+
+
+def _counter_start() -> int:
+    """A random even count's Gray code (below 2**62: it never wraps)."""
+    count = secrets.randbits(61) << 1
+    return count ^ (count >> 1)
 
 
 def open_lock_file(path: str, permissions: int | None = None) -> int:
@@ -107,16 +143,23 @@ class DatasetLock:
     """An exclusive, timed lock on one dataset, held through one open descriptor."""
 
     __slots__ = (
-        "_fd", "_parked", "_thread_lock", "held_file", "keep_open", "label", "path", "permissions",
+        "_counter", "_fd", "_parked", "_thread_lock", "counted", "held_file", "keep_open", "label", "path",
+        "permissions",
     )  # fmt: skip
 
-    def __init__(self, path: str, label: str, permissions: int | None = None, keep_open: bool = True) -> None:
+    def __init__(
+        self, path: str, label: str, permissions: int | None = None, keep_open: bool = True, counted: bool = True
+    ) -> None:
         self.path = path
         self.label = label
         self.permissions = permissions
         # False for locks of which a process may touch thousands (the cache's
         # computation stripes): their descriptor is closed on every release.
         self.keep_open = keep_open
+        # Bump the lock file's change counter around each holding (dataset locks; see
+        # the module docstring). Locks that guard no sidecar need not.
+        self.counted = counted
+        self._counter = -1  # the odd value written at acquire, while held; -1 if none
         self._fd = -1
         self._parked = False
         self._thread_lock = threading.Lock()
@@ -132,21 +175,52 @@ class DatasetLock:
         try:
             if self._fd < 0:
                 self._fd = self._open()
-            if filelock.lock_descriptor(self._fd, blocking=False):
-                return  # uncontended: the usual case
-            deadline = start + timeout if timeout >= 0 else None
-            sleep = _FIRST_SLEEP
-            while not filelock.lock_descriptor(self._fd, blocking=False):
-                if deadline is not None:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise self._timeout_error(timeout)
-                    sleep = min(sleep, remaining)
-                time.sleep(sleep)
-                sleep = min(sleep * 2, _MAX_SLEEP)
+            if not filelock.lock_descriptor(self._fd, blocking=False):  # (uncontended: the usual case)
+                deadline = start + timeout if timeout >= 0 else None
+                sleep = _FIRST_SLEEP
+                while not filelock.lock_descriptor(self._fd, blocking=False):
+                    if deadline is not None:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            raise self._timeout_error(timeout)
+                        sleep = min(sleep, remaining)
+                    time.sleep(sleep)
+                    sleep = min(sleep * 2, _MAX_SLEEP)
+            self._begin_change()
         except BaseException:
             self._thread_lock.release()
             raise
+
+    def _begin_change(self) -> None:
+        """With the flock just taken: bump the change counter to odd (see the module
+        docstring). If that fails, the flock is released and the error raised."""
+        if not self.counted:
+            return
+        try:
+            raw = os.pread(self._fd, COUNTER_BYTES, 0)
+            if len(raw) == COUNTER_BYTES:
+                code = int.from_bytes(raw, "little")
+                if code.bit_count() & 1:  # a holder died mid-change: it stays odd
+                    self._counter = code
+                    return
+                code ^= 1
+                if os.pwrite(self._fd, code.to_bytes(COUNTER_BYTES, "little"), 0) != COUNTER_BYTES:
+                    raise OSError(errno.EIO, "short write of the change counter")
+                self._counter = code
+                return
+        except BaseException as exc:
+            filelock.unlock_descriptor(self._fd)
+            if isinstance(exc, OSError):
+                raise io_error(exc, f"updating the change counter of {self.label}") from None
+            raise
+        # No counter yet (or a foreign program emptied the file), so no reader relies on
+        # one: start one if we can, else go on without (readers then stat the sidecar).
+        code = _next_gray(_counter_start())
+        try:
+            if os.pwrite(self._fd, code.to_bytes(COUNTER_BYTES, "little"), 0) == COUNTER_BYTES:
+                self._counter = code
+        except OSError:
+            pass
 
     def _open(self) -> int:
         try:
@@ -162,6 +236,7 @@ class DatasetLock:
             if self._fd < 0:
                 self._fd = self._open()
             if filelock.lock_descriptor(self._fd, blocking=False):
+                self._begin_change()
                 return True
         except BaseException:
             self._thread_lock.release()
@@ -171,6 +246,7 @@ class DatasetLock:
 
     def release(self) -> None:
         try:
+            self._end_change()
             filelock.unlock_descriptor(self._fd)
             if not self.keep_open:
                 self.close()
@@ -181,6 +257,16 @@ class DatasetLock:
             self._thread_lock.release()
         if self.keep_open and not self._parked:
             _park(self)
+
+    def _end_change(self) -> None:
+        """Before the flock goes: bump the change counter back to even. If that fails
+        it stays odd, and readers check the sidecar itself until the next writer."""
+        code, self._counter = self._counter, -1
+        if code >= 0:
+            try:
+                os.pwrite(self._fd, _next_gray(code).to_bytes(COUNTER_BYTES, "little"), 0)
+            except OSError:
+                pass
 
     def close(self) -> None:
         self.drop_held_file()
@@ -215,6 +301,7 @@ class DatasetLock:
         self._fd = -1
         self.held_file = None
         self._parked = False
+        self._counter = -1
         self._thread_lock = threading.Lock()
 
     def _timeout_error(self, timeout: float) -> LockTimeout:

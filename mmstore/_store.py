@@ -75,7 +75,7 @@ from ._format import (
     successor_header,
 )
 from ._growable import ChecksumMismatch, MissingDataFile, Reader, Writer, _Mapped, data_file_error, validate_length
-from ._locks import DatasetLock, mark_alive
+from ._locks import COUNTER_BYTES, DatasetLock, mark_alive
 from ._names import validate_name
 
 if TYPE_CHECKING:
@@ -87,6 +87,8 @@ _MODES = ("r", "r+", "a", "w-", "x")
 _MAX_CACHED_DATASETS = _descriptor_budget()
 
 _VANISHED = object()
+
+_pread = os.pread  # (a module global: the repeated get's one system call)
 
 # Data files at least this large get their blocks reserved before the write (_durable.preallocate).
 PREALLOCATE_BYTES = 1 << 20
@@ -368,7 +370,7 @@ class Store:
         self._locations_guard = threading.Lock()
         self._dirty_guard = threading.Lock()
         for entry in self._entries.values():
-            _close_quietly(entry.sidecar_fd)
+            entry.close()
         self._entries = OrderedDict()
         self._pid = os.getpid()
 
@@ -436,23 +438,41 @@ class Store:
         except OSError as exc:
             raise data_file_error(header, exc) from None
 
-    def _current_entry(self, location: _Location, map_data: bool = False) -> _Entry:
+    def _current_entry(self, location: _Location, map_data: bool = False, counted: bool = True) -> _Entry:
         """The entry of the committed sidecar, re-reading it only if it changed
-        (and, with ``map_data``, mapping the data file of a re-read entry)."""
-        entry = self._entries.get(location.name)
+        (and, with ``map_data``, mapping the data file of a re-read entry).
+
+        An entry whose change counter still shows the value seen before it was last
+        found current is current: no writer has taken the dataset's lock since. Else
+        one stat() of the sidecar tells, and the counter read just before it becomes
+        the entry's (``counted=False``: not for a writer holding the lock).
+        """
+        name = location.name
+        entries = self._entries
+        entry = entries.get(name)
         if entry is not None:
             try:
-                self._entries.move_to_end(location.name)
+                entries.move_to_end(name)
             except KeyError:
                 pass  # another thread dropped it just now: it is still this call's to check
+            counter = entry.counter
+            if counter is not None:
+                try:
+                    # Still ours after the read: its descriptors were open all along (a
+                    # popped entry's are closed, and the numbers could go to other files).
+                    if _pread(entry.counter_fd, COUNTER_BYTES, 0) == counter and entries.get(name) is entry:
+                        return entry
+                except OSError:
+                    pass
+            counter = entry.read_counter(location) if counted else None
             try:
                 st = os.stat(location.sidecar)
             except (FileNotFoundError, NotADirectoryError):
-                self._drop_entry(location.name)
-                raise self._missing(location.name) from None
-            # Still ours after the stat: its descriptor was open all along (a popped entry's
-            # is closed, and its inode number could have gone to a newer sidecar).
-            if st.st_ino == entry.inode and st.st_dev == entry.device and self._entries.get(location.name) is entry:
+                self._drop_entry(name)
+                raise self._missing(name) from None
+            if st.st_ino == entry.inode and st.st_dev == entry.device and entries.get(name) is entry:
+                if counter is not None:
+                    entry.counter = counter
                 return entry
         return self._read_entry(location, map_data)
 
@@ -500,7 +520,7 @@ class Store:
         entries = self._entries
         old = entries.pop(name, None)
         if old is not None:
-            _close_quietly(old.sidecar_fd)
+            old.close()
         # The descriptor budget is per process: the open stores share it, and the one
         # holding the most entries gives up its least recently used first.
         while self._entries_in_process() >= self._entry_budget:
@@ -509,14 +529,14 @@ class Store:
                 _oldest, evicted = largest._entries.popitem(last=False)
             except KeyError:  # (empty, or emptied by another thread just now)
                 break
-            _close_quietly(evicted.sidecar_fd)
+            evicted.close()
         # Insert without overwriting: another thread may be remembering the same name
         # (an overwritten entry's descriptor would leak). Whoever pops an entry closes
         # its descriptor, so each is closed exactly once. No lock: these are atomic.
         while entries.setdefault(name, entry) is not entry:
             displaced = entries.pop(name, None)
             if displaced is not None:
-                _close_quietly(displaced.sidecar_fd)
+                displaced.close()
 
     def _entries_in_process(self) -> int:
         if len(_live_stores) == 1 and id(self) in _live_stores:  # the common case
@@ -526,7 +546,7 @@ class Store:
     def _drop_entry(self, name: str) -> None:
         old = self._entries.pop(name, None)
         if old is not None:
-            _close_quietly(old.sidecar_fd)
+            old.close()
 
     def header(self, name: str) -> Header:
         """The current parsed header of ``name`` (refreshed if another process committed)."""
@@ -929,7 +949,7 @@ class Store:
         old data file is left for recovery to remove.
         """
         try:
-            return self._current_entry(location).header
+            return self._current_entry(location, counted=False).header
         except DatasetNotFoundError:
             return None
         except FormatError:
@@ -1068,7 +1088,7 @@ class Store:
                 _name, entry = self._entries.popitem()
             except KeyError:
                 break
-            _close_quietly(entry.sidecar_fd)
+            entry.close()
         for location in self._locations.values():
             if location._lock is not None:
                 location._lock.close()
@@ -1091,7 +1111,7 @@ class Store:
             if not self._closed:
                 _live_stores.pop(id(self), None)
                 for entry in self._entries.values():
-                    _close_quietly(entry.sidecar_fd)
+                    entry.close()
                 for location in self._locations.values():
                     if location._lock is not None:
                         location._lock.close()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,7 @@ import pytest
 import mmstore
 from mmstore._locks import mark_alive, names_file, remove_if_writer_gone
 from tests import workers
-from tests.conftest import collect_results
+from tests.conftest import PROCESS_TIMEOUT, collect_results
 
 
 @pytest.mark.slow
@@ -55,3 +57,116 @@ def test_remove_if_writer_gone_spares_live_writers_and_swapped_paths(tmp_path: P
         os.close(fd)
     assert remove_if_writer_gone(str(path)) and not path.exists()  # nobody holds it: removed
     assert not remove_if_writer_gone(str(path))  # already gone
+
+
+# --- the change counter in each dataset's lock file (docs/FORMAT.md) ------------------
+
+
+def _gray_code(lock_file: Path) -> int:
+    raw = lock_file.read_bytes()
+    assert len(raw) == 8
+    return int.from_bytes(raw, "little")
+
+
+def _count(code: int) -> int:
+    count = 0
+    while code:
+        count ^= code
+        code >>= 1
+    return count
+
+
+def test_a_dataset_lock_bumps_its_change_counter_one_bit_at_a_time(store: mmstore.Store, store_path: Path) -> None:
+    store.put("x", np.arange(3))
+    code = _gray_code(store_path / ".x.lock")
+    count = _count(code)
+    assert count % 2 == 0  # even: no change under way
+    lock = store._lock("x")
+    for _ in range(40):
+        lock.acquire(5)
+        held = _gray_code(store_path / ".x.lock")
+        assert _count(held) == count + 1 and (held ^ code).bit_count() == 1
+        lock.release()
+        code = _gray_code(store_path / ".x.lock")
+        assert _count(code) == count + 2 and (code ^ held).bit_count() == 1
+        count += 2
+    store.put("x", np.arange(4))
+    store.delete("x")
+    assert _count(_gray_code(store_path / ".x.lock")) == count + 4
+
+
+def test_new_or_emptied_lock_files_start_their_counters_at_random(store: mmstore.Store, store_path: Path) -> None:
+    starts = set()
+    for i in range(8):
+        store.put(f"d{i}", np.arange(2))
+        count = _count(_gray_code(store_path / f".d{i}.lock"))
+        assert count % 2 == 0
+        starts.add(count)
+    assert len(starts) == 8  # random starts: a restarted counter cannot return to a value a reader kept
+    # A foreign program opening the lock file with O_TRUNC (filelock.FileLock does) empties it.
+    os.close(os.open(store_path / ".d0.lock", os.O_RDWR | os.O_TRUNC))
+    store.put("d0", np.arange(5))
+    assert _count(_gray_code(store_path / ".d0.lock")) not in starts
+
+
+def test_a_reader_sees_a_commit_whose_writer_died_holding_the_lock(store_path: Path, spawn) -> None:
+    with mmstore.Store(store_path) as writer:
+        writer.put("x", np.full(4, 1, dtype=np.int64))
+    reader = mmstore.Store(store_path, "r")
+    try:
+        for _ in range(2):
+            assert reader.get("x")[0] == 1
+        assert reader._entries["x"].counter is not None  # the repeated get trusts the counter
+        committed = spawn.Event()
+        child = spawn.Process(target=workers.put_then_hang_holding_the_lock, args=(str(store_path), "x", 2, committed))
+        child.start()
+        try:
+            assert committed.wait(PROCESS_TIMEOUT)
+        finally:
+            os.kill(child.pid, signal.SIGKILL)  # dies holding the lock: the counter stays odd
+            child.join(PROCESS_TIMEOUT)
+        assert _count(_gray_code(store_path / ".x.lock")) % 2 == 1
+        for _ in range(3):
+            assert reader.get("x")[0] == 2  # odd counter: every get checks the sidecar
+            assert reader._entries["x"].counter is None
+        with mmstore.Store(store_path) as writer:  # the next writer (its recovery) makes it even
+            writer.put("x", np.full(4, 3, dtype=np.int64))
+        assert _count(_gray_code(store_path / ".x.lock")) % 2 == 0
+        assert reader.get("x")[0] == 3 and reader.get("x")[0] == 3
+        assert reader._entries["x"].counter is not None
+    finally:
+        reader.close()
+
+
+@pytest.mark.parametrize("lock_file", ["missing", "fifo", "emptied", "directory"])
+def test_readers_without_a_usable_counter_check_the_sidecar(store_path: Path, spawn, lock_file: str) -> None:
+    with mmstore.Store(store_path) as writer:
+        writer.put("x", np.full(4, 1, dtype=np.int64))
+    path = store_path / ".x.lock"
+    path.unlink()
+    if lock_file == "fifo":
+        os.mkfifo(path)  # opening it must not block the reader
+    elif lock_file == "emptied":
+        path.write_bytes(b"")
+    elif lock_file == "directory":
+        path.mkdir()
+    with mmstore.Store(store_path, "r") as reader:
+        for _ in range(3):
+            assert reader.get("x")[0] == 1
+        assert reader._entries["x"].counter is None
+        if lock_file in ("fifo", "directory"):
+            assert stat.S_ISFIFO(path.stat().st_mode) or path.is_dir()
+            return  # no writer can lock such a file; the reader just works
+        child = spawn.Process(target=workers.put_one, args=(str(store_path), "x", 9, 5))
+        child.start()
+        child.join(PROCESS_TIMEOUT)
+        assert child.exitcode == 0
+        np.testing.assert_array_equal(reader.get("x"), workers.pattern(9, 5))
+        assert reader.get("x") is not None and reader._entries["x"].counter is not None  # a counter now
+
+
+def test_the_caches_own_locks_keep_no_counter(tmp_path: Path) -> None:
+    with mmstore.Cache(tmp_path / "cache") as cache:
+        cache.set("k", np.arange(3))
+        assert cache.get("k") is not None
+    assert (tmp_path / "cache" / ".mmstore-cache-lock").stat().st_size == 0

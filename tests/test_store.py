@@ -126,9 +126,40 @@ def test_repeated_get_sees_commits_from_other_processes(store: mmstore.Store, st
         assert child.exitcode == 0
         np.testing.assert_array_equal(store.get("x"), workers.pattern(seed, 100 + seed))
         assert store.attrs("x") == {"seed": seed}
-    os.unlink(store_path / "x.json")
+        assert store._entries["x"].counter is not None  # read twice: the next get is stat-free
+    child = spawn.Process(target=workers.delete_one, args=(str(store_path), "x"))
+    child.start()
+    child.join(PROCESS_TIMEOUT)
+    assert child.exitcode == 0
     with pytest.raises(KeyError):
         store.get("x")
+    assert "x" not in store
+
+
+def test_repeated_get_of_an_unchanged_dataset_makes_no_stat(
+    store: mmstore.Store, store_path: Path, spawn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store.put("x", np.arange(4.0))
+    store.put("g/y", np.arange(3))
+    for name in ("x", "g/y"):
+        store.get(name)  # the writer's own entry: one stat() finds it current, with the counter
+    stats: list[str] = []
+    real_stat = os.stat
+
+    def counting_stat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        stats.append(os.fspath(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", counting_stat)
+    for _ in range(100):
+        assert store.get("x")[3] == 3.0 and store.get("g/y")[2] == 2
+    assert stats == []
+    child = spawn.Process(target=workers.put_one, args=(str(store_path), "x", 5, 7))
+    child.start()
+    child.join(PROCESS_TIMEOUT)
+    assert child.exitcode == 0
+    np.testing.assert_array_equal(store.get("x"), workers.pattern(5, 7))  # the counter moved: look again
+    assert stats == [store.path + "/x.json"]
 
 
 def test_attrs_must_be_json(store: mmstore.Store) -> None:
@@ -382,16 +413,23 @@ def test_threads_sharing_a_store_leak_no_sidecar_descriptors(store: mmstore.Stor
         thread.join(timeout=600)
     assert not any(thread.is_alive() for thread in threads)
     assert failures == []
-    sidecar_fds = 0
+    sidecar_fds = counter_fds = 0
     for fd in os.listdir("/proc/self/fd"):
         try:
             target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
+            flags = int(Path(f"/proc/self/fdinfo/{fd}").read_text().split("flags:")[1].split()[0], 8)
+        except (OSError, IndexError):
             continue
         target = target.removesuffix(" (deleted)")
-        if target.startswith(store.path + "/") and not target.endswith((".dat", ".lock")):
+        if not target.startswith(store.path + "/"):
+            continue
+        if target.endswith(".lock"):
+            counter_fds += flags & os.O_ACCMODE == os.O_RDONLY  # (a writer lock's is read-write)
+        elif not target.endswith(".dat"):
             sidecar_fds += 1  # a sidecar, or a replaced one (renamed to a temp name and unlinked)
-    assert sidecar_fds == len(store._entries)
+    entries = list(store._entries.values())
+    assert sidecar_fds == len(entries)
+    assert counter_fds == sum(entry.counter_fd >= 0 for entry in entries) > 0
 
 
 # --- streamed sources and failures -----------------------------------------------------

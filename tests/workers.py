@@ -20,6 +20,25 @@ def put_one(path: str, name: str, seed: int, n: int) -> None:
         store.put(name, pattern(seed, n), attrs={"seed": seed})
 
 
+def delete_one(path: str, name: str) -> None:
+    with mmstore.Store(path) as store:
+        store.delete(name)
+
+
+def put_then_hang_holding_the_lock(path: str, name: str, value: int, committed: Any) -> None:
+    """Put ``name`` but stop before releasing its writer lock (the test SIGKILLs us there):
+    the commit is done, its change counter still odd."""
+    from mmstore import _locks
+
+    def hang(self: Any) -> None:
+        committed.set()
+        time.sleep(3600)
+
+    store = mmstore.Store(path)  # (its recovery takes and releases locks: patch after it)
+    _locks.DatasetLock.release = hang  # type: ignore[method-assign]
+    store.put(name, np.full(4, value, dtype=np.int64))
+
+
 def get_and_report(path: str, name: str, queue: Any) -> None:
     with mmstore.Store(path, "r") as store:
         array = store.get(name)
