@@ -384,15 +384,22 @@ class Store:
 
         The array stays valid after the dataset is replaced or deleted and after
         the store is closed: it keeps mapping the generation it was read from.
-        Never stale: one stat() of the sidecar tells whether another process
-        has committed since the last call.
+        Never stale: a repeated get reads the dataset's change counter (one
+        pread(), see _locks.py) to learn whether any writer has taken its lock
+        since the last call.
         """
-        return self._read(name)[0]
+        entry = self._unchanged_entry(name)
+        if entry is not None:
+            mapped = entry.mapped
+            if mapped is not None and not entry.header.growable:
+                return mapped.rows[...]  # a new view: callers cannot reshape each other's arrays
+        return self._read(name, entry)[0]
 
-    def _read(self, name: str) -> tuple[np.ndarray, Header]:
-        """get(), also returning the header the array belongs to."""
+    def _read(self, name: str, entry: _Entry | None = None) -> tuple[np.ndarray, Header]:
+        """get(), also returning the header the array belongs to (``entry``: found current just now)."""
         location = self._locate(name)
-        entry = self._current_entry(location, map_data=True)
+        if entry is None:
+            entry = self._current_entry(location, map_data=True)
         for _attempt in range(2):
             if entry.mapped is None:
                 entry, mapped = self._map_entry(location, entry)
@@ -448,22 +455,12 @@ class Store:
         the entry's (``counted=False``: not for a writer holding the lock).
         """
         name = location.name
+        entry = self._unchanged_entry(name)
+        if entry is not None:
+            return entry
         entries = self._entries
         entry = entries.get(name)
         if entry is not None:
-            try:
-                entries.move_to_end(name)
-            except KeyError:
-                pass  # another thread dropped it just now: it is still this call's to check
-            counter = entry.counter
-            if counter is not None:
-                try:
-                    # Still ours after the read: its descriptors were open all along (a
-                    # popped entry's are closed, and the numbers could go to other files).
-                    if _pread(entry.counter_fd, COUNTER_BYTES, 0) == counter and entries.get(name) is entry:
-                        return entry
-                except OSError:
-                    pass
             counter = entry.read_counter(location) if counted else None
             try:
                 st = os.stat(location.sidecar)
@@ -475,6 +472,30 @@ class Store:
                     entry.counter = counter
                 return entry
         return self._read_entry(location, map_data)
+
+    def _unchanged_entry(self, name: str) -> _Entry | None:
+        """The cached entry of ``name`` if its change counter shows that no writer has
+        taken the dataset's lock since it was found current (no stat), else None. Also
+        marks the entry recently used."""
+        entries = self._entries
+        entry = entries.get(name)
+        if entry is None:
+            return None
+        try:
+            entries.move_to_end(name)
+        except KeyError:
+            return None  # another thread dropped it just now
+        counter = entry.counter
+        if counter is None:
+            return None
+        try:
+            # Still cached after the read: its descriptors were open all along (a popped
+            # entry's are closed, and their numbers could go to other files).
+            if _pread(entry.counter_fd, COUNTER_BYTES, 0) == counter and entries.get(name) is entry:
+                return entry
+        except OSError:
+            pass
+        return None
 
     def _read_entry(self, location: _Location, map_data: bool = False) -> _Entry:
         """Read and remember the committed sidecar. Its directory is reached once, without
