@@ -221,6 +221,14 @@ class _Entry:
             return None
         return raw if counter_is_even(raw) else None
 
+    def take_counter(self, older: _Entry) -> None:
+        """Take over the counter descriptor of the entry this one replaces (the same
+        dataset's lock file): saves an open() per generation. ``self`` is not yet
+        shared with other threads; ``older`` has been popped and is closed next."""
+        with _counter_guard:
+            if not older.closed and older.counter_fd >= 0:
+                self.counter_fd, older.counter_fd = older.counter_fd, -1
+
     def close(self) -> None:
         with _counter_guard:
             self.closed = True

@@ -467,10 +467,14 @@ class Store:
             except (FileNotFoundError, NotADirectoryError):
                 self._drop_entry(name)
                 raise self._missing(name) from None
-            if st.st_ino == entry.inode and st.st_dev == entry.device and entries.get(name) is entry:
+            if entries.get(name) is not entry:
+                counter = None  # (its descriptor may have been closed before the read)
+            elif st.st_ino == entry.inode and st.st_dev == entry.device:
                 if counter is not None:
                     entry.counter = counter
                 return entry
+            # Changed: the sidecar read next is at least as new as the counter read before it.
+            return self._read_entry(location, map_data, counter)
         return self._read_entry(location, map_data)
 
     def _unchanged_entry(self, name: str) -> _Entry | None:
@@ -497,10 +501,11 @@ class Store:
             pass
         return None
 
-    def _read_entry(self, location: _Location, map_data: bool = False) -> _Entry:
+    def _read_entry(self, location: _Location, map_data: bool = False, counter: bytes | None = None) -> _Entry:
         """Read and remember the committed sidecar. Its directory is reached once, without
         following group symlinks, and ``map_data`` maps the data file through the same
-        directory descriptor (one walk for both files)."""
+        directory descriptor (one walk for both files). ``counter``: the dataset's change
+        counter, even, read before this call (the new entry keeps it)."""
         # Every dataset's first read in a process comes here: kept to few calls and lookups.
         if self._closed:
             self._check_open()
@@ -526,6 +531,7 @@ class Store:
                 os.close(fd)
                 raise
             entry = _Entry(header, fd, st)
+            entry.counter = counter
             self._remember(name, entry)
             if map_data:
                 try:
@@ -541,6 +547,7 @@ class Store:
         entries = self._entries
         old = entries.pop(name, None)
         if old is not None:
+            entry.take_counter(old)
             old.close()
         # The descriptor budget is per process: the open stores share it, and the one
         # holding the most entries gives up its least recently used first.

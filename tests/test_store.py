@@ -159,6 +159,7 @@ def test_repeated_get_of_an_unchanged_dataset_makes_no_stat(
     child.join(PROCESS_TIMEOUT)
     assert child.exitcode == 0
     np.testing.assert_array_equal(store.get("x"), workers.pattern(5, 7))  # the counter moved: look again
+    np.testing.assert_array_equal(store.get("x"), workers.pattern(5, 7))  # (the new entry kept the counter)
     assert stats == [store.path + "/x.json"]
 
 
