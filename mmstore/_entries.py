@@ -182,9 +182,10 @@ class _Entry:
     place, only replaced by rename).
 
     ``counter`` is the dataset's change counter (see _locks.py) as read, even,
-    before a check that found this entry current; while the lock file still shows
-    it, no writer has taken the lock since, and a repeated get costs one pread()
-    of ``counter_fd``. Whoever pops an entry from a store's cache closes it.
+    before a check that found this entry current (or before its sidecar was read);
+    while the lock file still shows it, no writer has taken the lock since, and a
+    repeated get costs one pread() of ``counter_fd``. Whoever pops an entry from a
+    store's cache closes it.
     """
 
     __slots__ = ("closed", "counter", "counter_fd", "device", "header", "inode", "mapped", "sidecar_fd")
