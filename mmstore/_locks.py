@@ -38,6 +38,7 @@ import fcntl
 import os
 import resource
 import secrets
+import stat
 import threading
 import time
 from collections import OrderedDict
@@ -65,10 +66,12 @@ def counter_is_even(raw: bytes) -> bool:
 
 def _next_gray(code: int) -> int:
     """The Gray code of the next count: flip bit 0 after an even count, else the bit
-    left of the lowest set bit (one bit changes either way)."""
+    left of the lowest set bit (one bit changes either way). The last count (only
+    ever planted: counts start below 2**62) wraps to a random start."""
     if not code.bit_count() & 1:
         return code ^ 1
-    return code ^ ((code & -code) << 1)
+    code ^= (code & -code) << 1
+    return code if code < 1 << 64 else _counter_start()
 
 
 def _counter_start() -> int:
@@ -143,8 +146,8 @@ class DatasetLock:
     """An exclusive, timed lock on one dataset, held through one open descriptor."""
 
     __slots__ = (
-        "_counter", "_fd", "_parked", "_thread_lock", "counted", "held_file", "keep_open", "label", "path",
-        "permissions",
+        "_counter", "_fd", "_parked", "_regular", "_thread_lock", "counted", "held_file", "keep_open", "label",
+        "path", "permissions",
     )  # fmt: skip
 
     def __init__(
@@ -160,6 +163,7 @@ class DatasetLock:
         # the module docstring). Locks that guard no sidecar need not.
         self.counted = counted
         self._counter = -1  # the odd value written at acquire, while held; -1 if none
+        self._regular = True  # the lock file is a regular file (else it can hold no counter)
         self._fd = -1
         self._parked = False
         self._thread_lock = threading.Lock()
@@ -194,7 +198,7 @@ class DatasetLock:
     def _begin_change(self) -> None:
         """With the flock just taken: bump the change counter to odd (see the module
         docstring). If that fails, the flock is released and the error raised."""
-        if not self.counted:
+        if not (self.counted and self._regular):
             return
         try:
             raw = os.pread(self._fd, COUNTER_BYTES, 0)
@@ -224,9 +228,17 @@ class DatasetLock:
 
     def _open(self) -> int:
         try:
-            return open_lock_file(self.path, self.permissions)
+            fd = open_lock_file(self.path, self.permissions)
         except OSError as exc:  # a full disk when the lock file is new, say
             raise io_error(exc, f"opening {self.label}") from None
+        try:
+            # A FIFO or device planted there still locks, as before, but holds no counter
+            # (readers ignore anything but a regular file's).
+            self._regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def try_acquire(self) -> bool:
         """One non-blocking attempt (used by recovery, which skips busy datasets)."""

@@ -400,7 +400,8 @@ class Store:
         location = self._locate(name)
         if entry is None:
             entry = self._current_entry(location, map_data=True)
-        for _attempt in range(2):
+        mapped_before: tuple[_Entry, int] | None = None
+        for _attempt in range(1000):
             if entry.mapped is None:
                 entry, mapped = self._map_entry(location, entry)
             else:
@@ -409,9 +410,12 @@ class Store:
             if not header.growable:
                 return mapped.rows[...], header
             length = int(mapped.control[1])  # type: ignore[index]
-            if length <= mapped.capacity:
-                break
-            entry.mapped = None  # the writer grew the file since we mapped it: map it again, once
+            if length <= mapped.capacity or mapped_before == (entry, mapped.size):
+                break  # it fits; or a new map of the same, unchanged file does not: corrupt
+            mapped_before = (entry, mapped.size)
+            # The writer grew the file since we mapped it (or a newer generation's writer
+            # grew that one before we read its length): map it again.
+            entry.mapped = None
         return mapped.rows[: validate_length(header, mapped, length)], header
 
     def _map_entry(self, location: _Location, entry: _Entry) -> tuple[_Entry, _Mapped]:
@@ -936,14 +940,23 @@ class Store:
         """
         lock = location.lock
         lock.acquire(self.timeout)
+        committed = False
         try:
             lock.drop_held_file()  # a packed file this commit replaces: do not pin its space
             if os.fstat(data_fd).st_nlink == 0:
                 return _VANISHED
             old_header = self._committed_header(location)
             self._write_sidecar_locked(location, make_header(old_header), durable)
+            committed = True
         finally:
-            lock.release()
+            try:
+                lock.release()
+            except OSError:
+                # A failed release closes the lock's descriptor, which drops the flock for
+                # certain. After the commit the error must not reach the caller, which would
+                # then remove the data file the new sidecar names.
+                if not committed:
+                    raise
         return old_header
 
     def _fsync(self, fd: int, what: str) -> None:

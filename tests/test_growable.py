@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -336,3 +337,30 @@ def test_append_checks_record_dtypes(store: mmstore.Store) -> None:
         writer.append(np.zeros(1, records)[0])
         assert len(writer) == 6
     assert store.get("r")["seq"].tolist() == [1, 3, 5, 0, 0, 0]
+
+
+def test_get_maps_again_while_the_writer_keeps_growing_the_file(
+    store: mmstore.Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer = store.create("g", np.int64, (0,), growable=True, capacity=4)
+    writer.append(np.arange(2))
+    writer.flush()
+    assert store.get("g").tolist() == [0, 1]  # mapped with room for 4 rows
+    writer.append(np.arange(2, 10))  # grows the file past that map
+    writer.flush()
+    real_map_entry = mmstore.Store._map_entry
+    growths = []
+
+    def map_then_grow(self: mmstore.Store, location: Any, entry: Any) -> Any:
+        result = real_map_entry(self, location, entry)
+        if len(growths) < 3:  # the writer grows the file past the new map before the length is read
+            growths.append(len(writer))
+            writer.append(np.arange(len(writer), result[1].capacity + 5))
+            writer.flush()
+        return result
+
+    monkeypatch.setattr(mmstore.Store, "_map_entry", map_then_grow)
+    got = store.get("g")
+    assert len(growths) == 3
+    np.testing.assert_array_equal(got, np.arange(len(writer)))
+    writer.close()

@@ -170,3 +170,50 @@ def test_the_caches_own_locks_keep_no_counter(tmp_path: Path) -> None:
         cache.set("k", np.arange(3))
         assert cache.get("k") is not None
     assert (tmp_path / "cache" / ".mmstore-cache-lock").stat().st_size == 0
+
+
+def test_a_planted_last_counter_value_wraps_instead_of_breaking_puts(store: mmstore.Store, store_path: Path) -> None:
+    store.put("x", np.arange(3))
+    lock_file = store_path / ".x.lock"
+    for planted in (1 << 63, (1 << 64) - 1):  # the last count's code, and an even count's
+        fd = os.open(lock_file, os.O_WRONLY)
+        os.pwrite(fd, planted.to_bytes(8, "little"), 0)
+        os.close(fd)
+        store.put("x", np.arange(planted % 7 + 1))
+        np.testing.assert_array_equal(store.get("x"), np.arange(planted % 7 + 1))
+        assert _count(_gray_code(lock_file)) % 2 == 0
+    assert store.verify().ok
+
+
+def test_a_fifo_lock_file_still_locks_without_a_counter(store_path: Path) -> None:
+    with mmstore.Store(store_path) as store:
+        store.put("x", np.arange(3))
+    lock_file = store_path / ".x.lock"
+    lock_file.unlink()
+    os.mkfifo(lock_file)
+    (store_path / "x.0123456789abcdef.dat").write_bytes(b"")  # a dead writer's leftover: recovery locks x
+    with mmstore.Store(store_path) as store:  # (opening for writing runs that recovery)
+        store.put("x", np.arange(4))
+        store.put("y", np.arange(5))
+        assert store.get("x").tolist() == [0, 1, 2, 3] and store.get("x").tolist() == [0, 1, 2, 3]
+    assert not (store_path / "x.0123456789abcdef.dat").exists()
+    assert stat.S_ISFIFO(lock_file.stat().st_mode)
+
+
+def test_a_release_that_fails_after_the_commit_keeps_the_commit(
+    store: mmstore.Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mmstore import _locks
+
+    store.put("x", np.arange(3))
+    real_release = _locks.DatasetLock.release
+
+    def failing_release(self: _locks.DatasetLock) -> None:
+        real_release(self)
+        raise OSError(9, "Bad file descriptor")
+
+    monkeypatch.setattr(_locks.DatasetLock, "release", failing_release)
+    store.put("x", np.arange(6))  # committed: the error must not make put remove its data file
+    monkeypatch.undo()
+    np.testing.assert_array_equal(store.get("x"), np.arange(6))
+    assert store.verify().ok
