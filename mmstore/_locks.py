@@ -257,14 +257,18 @@ class DatasetLock:
         return False
 
     def release(self) -> None:
+        """Release the lock. Never raises OSError: if unlocking fails, closing the descriptor
+        drops the flock for certain. (Callers release after committing: an error here
+        would read as a failed commit, and undoing a done commit loses data.)"""
         try:
             self._end_change()
             filelock.unlock_descriptor(self._fd)
             if not self.keep_open:
                 self.close()
-        except BaseException:
-            self.close()  # closing the descriptor releases the flock for certain
-            raise
+        except BaseException as exc:
+            self.close_quietly()
+            if not isinstance(exc, OSError):
+                raise
         finally:
             self._thread_lock.release()
         if self.keep_open and not self._parked:
@@ -283,8 +287,19 @@ class DatasetLock:
     def close(self) -> None:
         self.drop_held_file()
         if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+
+    def close_quietly(self) -> None:
+        """close(), ignoring errors (the descriptors are forgotten either way)."""
+        try:
+            self.drop_held_file()
+        except OSError:
+            pass
+        try:
+            self.close()
+        except OSError:
+            pass
 
     def drop_held_file(self) -> None:
         if self.held_file is not None:

@@ -389,17 +389,22 @@ class Store:
         since the last call.
         """
         entry = self._unchanged_entry(name)
-        if entry is not None:
-            mapped = entry.mapped
-            if mapped is not None and not entry.header.growable:
-                return mapped.rows[...]  # a new view: callers cannot reshape each other's arrays
+        if entry is None:
+            return self._read(name, checked=True)[0]
+        mapped = entry.mapped
+        if mapped is not None and not entry.header.growable:
+            return mapped.rows[...]  # a new view: callers cannot reshape each other's arrays
         return self._read(name, entry)[0]
 
-    def _read(self, name: str, entry: _Entry | None = None) -> tuple[np.ndarray, Header]:
-        """get(), also returning the header the array belongs to (``entry``: found current just now)."""
+    def _read(self, name: str, entry: _Entry | None = None, checked: bool = False) -> tuple[np.ndarray, Header]:
+        """get(), also returning the header the array belongs to. ``entry``: one found
+        current just now; ``checked``: _unchanged_entry() just said None."""
         location = self._locate(name)
         if entry is None:
-            entry = self._current_entry(location, map_data=True)
+            if checked:
+                entry = self._recheck_entry(location, map_data=True)
+            else:
+                entry = self._current_entry(location, map_data=True)
         mapped_before: tuple[_Entry, int] | None = None
         for _attempt in range(1000):
             if entry.mapped is None:
@@ -458,10 +463,14 @@ class Store:
         one stat() of the sidecar tells, and the counter read just before it becomes
         the entry's (``counted=False``: not for a writer holding the lock).
         """
-        name = location.name
-        entry = self._unchanged_entry(name)
+        entry = self._unchanged_entry(location.name)
         if entry is not None:
             return entry
+        return self._recheck_entry(location, map_data, counted)
+
+    def _recheck_entry(self, location: _Location, map_data: bool = False, counted: bool = True) -> _Entry:
+        """_current_entry() after its counter check failed: stat() the sidecar."""
+        name = location.name
         entries = self._entries
         entry = entries.get(name)
         if entry is not None:
@@ -940,23 +949,14 @@ class Store:
         """
         lock = location.lock
         lock.acquire(self.timeout)
-        committed = False
         try:
             lock.drop_held_file()  # a packed file this commit replaces: do not pin its space
             if os.fstat(data_fd).st_nlink == 0:
                 return _VANISHED
             old_header = self._committed_header(location)
             self._write_sidecar_locked(location, make_header(old_header), durable)
-            committed = True
         finally:
-            try:
-                lock.release()
-            except OSError:
-                # A failed release closes the lock's descriptor, which drops the flock for
-                # certain. After the commit the error must not reach the caller, which would
-                # then remove the data file the new sidecar names.
-                if not committed:
-                    raise
+            lock.release()  # (never raises OSError: a done commit is never undone)
         return old_header
 
     def _fsync(self, fd: int, what: str) -> None:

@@ -203,17 +203,18 @@ def test_a_fifo_lock_file_still_locks_without_a_counter(store_path: Path) -> Non
 def test_a_release_that_fails_after_the_commit_keeps_the_commit(
     store: mmstore.Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from mmstore import _locks
+    import filelock
 
     store.put("x", np.arange(3))
-    real_release = _locks.DatasetLock.release
+    real_unlock = filelock.unlock_descriptor
 
-    def failing_release(self: _locks.DatasetLock) -> None:
-        real_release(self)
+    def failing_unlock(fd: int) -> None:
+        real_unlock(fd)
         raise OSError(9, "Bad file descriptor")
 
-    monkeypatch.setattr(_locks.DatasetLock, "release", failing_release)
+    monkeypatch.setattr(filelock, "unlock_descriptor", failing_unlock)
     store.put("x", np.arange(6))  # committed: the error must not make put remove its data file
+    store.put("x", np.arange(7))  # (the failed release closed the lock's descriptor: it reopens)
     monkeypatch.undo()
-    np.testing.assert_array_equal(store.get("x"), np.arange(6))
+    np.testing.assert_array_equal(store.get("x"), np.arange(7))
     assert store.verify().ok
