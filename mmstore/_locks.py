@@ -261,8 +261,9 @@ class DatasetLock:
         drops the flock for certain. (Callers release after committing: an error here
         would read as a failed commit, and undoing a done commit loses data.)"""
         try:
-            self._end_change()
-            filelock.unlock_descriptor(self._fd)
+            if self._fd >= 0:  # (else something closed it: nothing left to unlock)
+                self._end_change()
+                filelock.unlock_descriptor(self._fd)
             if not self.keep_open:
                 self.close()
         except BaseException as exc:

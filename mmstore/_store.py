@@ -406,11 +406,10 @@ class Store:
             else:
                 entry = self._current_entry(location, map_data=True)
         mapped_before: tuple[_Entry, int] | None = None
+        mapped = entry.mapped  # (read once: another thread may replace the entry's map)
         for _attempt in range(1000):
-            if entry.mapped is None:
+            if mapped is None:
                 entry, mapped = self._map_entry(location, entry)
-            else:
-                mapped = entry.mapped
             header = entry.header
             if not header.growable:
                 return mapped.rows[...], header
@@ -420,7 +419,9 @@ class Store:
             mapped_before = (entry, mapped.size)
             # The writer grew the file since we mapped it (or a newer generation's writer
             # grew that one before we read its length): map it again.
-            entry.mapped = None
+            mapped = None
+        if mapped is None:
+            raise FormatError(f"dataset {name!r}: its data file grew too often to read a consistent length")
         return mapped.rows[: validate_length(header, mapped, length)], header
 
     def _map_entry(self, location: _Location, entry: _Entry) -> tuple[_Entry, _Mapped]:
@@ -430,9 +431,7 @@ class Store:
         again; the same problem under an unchanged sidecar is a corrupt dataset."""
         for _attempt in range(1000):
             try:
-                self._map_data(location, entry, None)
-                assert entry.mapped is not None
-                return entry, entry.mapped
+                return entry, self._map_data(location, entry, None)
             except (MissingDataFile, ChecksumMismatch):
                 newer = self._current_entry(location)
                 if newer is entry:
@@ -440,12 +439,15 @@ class Store:
                 entry = newer
         raise FormatError(f"dataset {location.name!r}: replaced too often to read a consistent generation")
 
-    def _map_data(self, location: _Location, entry: _Entry, directory_fd: int | None) -> None:
+    def _map_data(self, location: _Location, entry: _Entry, directory_fd: int | None) -> _Mapped:
+        """Map the entry's data file, as the entry's map from now on (other threads may be
+        reading its previous one: it stays valid), and return the map."""
         fd = self._open_data(location, entry.header, directory_fd)
         try:
-            entry.mapped = _Mapped(entry.header, "", writable=False, fd=fd)
+            mapped = entry.mapped = _Mapped(entry.header, "", writable=False, fd=fd)
         finally:
             os.close(fd)
+        return mapped
 
     def _open_data(self, location: _Location, header: Header, directory_fd: int | None = None) -> int:
         """Open the header's data file for reading, never through a symlink (FormatError)."""
@@ -578,6 +580,10 @@ class Store:
             displaced = entries.pop(name, None)
             if displaced is not None:
                 displaced.close()
+        if self._closed and entries.get(name) is entry:
+            # close() ran meanwhile (it marks the store closed before emptying the cache):
+            # nothing may stay cached in a closed store.
+            self._drop_entry(name)
 
     def _entries_in_process(self) -> int:
         if len(_live_stores) == 1 and id(self) in _live_stores:  # the common case
@@ -1124,18 +1130,24 @@ class Store:
         # close() drops bookkeeping only; durability is flush()'s job (DESIGN invariant 4).
         with self._dirty_guard:
             self._dirty = (set(), set(), set())
+        # Closed before the cache is emptied: an entry another thread remembers after this
+        # point is dropped by _remember itself.
+        self._closed = True
+        _live_stores.pop(id(self), None)
         while self._entries:  # popped one by one: whoever pops an entry closes it (threads)
             try:
                 _name, entry = self._entries.popitem()
             except KeyError:
                 break
             entry.close()
-        for location in self._locations.values():
-            if location._lock is not None:
-                location._lock.close()
+        for location in list(self._locations.values()):
+            lock = location._lock
+            if lock is not None:
+                # A lock another thread holds (a commit under way) is not pulled from under
+                # it: it closes at that thread's release instead.
+                lock.keep_open = False
+                lock.close_if_idle()
         self._locations.clear()
-        self._closed = True
-        _live_stores.pop(id(self), None)
 
     @property
     def closed(self) -> bool:

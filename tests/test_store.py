@@ -684,3 +684,65 @@ def test_writer_errors_are_mmstore_errors(store: mmstore.Store) -> None:
                 writer.append(rows)
     with store.create("h", "f8", (3,)) as writer, pytest.raises(mmstore.InvalidArgumentError, match="not growable"):
         writer.append(np.zeros(1))
+
+
+def test_close_leaves_a_commit_under_way_in_another_thread_intact(
+    store: mmstore.Store, store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mmstore import _durable
+
+    store.put("x", np.arange(3))
+    inside, resume = threading.Event(), threading.Event()
+    real_write = _durable.write_file_atomically
+
+    def paused_write(*args: Any, **kwargs: Any) -> int:
+        inside.set()  # the put holds the dataset's lock here
+        assert resume.wait(PROCESS_TIMEOUT)
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(_durable, "write_file_atomically", paused_write)
+    errors: list[BaseException] = []
+
+    def put() -> None:
+        try:
+            store.put("x", np.arange(9))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=put)
+    thread.start()
+    assert inside.wait(PROCESS_TIMEOUT)
+    lock = store._locations["x"].lock
+    store.close()  # must not close the lock the put holds
+    assert lock._fd >= 0
+    resume.set()
+    thread.join(PROCESS_TIMEOUT)
+    assert errors == []
+    assert lock._fd == -1  # closed at the put's release instead
+    monkeypatch.undo()
+    with mmstore.Store(store_path) as again:
+        np.testing.assert_array_equal(again.get("x"), np.arange(9))
+        assert again.verify().ok
+
+
+def test_an_entry_remembered_while_the_store_closes_does_not_outlive_it(
+    store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with mmstore.Store(store_path) as writer:
+        writer.put("x", np.arange(5))
+    reader = mmstore.Store(store_path, "r")
+    real = mmstore.Store._entries_in_process
+    closed = []
+
+    def close_meanwhile(self: mmstore.Store) -> int:
+        if not closed:  # another thread's close() lands inside this _remember
+            closed.append(True)
+            self.close()
+        return real(self)
+
+    monkeypatch.setattr(mmstore.Store, "_entries_in_process", close_meanwhile)
+    reader.get("x")
+    assert closed and reader.closed
+    assert len(reader._entries) == 0  # dropped (and its descriptors closed), not left cached
+    with pytest.raises(mmstore.ClosedError):
+        reader.get("x")
