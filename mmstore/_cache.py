@@ -568,9 +568,9 @@ class Cache:
         self._publish_counts()
         self._access_slots.release()
         self.store.close()
-        self._lock.close()
-        for lock in self._compute_locks.values():
-            lock.close()
+        self._lock.close_when_released()
+        for lock in list(self._compute_locks.values()):
+            lock.close_when_released()
 
     def __del__(self) -> None:
         # A cache dropped without close() still adds its hits and misses to stats().

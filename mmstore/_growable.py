@@ -421,9 +421,11 @@ class Writer:
                 self._rewrite_sidecar(shape=(self._committed, *self._mapped.row_shape))  # the committed length
         finally:
             self._closed = True
-            os.close(self._fd)
-            self._location.lock.release()
-            self._store._writers.discard(self)
+            try:
+                os.close(self._fd)
+            finally:
+                self._location.lock.release()
+                self._store._writers.discard(self)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -675,7 +677,7 @@ def create_dataset(
             store._write_sidecar_locked(location, header, durable=False)
         except BaseException:
             os.close(fd)
-            _durable.unlink_quietly(data_path)
+            store._discard_uncommitted(location, data_file)
             raise
         store._mark_dirty(location, data_path)  # Store.flush() makes the new dataset durable
         os.close(fd)  # the writer reopens it; the file is referenced now
@@ -711,6 +713,11 @@ def _open_locked(store: Store, location: _Location, header: Header) -> Writer:
         os.close(fd)
         raise
     store._writers.add(writer)
+    if store._closed:  # close() ran meanwhile, after closing the writers it knew
+        store._writers.discard(writer)
+        writer._closed = True
+        os.close(fd)
+        store._check_open()  # raises ClosedError; the caller releases the lock
     return writer
 
 

@@ -274,6 +274,8 @@ class DatasetLock:
             self._thread_lock.release()
         if self.keep_open and not self._parked:
             _park(self)
+        elif not self.keep_open:
+            self.close_if_idle()  # (close_when_released() may have run since the check above)
 
     def _end_change(self) -> None:
         """Before the flock goes: bump the change counter back to even. If that fails
@@ -307,6 +309,13 @@ class DatasetLock:
             _name, fd = self.held_file
             self.held_file = None
             os.close(fd)
+
+    def close_when_released(self) -> None:
+        """Close the descriptor now if no thread holds the lock, else at its holder's
+        release (closing a held lock's descriptor would drop its flock mid-commit, and
+        the number could go to another file that the holder then unlocks)."""
+        self.keep_open = False
+        self.close_if_idle()
 
     def close_if_idle(self) -> bool:
         """Close the descriptor unless a thread holds (or is taking) the lock."""

@@ -324,6 +324,9 @@ class Store:
                     self._forget_idle_locations()
             # setdefault is atomic: threads racing on a new name all get the one stored.
             location = self._locations.setdefault(name, _Location(self.path, name, self.permissions))
+            if self._closed:  # close() ran meanwhile: it would not see this location's lock
+                self._locations.pop(name, None)
+                self._check_open()
         return location
 
     def _forget_idle_locations(self) -> None:
@@ -840,9 +843,24 @@ class Store:
         finally:
             os.close(fd)  # drops the liveness lock, after the commit
             if not committed:
-                _durable.unlink_quietly(data_path)
+                self._discard_uncommitted(location, data_file)
         self._after_commit(location, old_header, data_file, durable)
         return True
+
+    def _discard_uncommitted(self, location: _Location, data_file: str) -> None:
+        """Remove a new data file after a failure, unless the sidecar names it: an error
+        (an interrupt, say) can come after the commit point, and the commit stands. If the
+        sidecar cannot be read, the file is left for recovery (it removes unreferenced data
+        files of dead writers)."""
+        try:
+            with open(location.sidecar, "rb") as sidecar:
+                committed = parse_header(location.name, sidecar.read()).data_file
+        except FileNotFoundError:
+            committed = None
+        except (OSError, MmstoreError):
+            return
+        if committed != data_file:
+            _durable.unlink_quietly(location.data_path(data_file))
 
     def _put_packed(self, location: _Location, array: np.ndarray, attrs: dict[str, Any], durable: bool) -> bool:
         """Commit a small array as a packed generation (see the module docstring);
@@ -878,7 +896,7 @@ class Store:
                 if created:  # (an existing file's descriptor stays with the lock)
                     os.close(fd)
                     if not committed:
-                        _durable.unlink_quietly(location.data_path(data_file))
+                        self._discard_uncommitted(location, data_file)
         finally:
             lock.release()
         self._after_commit(location, old_header, data_file, durable)
@@ -1141,12 +1159,8 @@ class Store:
                 break
             entry.close()
         for location in list(self._locations.values()):
-            lock = location._lock
-            if lock is not None:
-                # A lock another thread holds (a commit under way) is not pulled from under
-                # it: it closes at that thread's release instead.
-                lock.keep_open = False
-                lock.close_if_idle()
+            if location._lock is not None:
+                location._lock.close_when_released()  # (a commit under way in another thread keeps it)
         self._locations.clear()
 
     @property

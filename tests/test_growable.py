@@ -364,3 +364,27 @@ def test_get_maps_again_while_the_writer_keeps_growing_the_file(
     assert len(growths) == 3
     np.testing.assert_array_equal(got, np.arange(len(writer)))
     writer.close()
+
+
+def test_a_writer_whose_close_fails_still_releases_its_lock(
+    store: mmstore.Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    writer = store.create("g", np.int64, (0,), growable=True)
+    writer.append(np.arange(3))
+    data_fd = writer._fd
+    real_close = os.close
+
+    def failing_close(fd: int) -> None:
+        real_close(fd)
+        if fd == data_fd:
+            raise OSError(errno.EIO, "Input/output error")  # (NFS can report a write error at close)
+
+    monkeypatch.setattr(os, "close", failing_close)
+    with pytest.raises(OSError):
+        writer.close()
+    monkeypatch.undo()
+    with mmstore.Store(store.path, timeout=5) as other:
+        other.put("g", np.arange(2))  # the lock was released: no LockTimeout
+        assert other.get("g").tolist() == [0, 1]

@@ -746,3 +746,110 @@ def test_an_entry_remembered_while_the_store_closes_does_not_outlive_it(
     assert len(reader._entries) == 0  # dropped (and its descriptors closed), not left cached
     with pytest.raises(mmstore.ClosedError):
         reader.get("x")
+
+
+@pytest.mark.parametrize("how", ["put", "packed", "create"])
+def test_an_interrupt_after_the_commit_point_keeps_the_commit(
+    store_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    with mmstore.Store(store_path) as first:
+        first.put("x", np.arange(3))  # (not packed: a packed put then creates its file)
+    store = mmstore.Store(store_path, pack_small=how == "packed")
+    real_remember = mmstore.Store._remember
+
+    def interrupted(self: mmstore.Store, name: str, entry: Any) -> None:
+        real_remember(self, name, entry)
+        if entry.header.generation == 2:  # the new sidecar's: after its rename, the commit stands
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(mmstore.Store, "_remember", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        if how == "create":
+            store.create("x", np.int64, (4,), exist_ok=True)
+        else:
+            store.put("x", np.arange(7))
+    monkeypatch.undo()
+    store.close()
+    with mmstore.Store(store_path) as again:
+        expected = np.zeros(4, np.int64) if how == "create" else np.arange(7)
+        np.testing.assert_array_equal(again.get("x"), expected)  # its data file was not removed
+        assert again.verify().ok
+
+
+def test_close_racing_new_names_writers_and_cache_locks_leaves_nothing_held(
+    store_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mmstore import _growable
+
+    # A writer whose creation is under way in another thread when close() runs.
+    store = mmstore.Store(store_path)
+    inside, resume = threading.Event(), threading.Event()
+    real_writer = _growable.Writer.__init__
+
+    def paused_writer(self: Any, *args: Any) -> None:
+        real_writer(self, *args)
+        inside.set()
+        assert resume.wait(PROCESS_TIMEOUT)
+
+    monkeypatch.setattr(_growable.Writer, "__init__", paused_writer)
+    errors: list[BaseException] = []
+    thread = threading.Thread(target=lambda: _record(errors, lambda: store.create("t", np.int64, (2,))))
+    thread.start()
+    assert inside.wait(PROCESS_TIMEOUT)
+    store.close()
+    resume.set()
+    thread.join(PROCESS_TIMEOUT)
+    monkeypatch.undo()
+    assert [type(error) for error in errors] == [mmstore.ClosedError]
+    with mmstore.Store(store_path, timeout=5) as other:
+        other.put("t", np.arange(2))  # the lock was released, not left held by a lost writer
+
+    # A name seen for the first time while close() runs.
+    store = mmstore.Store(store_path)
+    inside.clear()
+    resume.clear()
+    real_validate = _store.validate_name
+
+    def paused_validate(name: str) -> str:
+        inside.set()
+        assert resume.wait(PROCESS_TIMEOUT)
+        return real_validate(name)
+
+    monkeypatch.setattr(_store, "validate_name", paused_validate)
+    errors.clear()
+    thread = threading.Thread(target=lambda: _record(errors, lambda: store.put("new", np.arange(2))))
+    thread.start()
+    assert inside.wait(PROCESS_TIMEOUT)
+    store.close()
+    resume.set()
+    thread.join(PROCESS_TIMEOUT)
+    monkeypatch.undo()
+    assert [type(error) for error in errors] == [mmstore.ClosedError]
+    assert store._locations == {}
+
+    # A cache closed while another thread computes under its compute lock.
+    cache = mmstore.Cache(tmp_path / "cache")
+    computing, finish = threading.Event(), threading.Event()
+
+    @cache.memoize
+    def slow(x: int) -> np.ndarray:
+        computing.set()
+        assert finish.wait(PROCESS_TIMEOUT)
+        return np.full(3, x)
+
+    thread = threading.Thread(target=lambda: _record(errors, lambda: slow(5)))
+    thread.start()
+    assert computing.wait(PROCESS_TIMEOUT)
+    (held,) = [lock for lock in cache._compute_locks.values() if lock._fd >= 0]
+    cache.close()
+    assert held._fd >= 0  # still held by the computation: not pulled from under it
+    finish.set()
+    thread.join(PROCESS_TIMEOUT)
+    assert held._fd == -1  # closed at its release
+
+
+def _record(errors: list[BaseException], call: Any) -> None:
+    try:
+        call()
+    except BaseException as exc:  # collected for the test's assertions
+        errors.append(exc)
