@@ -853,3 +853,33 @@ def _record(errors: list[BaseException], call: Any) -> None:
         call()
     except BaseException as exc:  # collected for the test's assertions
         errors.append(exc)
+
+
+def test_close_landing_inside_a_release_still_closes_the_lock(store: mmstore.Store) -> None:
+    store.put("x", np.arange(3))
+    lock = store._locations["x"].lock
+    inside, resume = threading.Event(), threading.Event()
+
+    class PausingRelease:  # the lock's thread lock, pausing as the holder lets go of it
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def acquire(self, *args: Any, **kwargs: Any) -> bool:
+            return bool(self.inner.acquire(*args, **kwargs))
+
+        def release(self) -> None:
+            if threading.current_thread() is not threading.main_thread() and not inside.is_set():
+                inside.set()
+                assert resume.wait(PROCESS_TIMEOUT)
+            self.inner.release()
+
+    lock._thread_lock = PausingRelease(lock._thread_lock)  # type: ignore[assignment]
+    errors: list[BaseException] = []
+    thread = threading.Thread(target=lambda: _record(errors, lambda: store.put("x", np.arange(4))))
+    thread.start()
+    assert inside.wait(PROCESS_TIMEOUT)
+    store.close()  # the put's release has checked keep_open already and still holds the thread lock
+    resume.set()
+    thread.join(PROCESS_TIMEOUT)
+    assert errors == []
+    assert lock._fd == -1  # closed once the release finished, not left open (or parked)
