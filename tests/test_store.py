@@ -792,13 +792,7 @@ def test_close_racing_new_names_writers_and_cache_locks_leaves_nothing_held(
         assert resume.wait(PROCESS_TIMEOUT)
 
     monkeypatch.setattr(_growable.Writer, "__init__", paused_writer)
-    errors: list[BaseException] = []
-    thread = threading.Thread(target=lambda: _record(errors, lambda: store.create("t", np.int64, (2,))))
-    thread.start()
-    assert inside.wait(PROCESS_TIMEOUT)
-    store.close()
-    resume.set()
-    thread.join(PROCESS_TIMEOUT)
+    errors = _close_during(store, lambda: store.create("t", np.int64, (2,)), inside, resume)
     monkeypatch.undo()
     assert [type(error) for error in errors] == [mmstore.ClosedError]
     with mmstore.Store(store_path, timeout=5) as other:
@@ -816,13 +810,7 @@ def test_close_racing_new_names_writers_and_cache_locks_leaves_nothing_held(
         return real_validate(name)
 
     monkeypatch.setattr(_store, "validate_name", paused_validate)
-    errors.clear()
-    thread = threading.Thread(target=lambda: _record(errors, lambda: store.put("new", np.arange(2))))
-    thread.start()
-    assert inside.wait(PROCESS_TIMEOUT)
-    store.close()
-    resume.set()
-    thread.join(PROCESS_TIMEOUT)
+    errors = _close_during(store, lambda: store.put("new", np.arange(2)), inside, resume)
     monkeypatch.undo()
     assert [type(error) for error in errors] == [mmstore.ClosedError]
     assert store._locations == {}
@@ -846,6 +834,20 @@ def test_close_racing_new_names_writers_and_cache_locks_leaves_nothing_held(
     finish.set()
     thread.join(PROCESS_TIMEOUT)
     assert held._fd == -1  # closed at its release
+
+
+def _close_during(store: mmstore.Store, call: Any, inside: threading.Event, resume: threading.Event) -> list[Any]:
+    """Run ``call`` in a thread, close ``store`` once the thread is ``inside`` (paused
+    there until ``resume``), let it finish; the errors it raised."""
+    errors: list[BaseException] = []
+    thread = threading.Thread(target=lambda: _record(errors, call))
+    thread.start()
+    assert inside.wait(PROCESS_TIMEOUT)
+    store.close()
+    resume.set()
+    thread.join(PROCESS_TIMEOUT)
+    assert not thread.is_alive()
+    return errors
 
 
 def _record(errors: list[BaseException], call: Any) -> None:
