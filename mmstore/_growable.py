@@ -31,6 +31,7 @@ import operator
 import os
 import stat
 import struct
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -208,6 +209,7 @@ class Writer:
         self._header = header
         self._fd = fd
         self._closed = False
+        self._close_guard = threading.Lock()  # one close, whichever thread comes first
         self._closed_reason = "closed"
         self._failed = False
         self.name = header.name
@@ -405,9 +407,13 @@ class Writer:
         control[_CRC_ROWS] = self._crc_rows
 
     def close(self) -> None:
-        """Flush, record the committed length in the sidecar, release the writer lock."""
-        if self._closed:
-            return
+        """Flush, record the committed length in the sidecar, release the writer lock.
+        (Store.close() may close a writer while its owner does: one of them does it.)"""
+        with self._close_guard:
+            if not self._closed:
+                self._close()
+
+    def _close(self) -> None:
         try:
             if self._failed:
                 return  # nothing more is published after an fsync error; the lock is released below
@@ -468,6 +474,7 @@ class Writer:
     def _forget_after_fork(self) -> None:
         """In a forked child: this handle is the parent's. Close our copy of the
         descriptor (the parent's lock stays held) and refuse further use."""
+        self._close_guard = threading.Lock()  # (another thread may have held it at the fork)
         if not self._closed:
             self._closed = True
             self._closed_reason = "owned by the parent process (writers are not inherited across fork)"
@@ -683,10 +690,10 @@ def create_dataset(
         os.close(fd)  # the writer reopens it; the file is referenced now
         if old_header is not None:
             _durable.unlink_quietly(location.data_path(old_header.data_file))
-        return _open_locked(store, location, header)
     except BaseException:
         lock.release()
         raise
+    return _open_locked(store, location, header)
 
 
 def open_dataset_writer(store: Store, location: _Location) -> Writer:
@@ -696,28 +703,32 @@ def open_dataset_writer(store: Store, location: _Location) -> Writer:
     try:
         lock.drop_held_file()  # the writer maps the file itself
         header = store._current_entry(location).header
-        return _open_locked(store, location, header)
     except BaseException:
         lock.release()
         raise
+    return _open_locked(store, location, header)
 
 
 def _open_locked(store: Store, location: _Location, header: Header) -> Writer:
+    """The writer of a dataset whose lock the caller holds. The lock is the writer's from
+    here: any failure releases it (once)."""
     try:
-        fd = location.open_file(header.data_file, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        raise data_file_error(header, exc) from None
-    try:
-        writer = Writer(store, location, header, fd)
+        try:
+            fd = location.open_file(header.data_file, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            raise data_file_error(header, exc) from None
+        try:
+            writer = Writer(store, location, header, fd)
+        except BaseException:
+            os.close(fd)
+            raise
     except BaseException:
-        os.close(fd)
+        location.lock.release()
         raise
     store._writers.add(writer)
-    if store._closed:  # close() ran meanwhile, after closing the writers it knew
-        store._writers.discard(writer)
-        writer._closed = True
-        os.close(fd)
-        store._check_open()  # raises ClosedError; the caller releases the lock
+    if store._closed:  # close() ran meanwhile and may be closing this writer too: one of us does
+        writer.close()
+        store._check_open()
     return writer
 
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -885,3 +886,50 @@ def test_close_landing_inside_a_release_still_closes_the_lock(store: mmstore.Sto
     thread.join(PROCESS_TIMEOUT)
     assert errors == []
     assert lock._fd == -1  # closed once the release finished, not left open (or parked)
+
+
+@pytest.mark.parametrize("sidecar", ["valid", "missing", "garbage", "fifo"])
+def test_a_put_that_fails_before_its_commit_leaves_no_data_file(
+    store: mmstore.Store, store_path: Path, monkeypatch: pytest.MonkeyPatch, sidecar: str
+) -> None:
+    store.put("x", np.arange(3))
+    old_files = sorted(p.name for p in store_path.glob("x.*.dat"))
+    path = store_path / "x.json"
+    if sidecar != "valid":
+        path.unlink()
+        if sidecar == "garbage":
+            path.write_bytes(b"not a header")
+        elif sidecar == "fifo":
+            os.mkfifo(path)  # reading it must not block the clean-up
+    store._drop_entry("x")
+
+    def failing_commit(*args: Any, **kwargs: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(mmstore.Store, "_write_sidecar_locked", failing_commit)
+    with pytest.raises(OSError):
+        store.put("x", np.arange(100_000))
+    new_files = sorted(p.name for p in store_path.glob("x.*.dat"))
+    assert new_files == old_files  # the failed put's file is gone, the old one untouched
+
+
+def test_open_writer_racing_close_closes_the_writer_once(store_path: Path) -> None:
+    with mmstore.Store(store_path) as first:
+        first.create("t", np.int64, (3,)).close()
+    store = mmstore.Store(store_path)
+    inside, resume = threading.Event(), threading.Event()
+
+    class PausingWriters(weakref.WeakSet):  # type: ignore[type-arg]
+        def add(self, item: Any) -> None:
+            super().add(item)
+            if not inside.is_set():
+                inside.set()  # the new writer is registered: close() will close it
+                assert resume.wait(PROCESS_TIMEOUT)
+
+    store._writers = PausingWriters()
+    errors = _close_during(store, lambda: store.open_writer("t"), inside, resume)
+    assert [type(error) for error in errors] == [mmstore.ClosedError]  # not "release unlocked lock"
+    with mmstore.Store(store_path, timeout=5) as other:
+        with other.open_writer("t") as writer:  # the lock was released, once
+            writer[0] = 7
+        assert other.get("t").tolist() == [7, 0, 0]
