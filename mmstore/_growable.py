@@ -209,7 +209,10 @@ class Writer:
         self._header = header
         self._fd = fd
         self._closed = False
-        self._close_guard = threading.Lock()  # one close, whichever thread comes first
+        # One close, whichever thread comes first (Store.close() may race the owner). Reentrant,
+        # with _closing, so a close from a signal handler during a close returns at once.
+        self._close_guard = threading.RLock()
+        self._closing = False
         self._closed_reason = "closed"
         self._failed = False
         self.name = header.name
@@ -410,8 +413,10 @@ class Writer:
         """Flush, record the committed length in the sidecar, release the writer lock.
         (Store.close() may close a writer while its owner does: one of them does it.)"""
         with self._close_guard:
-            if not self._closed:
-                self._close()
+            if self._closed or self._closing:
+                return
+            self._closing = True
+            self._close()
 
     def _close(self) -> None:
         try:
@@ -474,7 +479,7 @@ class Writer:
     def _forget_after_fork(self) -> None:
         """In a forked child: this handle is the parent's. Close our copy of the
         descriptor (the parent's lock stays held) and refuse further use."""
-        self._close_guard = threading.Lock()  # (another thread may have held it at the fork)
+        self._close_guard = threading.RLock()  # (another thread may have held it at the fork)
         if not self._closed:
             self._closed = True
             self._closed_reason = "owned by the parent process (writers are not inherited across fork)"
@@ -690,10 +695,11 @@ def create_dataset(
         os.close(fd)  # the writer reopens it; the file is referenced now
         if old_header is not None:
             _durable.unlink_quietly(location.data_path(old_header.data_file))
+        writer = _open_locked(store, location, header)
     except BaseException:
         lock.release()
         raise
-    return _open_locked(store, location, header)
+    return _handed_over(store, writer)
 
 
 def open_dataset_writer(store: Store, location: _Location) -> Writer:
@@ -703,30 +709,33 @@ def open_dataset_writer(store: Store, location: _Location) -> Writer:
     try:
         lock.drop_held_file()  # the writer maps the file itself
         header = store._current_entry(location).header
+        writer = _open_locked(store, location, header)
     except BaseException:
         lock.release()
         raise
-    return _open_locked(store, location, header)
+    return _handed_over(store, writer)
 
 
 def _open_locked(store: Store, location: _Location, header: Header) -> Writer:
-    """The writer of a dataset whose lock the caller holds. The lock is the writer's from
-    here: any failure releases it (once)."""
+    """The writer of a dataset whose lock the caller holds (and releases if this raises)."""
     try:
-        try:
-            fd = location.open_file(header.data_file, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError as exc:
-            raise data_file_error(header, exc) from None
-        try:
-            writer = Writer(store, location, header, fd)
-        except BaseException:
-            os.close(fd)
-            raise
+        fd = location.open_file(header.data_file, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise data_file_error(header, exc) from None
+    try:
+        writer = Writer(store, location, header, fd)
     except BaseException:
-        location.lock.release()
+        os.close(fd)
         raise
     store._writers.add(writer)
-    if store._closed:  # close() ran meanwhile and may be closing this writer too: one of us does
+    return writer
+
+
+def _handed_over(store: Store, writer: Writer) -> Writer:
+    """A new writer, which owns its dataset's lock from here; if close() ran meanwhile (it
+    marks the store closed before closing the writers it knows), the writer is closed,
+    releasing the lock once whoever gets there first, and ClosedError raised."""
+    if store._closed:
         writer.close()
         store._check_open()
     return writer

@@ -63,6 +63,7 @@ from ._errors import (
 )
 from ._format import (
     MANIFEST_NAME,
+    MAX_SIDECAR_BYTES,
     PACKED_ALIGNMENT,
     XXH3_ALGORITHM,
     Header,
@@ -1004,9 +1005,15 @@ class Store:
 
     def _write_sidecar_locked(self, location: _Location, header: Header, durable: bool) -> None:
         """Commit ``header`` as the dataset's sidecar (the caller holds the dataset lock)."""
+        content = header.to_json()
+        if len(content) > MAX_SIDECAR_BYTES:  # (readers refuse larger ones: never commit one)
+            raise InvalidArgumentError(
+                f"dataset {location.name!r}: its header would be {len(content)} bytes, over the "
+                f"{MAX_SIDECAR_BYTES}-byte limit of a sidecar; keep large values in datasets, not attrs"
+            )
         try:
             sidecar_fd = _durable.write_file_atomically(
-                location.sidecar, location.temp_path(), header.to_json(), durable=durable, permissions=self.permissions
+                location.sidecar, location.temp_path(), content, durable=durable, permissions=self.permissions
             )
         except FsyncError as exc:
             self._fsync_failure = exc
@@ -1155,15 +1162,15 @@ class Store:
         """Release descriptors and locks. Arrays already returned stay valid."""
         if self._closed:
             return
+        # Closed first: a writer, location or entry another thread adds after this point is
+        # dropped by the code adding it (_handed_over, _locate, _remember).
+        self._closed = True
+        _live_stores.pop(id(self), None)
         for writer in list(self._writers):
             writer.close()
         # close() drops bookkeeping only; durability is flush()'s job (DESIGN invariant 4).
         with self._dirty_guard:
             self._dirty = (set(), set(), set())
-        # Closed before the cache is emptied: an entry another thread remembers after this
-        # point is dropped by _remember itself.
-        self._closed = True
-        _live_stores.pop(id(self), None)
         while self._entries:  # popped one by one: whoever pops an entry closes it (threads)
             try:
                 _name, entry = self._entries.popitem()

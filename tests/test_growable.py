@@ -388,3 +388,40 @@ def test_a_writer_whose_close_fails_still_releases_its_lock(
     with mmstore.Store(store.path, timeout=5) as other:
         other.put("g", np.arange(2))  # the lock was released: no LockTimeout
         assert other.get("g").tolist() == [0, 1]
+
+
+def test_a_close_reentered_from_a_signal_handler_returns(store: mmstore.Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    writer = store.create("g", np.int64, (0,), growable=True)
+    writer.append(np.arange(3))
+    real_flush = mmstore.Writer.flush
+    reentered = []
+
+    def flush_then_reenter(self: mmstore.Writer) -> None:
+        real_flush(self)
+        if not reentered:  # as a SIGTERM handler closing the store would, mid-close
+            reentered.append(True)
+            store.close()
+
+    monkeypatch.setattr(mmstore.Writer, "flush", flush_then_reenter)
+    writer.close()  # must neither deadlock nor release the lock twice
+    monkeypatch.undo()
+    assert reentered and writer.closed and store.closed
+    with mmstore.Store(store.path, timeout=5) as other:
+        assert other.get("g").tolist() == [0, 1, 2]
+        other.put("g", np.arange(2))  # the lock was released
+
+
+def test_an_interrupt_while_a_writer_registers_releases_the_lock(store: mmstore.Store) -> None:
+    import weakref
+
+    store.create("t", np.int64, (3,)).close()
+
+    class Interrupting(weakref.WeakSet):  # type: ignore[type-arg]
+        def add(self, item: Any) -> None:
+            raise KeyboardInterrupt  # Ctrl-C as open_writer registers its writer
+
+    store._writers = Interrupting()
+    with pytest.raises(KeyboardInterrupt):
+        store.open_writer("t")
+    with mmstore.Store(store.path, timeout=5) as other:
+        other.put("t", np.arange(2))  # no LockTimeout: the lock was released

@@ -933,3 +933,15 @@ def test_open_writer_racing_close_closes_the_writer_once(store_path: Path) -> No
         with other.open_writer("t") as writer:  # the lock was released, once
             writer[0] = 7
         assert other.get("t").tolist() == [7, 0, 0]
+
+
+def test_attrs_too_large_for_a_sidecar_are_refused_before_the_commit(store: mmstore.Store, store_path: Path) -> None:
+    from mmstore._format import MAX_SIDECAR_BYTES
+
+    store.put("x", np.arange(3), attrs={"ok": 1})
+    old_files = sorted(p.name for p in store_path.glob("x.*.dat"))
+    with pytest.raises(mmstore.InvalidArgumentError, match="limit of a sidecar"):
+        store.put("x", np.arange(5), attrs={"blob": "x" * MAX_SIDECAR_BYTES})
+    assert sorted(p.name for p in store_path.glob("x.*.dat")) == old_files
+    with mmstore.Store(store_path, "r") as reader:  # committed would mean unreadable: it was not
+        assert reader.get("x").tolist() == [0, 1, 2] and reader.attrs("x") == {"ok": 1}
