@@ -416,7 +416,10 @@ class Writer:
             if self._closed or self._closing:
                 return
             self._closing = True
-            self._close()
+            try:
+                self._close()
+            finally:
+                self._closing = False  # (an interrupt before _close ran: a retry can close)
 
     def _close(self) -> None:
         try:
@@ -650,6 +653,7 @@ def create_dataset(
     attrs_record = encode_attrs(attrs) if attrs else {}
     lock = location.lock
     lock.acquire(store.timeout)
+    writer = None
     try:
         lock.drop_held_file()  # a packed file this may replace: do not pin its space
         old_header = store._committed_header(location)
@@ -696,8 +700,9 @@ def create_dataset(
         if old_header is not None:
             _durable.unlink_quietly(location.data_path(old_header.data_file))
         writer = _open_locked(store, location, header)
+        store._writers.add(writer)
     except BaseException:
-        lock.release()
+        _abandon(writer, lock)
         raise
     return _handed_over(store, writer)
 
@@ -706,12 +711,14 @@ def open_dataset_writer(store: Store, location: _Location) -> Writer:
     """Store.open_writer: take the dataset's lock and open its data file read-write."""
     lock = location.lock
     lock.acquire(store.timeout)
+    writer = None
     try:
         lock.drop_held_file()  # the writer maps the file itself
         header = store._current_entry(location).header
         writer = _open_locked(store, location, header)
+        store._writers.add(writer)
     except BaseException:
-        lock.release()
+        _abandon(writer, lock)
         raise
     return _handed_over(store, writer)
 
@@ -723,12 +730,24 @@ def _open_locked(store: Store, location: _Location, header: Header) -> Writer:
     except OSError as exc:
         raise data_file_error(header, exc) from None
     try:
-        writer = Writer(store, location, header, fd)
+        return Writer(store, location, header, fd)
     except BaseException:
         os.close(fd)
         raise
-    store._writers.add(writer)
-    return writer
+
+
+def _abandon(writer: Writer | None, lock: Any) -> None:
+    """On a failure before a new writer was handed over: drop it (if it got that far)
+    without its lock, then release the lock, once."""
+    if writer is not None:
+        writer._store._writers.discard(writer)
+        if not writer._closed:
+            writer._closed = True
+            try:
+                os.close(writer._fd)
+            except OSError:
+                pass
+    lock.release()
 
 
 def _handed_over(store: Store, writer: Writer) -> Writer:

@@ -1165,9 +1165,14 @@ class Store:
         # Closed first: a writer, location or entry another thread adds after this point is
         # dropped by the code adding it (_handed_over, _locate, _remember).
         self._closed = True
-        _live_stores.pop(id(self), None)
+        error: BaseException | None = None
         for writer in list(self._writers):
-            writer.close()
+            try:
+                writer.close()  # (releases its lock even if its last sidecar write fails)
+            except BaseException as exc:  # every writer is closed; the first error is raised below
+                error = error or exc
+        # Only now: until its writers are closed, a fork must still find this store.
+        _live_stores.pop(id(self), None)
         # close() drops bookkeeping only; durability is flush()'s job (DESIGN invariant 4).
         with self._dirty_guard:
             self._dirty = (set(), set(), set())
@@ -1181,6 +1186,8 @@ class Store:
             if location._lock is not None:
                 location._lock.close_when_released()  # (a commit under way in another thread keeps it)
         self._locations.clear()
+        if error is not None:
+            raise error
 
     @property
     def closed(self) -> bool:

@@ -425,3 +425,47 @@ def test_an_interrupt_while_a_writer_registers_releases_the_lock(store: mmstore.
         store.open_writer("t")
     with mmstore.Store(store.path, timeout=5) as other:
         other.put("t", np.arange(2))  # no LockTimeout: the lock was released
+
+
+def test_a_store_close_that_fails_on_one_writer_still_closes_the_others(
+    store: mmstore.Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writers = [store.create(name, np.int64, (0,), growable=True) for name in ("a", "b")]
+    for writer in writers:  # (kept referenced: the store holds its writers weakly)
+        writer.append(np.arange(2))
+    real_write = mmstore.Store._write_sidecar_locked
+    failures = []
+
+    def full_once(self: mmstore.Store, *args: Any, **kwargs: Any) -> None:
+        if not failures:
+            failures.append(True)
+            raise OSError(28, "No space left on device")  # the first writer's last sidecar write
+        real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(mmstore.Store, "_write_sidecar_locked", full_once)
+    with pytest.raises(OSError):
+        store.close()
+    monkeypatch.undo()
+    assert store.closed and all(writer.closed for writer in writers) and not store._entries
+    with mmstore.Store(store.path, timeout=5) as other:  # both locks were released
+        other.put("a", np.arange(3))
+        other.put("b", np.arange(3))
+
+
+def test_a_fork_while_the_store_closes_still_protects_its_open_writers(
+    store: mmstore.Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = store.create("a", np.int64, (0,), growable=True)
+    second = store.create("b", np.int64, (0,), growable=True)
+    real_flush = mmstore.Writer.flush
+    codes: list[int] = []
+
+    def flush_then_fork(self: mmstore.Writer) -> None:
+        real_flush(self)
+        if not codes:  # a fork (a multiprocessing worker, say) while close() is under way
+            other = second if self is first else first
+            codes.append(run_in_fork(lambda: 0 if other.closed else 1))
+
+    monkeypatch.setattr(mmstore.Writer, "flush", flush_then_fork)
+    store.close()
+    assert codes == [0]  # in the child, the writer still open in the parent is not usable
