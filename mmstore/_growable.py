@@ -741,12 +741,14 @@ def _abandon(writer: Writer | None, lock: Any) -> None:
     without its lock, then release the lock, once."""
     if writer is not None:
         writer._store._writers.discard(writer)
-        if not writer._closed:
+        with writer._close_guard:
+            if writer._closed or writer._closing:
+                return  # a concurrent Store.close() closed it, releasing the lock: once is all
             writer._closed = True
-            try:
-                os.close(writer._fd)
-            except OSError:
-                pass
+        try:
+            os.close(writer._fd)
+        except OSError:
+            pass
     lock.release()
 
 
