@@ -851,27 +851,15 @@ class Store:
     def _discard_uncommitted(self, location: _Location, data_file: str) -> None:
         """Remove a new data file after a failure, unless the sidecar names it: an error
         (an interrupt, say) can come after the commit point, and the commit stands. A
-        sidecar that is missing, not a regular file or not a valid header is not our
-        commit (we write valid ones); one we cannot read at all (EMFILE, say) might be,
-        so the file is left for recovery (it removes unreferenced data files of dead writers)."""
-        committed = None
+        sidecar that is missing or not a valid header is not our commit (we write valid
+        ones); one we cannot read at all (EMFILE, say) might be, so the file is left for
+        recovery (it removes unreferenced data files of dead writers)."""
         try:
-            fd = location.open_file(location.leaf + ".json", _durable.READ_FLAGS)
-        except (FileNotFoundError, NotADirectoryError, FormatError):
-            pass
-        except OSError as exc:
-            if exc.errno != errno.ELOOP:  # (a symlink there is not ours either)
-                return
-        else:
-            try:
-                if stat.S_ISREG(os.fstat(fd).st_mode):
-                    committed = parse_header(location.name, _read_fd(fd)).data_file
-            except FormatError:
-                pass
-            except OSError:
-                return
-            finally:
-                os.close(fd)
+            committed = self._current_entry(location, counted=False).header.data_file
+        except (DatasetNotFoundError, FormatError):
+            committed = None
+        except (OSError, MmstoreError):
+            return
         if committed != data_file:
             _durable.unlink_quietly(location.data_path(data_file))
 
