@@ -33,6 +33,7 @@ import stat
 import struct
 import threading
 import time
+import warnings
 import zlib
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -201,9 +202,15 @@ class Writer:
 
     Holds the dataset's writer lock until close(); a second writer (or a put)
     waits for the store's timeout, then raises LockTimeout. close() flushes.
+    A writer dropped without close() (a create() whose result is not kept, a
+    handle that goes out of scope) publishes its rows and releases the lock when
+    it is collected, with a ResourceWarning, as an unclosed file does.
     """
 
     def __init__(self, store: Store, location: _Location, header: Header, fd: int) -> None:
+        # Set by create()/open_writer() once the writer is handed the lock; until then a
+        # failed open releases the lock itself, and a collected half-made writer must not.
+        self._owns_lock = False
         self._store = store
         self._location = location
         self._header = header
@@ -232,6 +239,7 @@ class Writer:
         self._row_shape = self._mapped.row_shape
         self._sidecar_durable = False  # flush(durable=True) syncs the sidecar and directory once
         self._edited = False  # in-place edits since the last flush
+        self._unsynced = False  # published changes no fsync has covered (Store.flush() after close)
         self._rehash_on_close = False  # a packed generation whose checksum an edit cleared
 
     # --- shape and data ---------------------------------------------------------
@@ -390,6 +398,10 @@ class Writer:
                 self._sync_sidecar()
         except OSError as exc:
             raise _durable.io_error(exc, f"dataset {self.name!r}: flush") from None
+        if durable:
+            self._unsynced = False
+        elif self._length != self._committed or self._edited:
+            self._unsynced = True
         self._committed = self._length
         self._edited = False
 
@@ -433,6 +445,7 @@ class Writer:
                 self._rewrite_sidecar(checksum=buffer_digest(data, XXH3_ALGORITHM))
             if self.growable and self._committed != self._header.shape[0]:
                 self._rewrite_sidecar(shape=(self._committed, *self._mapped.row_shape))  # the committed length
+            self._mark_unsynced_dirty()
         finally:
             self._closed = True
             try:
@@ -440,6 +453,53 @@ class Writer:
             finally:
                 self._location.lock.release()
                 self._store._writers.discard(self)
+
+    def _mark_unsynced_dirty(self, blocking: bool = True) -> None:
+        """Leave the data file to Store.flush() if published rows or edits are not yet
+        durable (it syncs open writers itself, but not closed ones)."""
+        if self._unsynced:
+            data_path = self._location.data_path(self._header.data_file)
+            self._store._mark_dirty(self._location, data_path, sidecar=False, blocking=blocking)
+
+    def __del__(self) -> None:
+        # Collected without close(): do what close() does that matters, with a ResourceWarning.
+        if not self.__dict__.get("_owns_lock") or self._closed:
+            return
+        try:
+            warnings.warn(
+                f"writer of dataset {self.name!r} was not closed; closing it now (use close() or a with block)",
+                ResourceWarning,
+                stacklevel=2,
+                source=self,
+            )
+        except Exception:  # (interpreter shutdown)
+            pass
+        try:
+            self._close_collected()
+        except Exception:  # nothing can report it here; the lock is released either way
+            pass
+
+    def _close_collected(self) -> None:
+        """close() for a collected writer: publish the rows and release the lock, taking no
+        lock another thread may hold (a collection can run this anywhere, even inside this
+        package's own critical sections). The sidecar keeps its older recorded length;
+        readers take the committed length from the control block, and the next writer's
+        close() records it."""
+        with self._close_guard:  # (nobody else can hold it: the writer is unreachable)
+            if self._closed or self._closing:
+                return
+            self._closing = True
+            try:
+                if not self._failed:
+                    self.flush()
+                    self._mark_unsynced_dirty(blocking=False)
+            finally:
+                self._closed = True
+                self._closing = False
+                try:
+                    os.close(self._fd)
+                finally:
+                    self._location.lock.release(park=False)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -700,6 +760,7 @@ def create_dataset(
         if old_header is not None:
             _durable.unlink_quietly(location.data_path(old_header.data_file))
         writer = _open_locked(store, location, header)
+        writer._owns_lock = True  # (if a failure follows, _abandon releases the lock, once)
         store._writers.add(writer)
     except BaseException:
         _abandon(writer, lock)
@@ -716,6 +777,7 @@ def open_dataset_writer(store: Store, location: _Location) -> Writer:
         lock.drop_held_file()  # the writer maps the file itself
         header = store._current_entry(location).header
         writer = _open_locked(store, location, header)
+        writer._owns_lock = True
         store._writers.add(writer)
     except BaseException:
         _abandon(writer, lock)

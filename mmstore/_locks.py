@@ -256,10 +256,14 @@ class DatasetLock:
         self._thread_lock.release()
         return False
 
-    def release(self) -> None:
+    def release(self, park: bool = True) -> None:
         """Release the lock. Never raises OSError: if unlocking fails, closing the descriptor
         drops the flock for certain. (Callers release after committing: an error here
-        would read as a failed commit, and undoing a done commit loses data.)"""
+        would read as a failed commit, and undoing a done commit loses data.)
+
+        ``park=False`` takes no module lock (for a release from a finalizer, which may
+        run inside _park itself); the descriptor then stays open outside the idle set
+        until the lock's next release or its location is forgotten."""
         try:
             if self._fd >= 0:  # (else something closed it: nothing left to unlock)
                 self._end_change()
@@ -273,7 +277,8 @@ class DatasetLock:
         finally:
             self._thread_lock.release()
         if self.keep_open and not self._parked:
-            _park(self)
+            if park:
+                _park(self)
         elif not self.keep_open:
             self.close_if_idle()  # (close_when_released() may have run since the check above)
 

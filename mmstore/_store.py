@@ -957,15 +957,27 @@ class Store:
         else:
             self._mark_dirty(location, location.data_path(data_file))
 
-    def _mark_dirty(self, location: _Location, data_path: str | None = None, sidecar: bool = True) -> None:
+    def _mark_dirty(
+        self, location: _Location, data_path: str | None = None, sidecar: bool = True, blocking: bool = True
+    ) -> None:
         """Remember what a commit without fsync changed, for flush(): the data file
-        (if given), the sidecar (if ``sidecar``) and the dataset's directory."""
-        with self._dirty_guard:
+        (if given), the sidecar (if ``sidecar``) and the dataset's directory.
+
+        ``blocking=False`` (a finalizer, which may run while this very thread holds the
+        guard) adds without the guard if it is taken: a flush() running in another
+        thread at that instant may then miss it."""
+        guard = self._dirty_guard
+        locked = guard.acquire(blocking)
+        try:
+            dirty = self._dirty
             if data_path is not None:
-                self._dirty[0].add(data_path)
+                dirty[0].add(data_path)
             if sidecar:
-                self._dirty[1].add(location.sidecar)
-            self._dirty[2].add(location.directory)
+                dirty[1].add(location.sidecar)
+            dirty[2].add(location.directory)
+        finally:
+            if locked:
+                guard.release()
 
     def _commit(self, location: _Location, data_fd: int, make_header: Any, durable: bool) -> Any:
         """Swap in a new sidecar under the dataset lock and return the old header

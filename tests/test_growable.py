@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import gc
 import os
 from pathlib import Path
 from typing import Any
@@ -113,6 +115,94 @@ def test_writers_are_exclusive_across_processes(store_path: Path, spawn) -> None
         np.testing.assert_array_equal(store.get("ticks"), ticks(0, 5))
         with store.open_writer("ticks") as writer:  # the lock is free again
             writer.append(ticks(5, 1))
+
+
+def test_dropped_writer_publishes_and_releases_its_lock(store_path: Path, spawn) -> None:
+    """A writer never closed (a create() whose result is not kept, a handle gone out of
+    scope) releases the dataset's lock when collected, for this process and others, and
+    publishes its appended rows, as close() would; with a ResourceWarning."""
+    with mmstore.Store(store_path, timeout=10) as store:
+        with pytest.warns(ResourceWarning, match="'t' was not closed"):
+            store.create("t", TICK, (0,), growable=True)  # the result is dropped at once
+        writer = store.open_writer("t")  # (the lock is free: no LockTimeout)
+        writer.append(ticks(0, 3))
+        with pytest.warns(ResourceWarning):
+            del writer
+        np.testing.assert_array_equal(store.get("t"), ticks(0, 3))
+        results = spawn.Queue()
+        child = spawn.Process(target=workers.open_writer_and_report, args=(str(store_path), "t", results))
+        child.start()
+        assert collect_results([child], results) == [3]
+        with store.open_writer("t") as writer:
+            assert len(writer) == 3
+
+
+def test_collected_writer_takes_no_lock_held_by_its_own_thread(store: mmstore.Store) -> None:
+    """A collection can run a writer's finalizer anywhere, even while this thread holds the
+    store's or the lock module's internal guards: it must neither wait for them (a
+    deadlock) nor lose the data file Store.flush() has to sync."""
+    writer = store.create("t", np.int64, (0,), growable=True)
+    store.flush()  # (the new dataset is durable: nothing is left to sync)
+    writer.append(np.arange(4))
+    data_path = store.info("t")["data_file"]
+    assert data_path not in store._dirty[0]
+    with store._dirty_guard, mmstore._locks._idle_guard, pytest.warns(ResourceWarning):
+        del writer
+    assert data_path in store._dirty[0]
+    assert store.get("t").tolist() == [0, 1, 2, 3]
+    with store.open_writer("t") as writer:
+        assert len(writer) == 4
+
+
+def test_forked_child_dropping_the_parents_writer_keeps_its_lock(store: mmstore.Store) -> None:
+    writer = store.create("t", np.int64, (0,), growable=True)
+    lock_path = os.path.join(store.path, ".t.lock")
+
+    def child() -> int:
+        nonlocal writer
+        del writer  # the child's copy: closed at the fork, the parent's lock untouched
+        gc.collect()
+        fd = os.open(lock_path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return 0  # still held by the parent
+        finally:
+            os.close(fd)
+        return 2
+
+    assert run_in_fork(child) == 0
+    writer.append(np.arange(2))
+    writer.close()
+    assert store.get("t").tolist() == [0, 1]
+
+
+def test_flush_syncs_rows_of_writers_closed_since(store: mmstore.Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Store.flush() makes rows durable that a writer published and closed without a
+    durable flush (it syncs open writers' files itself, and closed ones must not escape)."""
+    synced: list[str] = []
+    real_fsync = mmstore._durable.fsync
+
+    def recording_fsync(fd: int, what: str) -> None:
+        synced.append(what)
+        real_fsync(fd, what)
+
+    monkeypatch.setattr(mmstore._durable, "fsync", recording_fsync)
+    store.create("t", np.int64, (0,), growable=True).close()
+    store.flush()  # the new dataset is durable
+    data_path = store.info("t")["data_file"]
+    synced.clear()
+    with store.open_writer("t") as writer:
+        writer.append(np.arange(5))
+    assert not any(data_path in what for what in synced)  # close() alone does not sync
+    store.flush()
+    assert any(data_path in what for what in synced)
+    synced.clear()
+    with store.open_writer("t") as writer:
+        writer.append(np.arange(2))
+        writer.flush(durable=True)  # already durable: nothing left for Store.flush()
+    store.flush()
+    assert not any(data_path in what for what in synced)
 
 
 def test_writer_in_same_store_blocks_put(store_path: Path) -> None:

@@ -330,3 +330,13 @@ def edit_in_place_many(path: str, name: str, sessions: int, started: Any) -> Non
                 writer[0] = k
             if k == 1:
                 started.set()
+
+
+def open_writer_and_report(path: str, name: str, results: Any) -> None:
+    """Open ``name``'s writer (waiting at most 10 s) and report its length, or the error's type."""
+    with mmstore.Store(path, timeout=10) as store:
+        try:
+            with store.open_writer(name) as writer:
+                results.put(len(writer))
+        except mmstore.MmstoreError as exc:
+            results.put(type(exc).__name__)
