@@ -120,6 +120,14 @@ _WARM_UP_MANIFEST = (
 )
 
 
+_MANIFEST_LEAF = MANIFEST_NAME.removesuffix(".json")
+
+
+def _manifest_as_sidecar(name: str, raw: bytes) -> Header:
+    """For _warm_up: the manifest seen as the sidecar of a byte array of its own size."""
+    return parse_header(name, _WARM_UP_MANIFEST % len(raw))
+
+
 def _open_stores() -> list[Store]:
     return [store for store in (ref() for ref in list(_live_stores.values())) if store is not None]
 
@@ -187,6 +195,7 @@ class Store:
         self._dirty_guard = threading.Lock()
         self._writers: weakref.WeakSet[Writer] = weakref.WeakSet()
         self._fsync_failure: FsyncError | None = None
+        self._parse_sidecar = parse_header  # (_warm_up swaps it for a moment)
         self._open_manifest()
         self._warm_up()
         if not self.readonly:
@@ -208,37 +217,29 @@ class Store:
         request's latency) into the first open. It moves more than it saves: the
         first open plus first get of a process take ~130 us longer with the
         warm-up than without (docs/PERFORMANCE.md). The manifest is read as a
-        byte array through the same methods a dataset's first read uses (a
-        header parse, entry bookkeeping, the map); nothing is kept.
+        byte array by get() itself, through every step of a dataset's first read
+        (its leaf name is reserved, so it names no dataset; only the header parse
+        is swapped, for one that describes the manifest's bytes); nothing is kept.
         """
         global _warmed_up
         if _warmed_up:
             return
         _warmed_up = True
         _names.validate_name("warm-up/sample")
-        key = "\0warm-up"  # never a dataset name (names cannot hold NUL), so it never shadows one
-        location = _Location(self.path, "warm-up")
+        parse_header(_MANIFEST_LEAF, _WARM_UP_SIDECAR)  # (the commonest dtype, and attrs to decode)
+        # The manifest's leaf name is reserved (never a dataset), and "<leaf>.json" is the
+        # manifest: get() reads it as a sidecar, through every step of a first read.
+        key = _MANIFEST_LEAF
+        self._locations[key] = _Location(self.path, key)
+        self._parse_sidecar = _manifest_as_sidecar
         try:
-            fd = location.open_file(MANIFEST_NAME, _durable.READ_FLAGS)
-        except OSError:
-            return
-        try:
-            st = os.fstat(fd)
-            parse_header(key, _WARM_UP_SIDECAR)
-            header = parse_header(key, _WARM_UP_MANIFEST % st.st_size)
-            entry = _Entry(header, fd, st)
-        except BaseException:
-            os.close(fd)
-            raise
-        self._remember(key, entry)  # owns fd from here: _drop_entry closes it
-        try:
-            self._map_data(location, entry, None)
-            if entry.mapped is not None:
-                entry.mapped.rows[...]
+            self.get(key)
         except (OSError, MmstoreError):
             pass  # only a warm-up: real reads report real problems
         finally:
+            self._parse_sidecar = parse_header
             self._drop_entry(key)
+            self._locations.pop(key, None)
 
     def _open_manifest(self) -> None:
         manifest = os.path.join(self.path, MANIFEST_NAME)
@@ -545,7 +546,7 @@ class Store:
                 st = os.fstat(fd)
                 if not stat.S_ISREG(st.st_mode):
                     raise FormatError(f"dataset {name!r}: sidecar is not a regular file")
-                header = parse_header(name, _read_fd(fd))
+                header = self._parse_sidecar(name, _read_fd(fd))
             except BaseException:
                 os.close(fd)
                 raise

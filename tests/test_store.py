@@ -164,6 +164,53 @@ def test_repeated_get_of_an_unchanged_dataset_makes_no_stat(
     assert stats == [store.path + "/x.json"]
 
 
+WARM_UP_CHECK = """
+import os, sys
+import mmstore
+calls = []
+real_get = mmstore.Store.get
+
+def recording_get(self, name):
+    array = real_get(self, name)
+    calls.append((name, array.dtype.str, array.shape))
+    return array
+
+mmstore.Store.get = recording_get
+store = mmstore.Store(sys.argv[1], "r")
+manifest = os.path.join(store.path, "mmstore.json")
+assert calls == [("mmstore", "|u1", (os.path.getsize(manifest),))], calls
+assert not store._entries and not store._locations, (store._entries, store._locations)
+held = []
+for fd in os.listdir("/proc/self/fd"):
+    try:
+        held.append(os.readlink(f"/proc/self/fd/{fd}"))
+    except FileNotFoundError:  # (listdir's own descriptor, closed since)
+        pass
+assert manifest not in held, held
+mmstore.Store(sys.argv[1], "r")  # once per process
+assert len(calls) == 1, calls
+try:
+    store.get("mmstore")
+except mmstore.InvalidNameError:
+    pass
+else:
+    raise AssertionError("the manifest's name is readable as a dataset")
+assert store.get("x").tolist() == [1, 2, 3]
+print("ok")
+"""
+
+
+def test_open_warms_up_the_first_get_path_and_keeps_nothing(store: mmstore.Store) -> None:
+    """A process's first Store() runs get() once on the manifest (seen as bytes), so the
+    first real get() runs warm code; nothing of it stays cached, open or readable."""
+    store.put("x", np.array([1, 2, 3]))
+    done = subprocess.run(
+        [sys.executable, "-c", WARM_UP_CHECK, store.path], capture_output=True, text=True, timeout=PROCESS_TIMEOUT
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+
+
 def test_attrs_must_be_json(store: mmstore.Store) -> None:
     with pytest.raises(ValueError, match="JSON"):
         store.put("x", np.zeros(1), attrs={"f": object()})
