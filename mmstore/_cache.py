@@ -24,6 +24,7 @@ from __future__ import annotations
 import atexit
 import functools
 import hashlib
+import math
 import mmap
 import os
 import struct
@@ -250,6 +251,8 @@ class Cache:
     def _assemble(self, kind: str, attrs: dict[str, Any], array: np.ndarray) -> Any:
         if kind == "scalar":
             return array[()]
+        if kind == "float":
+            return float(array[()])
         if kind == "json":
             return attrs.get("value")
         parts = []
@@ -298,6 +301,8 @@ class Cache:
 
     def set(self, key: Any, value: Any, ttl: float | None = None) -> None:
         """Cache ``value``: an array, a NumPy or Python scalar, or a tuple/list/dict of arrays."""
+        if ttl is not None and not ttl > 0:  # (as Cache(ttl=...): 0 or less is a mistake, not "forever")
+            raise InvalidArgumentError(f"ttl must be positive, not {ttl!r}")
         name, slot = self._locate(key)
         kind, arrays, extra = _split(value)
         nbytes = sum(array.nbytes for array in arrays)
@@ -635,6 +640,8 @@ def _split(value: Any) -> tuple[str, list[np.ndarray], dict[str, Any]]:
         return "array", [value], {}
     if isinstance(value, np.generic):
         return "scalar", [np.asarray(value)], {}
+    if isinstance(value, float) and not math.isfinite(value):
+        return "float", [np.asarray(value, np.float64)], {}  # (strict JSON has no NaN or infinity)
     if isinstance(value, _SCALAR_KINDS):
         return "json", [], {"value": value}
     if isinstance(value, (tuple, list)):

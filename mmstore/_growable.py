@@ -59,6 +59,7 @@ if TYPE_CHECKING:
     from ._store import Store
 
 CONTROL_BYTES = 4096
+_NUMERIC_KINDS = frozenset("biufc")
 MAGIC = b"MMSGROW\x01"
 _LENGTH, _PUBLISHED, _CRC_ROWS = 1, 2, 4  # u64 slots of the control block
 _CRC, _CRC_KNOWN = 6, 7  # u32 slots
@@ -272,6 +273,8 @@ class Writer:
 
     def __setitem__(self, index: Any, value: Any) -> None:
         self._check_open()
+        if not (type(value) is np.ndarray and value.dtype == self.dtype):
+            value = self._converted(value, "store values")
         self._note_edit()
         rows = self._mapped.rows[: self._length] if self._header.shape else self._mapped.rows
         rows[index] = value
@@ -335,27 +338,7 @@ class Writer:
 
     def _as_rows(self, rows: Any) -> np.ndarray:
         row_shape = self._mapped.row_shape
-        if isinstance(rows, np.ndarray):
-            if rows.dtype != self.dtype and (
-                not np.can_cast(rows.dtype, self.dtype, casting="same_kind")
-                or rows.dtype.names != self.dtype.names  # records match by field name, not position
-            ):
-                raise InvalidArgumentError(
-                    f"cannot append rows of dtype {rows.dtype} to dataset {self.name!r} of dtype {self.dtype}"
-                )
-            block = rows
-        elif self.dtype.names is not None and not isinstance(rows, (tuple, list, np.void)):
-            raise InvalidArgumentError(
-                f"cannot append a {type(rows).__name__} to dataset {self.name!r} of record dtype {self.dtype}: "
-                "give a tuple per row or an array of that dtype"
-            )
-        else:
-            try:
-                block = np.asarray(rows, dtype=self.dtype)
-            except (TypeError, ValueError) as exc:
-                raise InvalidArgumentError(
-                    f"cannot convert rows to dataset {self.name!r}'s dtype {self.dtype}: {exc}"
-                ) from None
+        block = self._converted(rows, "append rows")
         if block.shape == row_shape and (row_shape or block.ndim == 0):
             return block.reshape((1, *row_shape))
         if block.shape[1:] != row_shape or block.ndim == 0:
@@ -363,6 +346,58 @@ class Writer:
                 f"rows of shape {block.shape} do not fit dataset {self.name!r} with rows of shape {row_shape}"
             )
         return block
+
+    def _converted(self, values: Any, what: str) -> np.ndarray:
+        """``values`` as an array that converts to the dataset's dtype without losing
+        anything NumPy would drop silently: no float to integer, no text to number, and
+        integers only if every value fits (InvalidArgumentError otherwise)."""
+        target = self.dtype
+        if isinstance(values, np.ndarray):
+            block = values
+        elif target.names is not None:
+            if not isinstance(values, (tuple, list, np.void)):
+                raise InvalidArgumentError(
+                    f"cannot {what} of a {type(values).__name__} in dataset {self.name!r} of record dtype {target}: "
+                    "give a tuple per row or an array of that dtype"
+                )
+            block = self._parsed(values, target)
+        elif target.kind in _NUMERIC_KINDS:
+            block = self._parsed(values, None)  # its own dtype first: checked below
+        else:  # dates, times and text: NumPy parses them from strings
+            block = self._parsed(values, target)
+        source = block.dtype
+        if source == target:
+            return block
+        if source.names is not None or target.names is not None:
+            if source.names != target.names or not np.can_cast(source, target, "same_kind"):
+                # (records match by field name, not position)
+                raise InvalidArgumentError(
+                    f"cannot {what} of dtype {source} in dataset {self.name!r} of dtype {target}"
+                )
+            return block
+        if source.kind in "biu" and target.kind in "iu" and not np.can_cast(source, target, "safe"):
+            limits = np.iinfo(target)
+            if block.size and (block.min() < limits.min or block.max() > limits.max):
+                raise InvalidArgumentError(
+                    f"cannot {what} in dataset {self.name!r}: values from {block.min()} to {block.max()} "
+                    f"do not fit its dtype {target} ({limits.min} to {limits.max})"
+                )
+            return block
+        if not np.can_cast(source, target, "same_kind"):
+            raise InvalidArgumentError(
+                f"cannot {what} of dtype {source} in dataset {self.name!r} of dtype {target} "
+                "(it would lose information; convert explicitly first)"
+            )
+        return block
+
+    def _parsed(self, values: Any, dtype: np.dtype[Any] | None) -> np.ndarray:
+        try:
+            return np.asarray(values, dtype=dtype)
+        except (TypeError, ValueError, OverflowError) as exc:
+            shown = self.dtype if dtype is None else dtype
+            raise InvalidArgumentError(
+                f"cannot convert values to dataset {self.name!r}'s dtype {shown}: {exc}"
+            ) from None
 
     def _grow(self, needed: int) -> None:
         capacity = self._mapped.capacity
@@ -621,10 +656,16 @@ class Reader:
         self._published = self._mapped.published()
         return self._length
 
-    def wait(self, min_length: int | None = None, timeout: float | None = None) -> bool:
-        """Block until the dataset has at least ``min_length`` committed rows (without
-        ``min_length``: until any new commit), or until it is replaced by a new
-        generation. Return False if ``timeout`` passed first."""
+    def wait(self, min_len: int | None = None, timeout: float | None = None, *, min_length: int | None = None) -> bool:
+        """Block until the dataset has at least ``min_len`` committed rows (without
+        ``min_len``: until any new commit), or until it is replaced by a new
+        generation. Return False if ``timeout`` passed first. (``min_length`` is
+        another name for ``min_len``.)"""
+        if min_length is not None:
+            if min_len is not None and min_len != min_length:
+                raise InvalidArgumentError(f"min_len={min_len!r} and min_length={min_length!r} disagree; give one")
+            min_len = min_length
+        min_length = min_len
         generation, published, length = self._header.generation, self._published, self._length
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:

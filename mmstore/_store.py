@@ -24,6 +24,7 @@ PACK_FILE_BYTES, which bounds the space that replaced generations hold.
 
 from __future__ import annotations
 
+import copy
 import errno
 import math
 import os
@@ -33,7 +34,7 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import numpy as np
 
@@ -103,6 +104,8 @@ PACK_FILE_BYTES = 64 * 1024
 # dataset's first read, and a WeakSet's len() and membership test are Python code.
 _live_stores: dict[int, weakref.ref[Store]] = {}
 _warmed_up = False  # Store._warm_up has run in this process
+_REQUIRED: Any = object()  # Store.get without a default
+_T = TypeVar("_T")
 
 
 # Two sidecars in the form put writes, for _warm_up: the commonest dtype with every optional
@@ -384,18 +387,30 @@ class Store:
 
     # --- reading --------------------------------------------------------------
 
-    def get(self, name: str) -> np.ndarray:
+    @overload
+    def get(self, name: str) -> np.ndarray: ...
+
+    @overload
+    def get(self, name: str, default: _T) -> np.ndarray | _T: ...
+
+    def get(self, name: str, default: Any = _REQUIRED) -> Any:
         """Return the dataset as a read-only array mapped from its data file (no copy).
 
         The array stays valid after the dataset is replaced or deleted and after
         the store is closed: it keeps mapping the generation it was read from.
         Never stale: a repeated get reads the dataset's change counter (one
         pread(), see _locks.py) to learn whether any writer has taken its lock
-        since the last call.
+        since the last call. A missing dataset raises DatasetNotFoundError (a
+        KeyError), or returns ``default`` if one is given (as dict.get does).
         """
         entry = self._unchanged_entry(name)
         if entry is None:
-            return self._read(name, checked=True)[0]
+            if default is _REQUIRED:
+                return self._read(name, checked=True)[0]
+            try:
+                return self._read(name, checked=True)[0]
+            except DatasetNotFoundError:
+                return default
         mapped = entry.mapped
         if mapped is not None and not entry.header.growable:
             return mapped.rows[...]  # a new view: callers cannot reshape each other's arrays
@@ -622,7 +637,7 @@ class Store:
             "size": math.prod(shape),
             "itemsize": header.dtype.itemsize,
             "nbytes": math.prod(shape) * header.dtype.itemsize,
-            "attrs": dict(header.attrs),
+            "attrs": copy.deepcopy(header.attrs),  # (nested values too: the cached header is shared)
             "generation": header.generation,
             "created": header.created,
             "modified": header.modified,
@@ -633,7 +648,7 @@ class Store:
 
     def attrs(self, name: str) -> dict[str, Any]:
         """The dataset's JSON attributes (a copy)."""
-        return dict(self.header(name).attrs)
+        return copy.deepcopy(self.header(name).attrs)
 
     def __contains__(self, name: object) -> bool:
         if not isinstance(name, str):
@@ -675,6 +690,19 @@ class Store:
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.get(name)
+
+    def values(self, prefix: str = "") -> Iterator[np.ndarray]:
+        """Each dataset's array (under ``prefix``), in name order, read as the loop gets to it."""
+        for _name, array in self.items(prefix):
+            yield array
+
+    def items(self, prefix: str = "") -> Iterator[tuple[str, np.ndarray]]:
+        """(name, array) of each dataset (under ``prefix``), in name order, read as the loop
+        gets to it; a dataset deleted meanwhile is skipped."""
+        for name in self.keys(prefix):
+            array = self.get(name, None)
+            if array is not None:
+                yield name, array
 
     # --- writing --------------------------------------------------------------
 

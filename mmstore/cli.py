@@ -21,10 +21,11 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 from rich.console import Console
+from rich.text import Text
 
 import mmstore
 
-from . import _textio
+from . import _names, _textio
 from ._format import encode_dtype
 
 app = typer.Typer(
@@ -92,7 +93,8 @@ def _progress(description: str, total: int | None) -> Iterator[Any]:
         return
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
+    # markup=False: descriptions name files and datasets, which may hold brackets.
+    columns = (TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(), TimeRemainingColumn())
     with Progress(*columns, console=_err, transient=True) as progress:
         task = progress.add_task(description, total=total)
 
@@ -211,7 +213,10 @@ def _put(
         import zipfile
 
         with zipfile.ZipFile(source) as archive:  # each member streamed, never loaded whole
-            for entry in archive.namelist():
+            members = [entry for entry in archive.namelist() if entry.endswith(".npy")]
+            for entry in members:  # every name checked before the first commit
+                _names.validate_name(f"{name}/{entry[:-4]}")
+            for entry in members:
                 if entry.endswith(".npy"):
                     with archive.open(entry) as stream:
                         _put_npy_stream(store, f"{name}/{entry[:-4]}", stream, f"{source}:{entry[:-4]}", attrs)
@@ -310,7 +315,8 @@ def _write_output(array: np.ndarray, output: Path) -> None:
 
 
 def _preview(name: str, array: np.ndarray) -> None:
-    _out.print(f"[bold]{name}[/bold]  dtype {array.dtype}  shape {array.shape}  {_human(array.nbytes)}")
+    # Text, not markup: names and dtypes hold brackets ("<M8[s]", "runs[2]").
+    _out.print(Text.assemble((name, "bold"), f"  dtype {array.dtype}  shape {array.shape}  {_human(array.nbytes)}"))
     with np.printoptions(threshold=40, edgeitems=5, linewidth=_out.width):
         head = array[:10] if array.ndim else array
         _out.print(str(head), markup=False)
@@ -347,7 +353,8 @@ def list_datasets(
             for info in infos:
                 modified = datetime.datetime.fromtimestamp(info["modified"]).isoformat(sep=" ", timespec="seconds")
                 shape = str(info["shape"]) + (" +" if info["growable"] else "")
-                table.add_row(info["name"], _textio.dtype_text(info["dtype"]), shape, _human(info["nbytes"]), modified)
+                cells = (info["name"], _textio.dtype_text(info["dtype"]), shape, _human(info["nbytes"]), modified)
+                table.add_row(*map(Text, cells))  # (not markup: "<M8[s]" must keep its "[s]")
             _out.print(table)
         for message in broken:
             print(f"mmstore: warning: {message}", file=sys.stderr)
@@ -482,7 +489,7 @@ def compact(
                     opened, output, only=only, compression=compression, chunks=chunk_option, progress=step
                 )
         if not _options["quiet"]:
-            _err.print(f"wrote {len(names)} datasets ({_human(total)}) to {output}")
+            _err.print(Text(f"wrote {len(names)} datasets ({_human(total)}) to {output}"))
 
 
 @app.command("import")
@@ -533,7 +540,7 @@ def cache_info(
         else:
             for key, value in stats.items():
                 shown = _human(value) if key == "bytes" else value
-                _out.print(f"[bold]{key}[/bold]: {shown}", highlight=False)
+                _out.print(Text.assemble((key, "bold"), f": {shown}"), highlight=False)
 
 
 @cache_app.command("clear")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -77,6 +78,31 @@ def test_stats_count_one_hit_or_miss_per_call(cache: mmstore.Cache) -> None:
     cache.get("k")
     assert {k: cache.stats()[k] for k in ("hits", "misses")} == {"hits": 2, "misses": 3}
     assert calls == [3]
+
+
+def test_non_finite_float_results_are_cached(cache: mmstore.Cache) -> None:
+    """Strict JSON has no NaN or infinity: such a result is cached all the same, and comes
+    back as a Python float (a memoized function returning NaN is computed once)."""
+    calls = []
+
+    @cache.memoize
+    def ratio(x: float) -> float:
+        calls.append(x)
+        return math.inf if x else math.nan
+
+    for _ in range(3):
+        assert math.isnan(ratio(0.0)) and ratio(1.0) == math.inf
+    assert calls == [0.0, 1.0]
+    cache.set("neg", float("-inf"))
+    value = cache.get("neg")
+    assert type(value) is float and value == -math.inf
+
+
+def test_ttl_must_be_positive_per_entry_too(cache: mmstore.Cache) -> None:
+    for ttl in (0, -1, float("nan")):
+        with pytest.raises(ValueError, match="ttl must be positive"):
+            cache.set("k", np.zeros(1), ttl=ttl)
+    assert "k" not in cache
 
 
 def test_expired_entries_are_not_counted(cache: mmstore.Cache) -> None:

@@ -124,6 +124,22 @@ def test_ls_info_rm_json(tmp_path: Path) -> None:
     assert json.loads(mmstore_cli("ls", store, "--json").stdout) == []
 
 
+def test_names_and_dtypes_with_brackets_are_shown_as_they_are(tmp_path: Path) -> None:
+    """Square brackets are Rich markup: ls, the get preview and cache info print them literally."""
+    store = str(tmp_path / "s")
+    with mmstore.Store(store) as opened:
+        opened.put("sec", np.array(["2020-01-01"], "M8[s]"))
+        opened.put("a[b]/c", np.arange(1))
+        opened.put("name[s]", np.arange(2))
+    table = mmstore_cli("ls", store).stdout.decode()
+    assert "<M8[s]" in table and "a[b]/c" in table and "name[s]" in table
+    from mmstore import cli
+
+    with cli._out.capture() as captured:
+        cli._preview("name[s]", np.array(["2020-01-01"], "M8[s]"))
+    assert captured.get().startswith("name[s]  dtype datetime64[s]")
+
+
 def test_verify_recover_exit_codes(tmp_path: Path) -> None:
     store = str(tmp_path / "s")
     with mmstore.Store(store) as opened:

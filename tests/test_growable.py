@@ -53,6 +53,32 @@ def test_append_checks_dtype_and_shape(store: mmstore.Store) -> None:
         writer.append(np.zeros(2, [("a", "<i4")]))
 
 
+def test_append_and_edits_refuse_what_numpy_would_convert_with_loss(store: mmstore.Store) -> None:
+    """No silent truncation or wrap-around: floats into integers, text into numbers and
+    integers that do not fit are refused (InvalidArgumentError); integers that fit are
+    taken whatever their type, and dates still parse from text."""
+    with store.create("i", np.int64, (0,), growable=True) as writer:
+        for bad in (np.array([2**63], np.uint64), [1.5], ["7"], [2**70], [1 + 2j]):
+            with pytest.raises(mmstore.InvalidArgumentError):
+                writer.append(bad)
+        writer.append([1, 2])
+        with pytest.raises(mmstore.InvalidArgumentError):
+            writer[0] = 2.5
+        writer[0] = np.int8(7)
+        assert writer[:].tolist() == [7, 2]
+    with store.create("u", np.uint8, (0,), growable=True) as writer:
+        for bad in ([300], [-1], np.array([256])):
+            with pytest.raises(mmstore.InvalidArgumentError, match="do not fit"):
+                writer.append(bad)
+        writer.append(np.arange(3))  # int64 values that fit
+        with pytest.raises(mmstore.InvalidArgumentError, match="do not fit"):
+            writer[1] = 300
+    assert store.get("u").tolist() == [0, 1, 2]
+    with store.create("d", "M8[s]", (0,), growable=True) as writer:
+        writer.append(["2020-01-01", "2021-06-01T12:00:00"])
+    assert store.get("d")[1] == np.datetime64("2021-06-01T12:00:00")
+
+
 def test_growth_is_amortised_and_files_only_grow(store: mmstore.Store) -> None:
     sizes = []
     with store.create("g", np.int64, (0,), growable=True) as writer:
@@ -236,6 +262,19 @@ def test_wait_times_out_and_sees_replacement(store: mmstore.Store) -> None:
     store.put("t", np.arange(10))
     assert reader.wait(100, timeout=5) is True  # a replacement ends the wait too
     assert reader.generation == 2 and reader.array.tolist() == list(range(10))
+
+
+def test_wait_takes_min_len_as_design_names_it(store: mmstore.Store) -> None:
+    with store.create("t", np.int64, (0,), growable=True) as writer:
+        writer.append(np.arange(3))
+        writer.flush()
+        reader = store.open_reader("t")
+        assert reader.wait(min_len=3, timeout=0.01) is True
+        assert reader.wait(3, 0.01) is True
+        assert reader.wait(min_length=3, timeout=0.01) is True  # (the older keyword)
+        assert reader.wait(min_len=4, timeout=0.01) is False
+        with pytest.raises(ValueError, match="disagree"):
+            reader.wait(min_len=3, min_length=4, timeout=0.01)
 
 
 def test_wait_wakes_on_flush_from_another_process(store_path: Path, spawn) -> None:

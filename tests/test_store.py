@@ -65,6 +65,18 @@ def test_mapping_protocol(store: mmstore.Store) -> None:
         del store["a/x"]
 
 
+def test_get_with_default_items_and_values(store: mmstore.Store) -> None:
+    store.put("b", np.arange(2))
+    store.put("a/x", np.zeros(1))
+    assert store.get("nope", None) is None and store.get("nope", 5) == 5
+    assert store.get("b", None).tolist() == [0, 1]
+    with pytest.raises(KeyError):
+        store.get("nope")
+    assert [(name, array.tolist()) for name, array in store.items()] == [("a/x", [0.0]), ("b", [0, 1])]
+    assert [array.tolist() for array in store.values("a")] == [[0.0]]
+    assert dict(store).keys() == {"a/x", "b"}
+
+
 def test_missing_dataset_errors(store: mmstore.Store) -> None:
     for call in (store.get, store.info, store.attrs, store.delete):
         with pytest.raises(mmstore.DatasetNotFoundError) as info:
@@ -209,6 +221,19 @@ def test_open_warms_up_the_first_get_path_and_keeps_nothing(store: mmstore.Store
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+def test_attrs_and_info_return_copies_down_to_nested_values(store: mmstore.Store) -> None:
+    store.put("x", np.arange(3), attrs={"cfg": {"lr": 0.1}, "tags": ["a"]})
+    attrs = store.attrs("x")
+    attrs["cfg"]["lr"] = 999
+    attrs["tags"].append("changed")
+    store.info("x")["attrs"]["cfg"]["lr"] = 7
+    assert store.attrs("x") == {"cfg": {"lr": 0.1}, "tags": ["a"]}
+    with store.open_writer("x") as writer:  # (its close commits the cached header's attrs again)
+        writer[0] = 5
+    with mmstore.Store(store.path, "r") as other:
+        assert other.attrs("x") == {"cfg": {"lr": 0.1}, "tags": ["a"]}
 
 
 def test_attrs_must_be_json(store: mmstore.Store) -> None:
