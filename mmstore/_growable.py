@@ -286,6 +286,9 @@ class Writer:
         so a packed one gets its checksum back at close()."""
         self._crc_known = False
         self._edited = True
+        halves = self._mapped.control_u32
+        if halves is not None and halves[_CRC_KNOWN]:
+            halves[_CRC_KNOWN] = 0  # now, not at close: a writer killed after the edit leaves no stale CRC
         if self._header.checksum is not None and not self.growable:
             self._rewrite_sidecar(checksum=None)
             self._rehash_on_close = self._header.packed
@@ -489,12 +492,12 @@ class Writer:
                 self._location.lock.release()
                 self._store._writers.discard(self)
 
-    def _mark_unsynced_dirty(self, blocking: bool = True) -> None:
+    def _mark_unsynced_dirty(self) -> None:
         """Leave the data file to Store.flush() if published rows or edits are not yet
         durable (it syncs open writers itself, but not closed ones)."""
         if self._unsynced:
             data_path = self._location.data_path(self._header.data_file)
-            self._store._mark_dirty(self._location, data_path, sidecar=False, blocking=blocking)
+            self._store._mark_dirty(self._location, data_path, sidecar=False)
 
     def __del__(self) -> None:
         # Collected without close(): do what close() does that matters, with a ResourceWarning.
@@ -515,11 +518,12 @@ class Writer:
             pass
 
     def _close_collected(self) -> None:
-        """close() for a collected writer: publish the rows and release the lock, taking no
-        lock another thread may hold (a collection can run this anywhere, even inside this
-        package's own critical sections). The sidecar keeps its older recorded length;
-        readers take the committed length from the control block, and the next writer's
-        close() records it."""
+        """close() for a collected writer: publish the rows, bring the CRC up to date and
+        release the lock. A collection can run this anywhere, even inside this package's
+        own critical sections, so it takes only reentrant guards (the store's dirty set,
+        the idle locks) and commits no sidecar: the sidecar keeps its older recorded
+        length, readers take the committed length from the control block, and the next
+        writer's close() records it."""
         with self._close_guard:  # (nobody else can hold it: the writer is unreachable)
             if self._closed or self._closing:
                 return
@@ -527,14 +531,16 @@ class Writer:
             try:
                 if not self._failed:
                     self.flush()
-                    self._mark_unsynced_dirty(blocking=False)
+                    if self._mapped.control is not None:
+                        self._update_checksum(self._mapped.control)  # (as close() does)
+                    self._mark_unsynced_dirty()
             finally:
                 self._closed = True
                 self._closing = False
                 try:
                     os.close(self._fd)
                 finally:
-                    self._location.lock.release(park=False)
+                    self._location.lock.release()
 
     def _check_open(self) -> None:
         if self._closed:

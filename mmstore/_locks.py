@@ -103,7 +103,9 @@ def open_lock_file(path: str, permissions: int | None = None) -> int:
 # The count is bounded per process (all stores and caches together), so a process
 # that touches many datasets keeps only a bounded number open. Strong references: a
 # lock a store has forgotten while another thread still used it is closed from here.
-_idle_guard = threading.Lock()
+# Reentrant: a lock released from a signal handler or a finalizer may park itself while
+# its own thread is inside _park (which mutates _idle only between whole statements).
+_idle_guard = threading.RLock()
 _idle: OrderedDict[int, DatasetLock] = OrderedDict()
 _idle_limit = 0  # set on first use: the descriptor limit may change after import
 
@@ -135,7 +137,7 @@ def _idle_budget() -> int:
 
 def _forget_idle_after_fork() -> None:
     global _idle_guard
-    _idle_guard = threading.Lock()
+    _idle_guard = threading.RLock()
     _idle.clear()  # the stores drop their inherited descriptors themselves
 
 
@@ -256,14 +258,10 @@ class DatasetLock:
         self._thread_lock.release()
         return False
 
-    def release(self, park: bool = True) -> None:
+    def release(self) -> None:
         """Release the lock. Never raises OSError: if unlocking fails, closing the descriptor
         drops the flock for certain. (Callers release after committing: an error here
-        would read as a failed commit, and undoing a done commit loses data.)
-
-        ``park=False`` takes no module lock (for a release from a finalizer, which may
-        run inside _park itself); the descriptor then stays open outside the idle set
-        until the lock's next release or its location is forgotten."""
+        would read as a failed commit, and undoing a done commit loses data.)"""
         try:
             if self._fd >= 0:  # (else something closed it: nothing left to unlock)
                 self._end_change()
@@ -277,8 +275,7 @@ class DatasetLock:
         finally:
             self._thread_lock.release()
         if self.keep_open and not self._parked:
-            if park:
-                _park(self)
+            _park(self)
         elif not self.keep_open:
             self.close_if_idle()  # (close_when_released() may have run since the check above)
 

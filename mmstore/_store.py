@@ -195,7 +195,7 @@ class Store:
         self._locations_guard = threading.Lock()
         # What flush() must fsync, in this order: data files, sidecars, directories.
         self._dirty: tuple[set[str], set[str], set[str]] = (set(), set(), set())
-        self._dirty_guard = threading.Lock()
+        self._dirty_guard = threading.RLock()
         self._writers: weakref.WeakSet[Writer] = weakref.WeakSet()
         self._fsync_failure: FsyncError | None = None
         self._parse_sidecar = parse_header  # (_warm_up swaps it for a moment)
@@ -376,7 +376,7 @@ class Store:
             if location._lock is not None:
                 location._lock.forget_after_fork()
         self._locations_guard = threading.Lock()
-        self._dirty_guard = threading.Lock()
+        self._dirty_guard = threading.RLock()
         for entry in self._entries.values():
             entry.close()
         self._entries = OrderedDict()
@@ -986,27 +986,20 @@ class Store:
         else:
             self._mark_dirty(location, location.data_path(data_file))
 
-    def _mark_dirty(
-        self, location: _Location, data_path: str | None = None, sidecar: bool = True, blocking: bool = True
-    ) -> None:
+    def _mark_dirty(self, location: _Location, data_path: str | None = None, sidecar: bool = True) -> None:
         """Remember what a commit without fsync changed, for flush(): the data file
         (if given), the sidecar (if ``sidecar``) and the dataset's directory.
 
-        ``blocking=False`` (a finalizer, which may run while this very thread holds the
-        guard) adds without the guard if it is taken: a flush() running in another
-        thread at that instant may then miss it."""
-        guard = self._dirty_guard
-        locked = guard.acquire(blocking)
-        try:
+        The guard is reentrant: a writer closed from a signal handler or by the garbage
+        collector may come here while its own thread holds it (adding to the sets that
+        thread is filling or that flush() has just taken, both of which it then syncs)."""
+        with self._dirty_guard:
             dirty = self._dirty
             if data_path is not None:
                 dirty[0].add(data_path)
             if sidecar:
                 dirty[1].add(location.sidecar)
             dirty[2].add(location.directory)
-        finally:
-            if locked:
-                guard.release()
 
     def _commit(self, location: _Location, data_fd: int, make_header: Any, durable: bool) -> Any:
         """Swap in a new sidecar under the dataset lock and return the old header
@@ -1236,7 +1229,9 @@ class Store:
                     entry.close()
                 for location in self._locations.values():
                     if location._lock is not None:
-                        location._lock.close()
+                        # A lock a writer of this store holds (collected with it, its own
+                        # finalizer still to run) closes at that writer's release.
+                        location._lock.close_when_released()
         except Exception:
             pass
 

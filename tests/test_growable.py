@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import fcntl
 import gc
+import inspect
 import os
+import signal
+import sys
+import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +183,110 @@ def test_collected_writer_takes_no_lock_held_by_its_own_thread(store: mmstore.St
     assert store.get("t").tolist() == [0, 1, 2, 3]
     with store.open_writer("t") as writer:
         assert len(writer) == 4
+
+
+def test_close_reentered_from_a_handler_or_collector_does_not_deadlock(store: mmstore.Store) -> None:
+    """A writer closed by a signal handler or the garbage collector can run while its own
+    thread is inside the store's dirty-set guard or the lock module's idle guard."""
+    store.put("x", np.arange(4.0))
+    writer = store.open_writer("x")
+    writer[0] = 9.0  # (an edit: close() records the data file for Store.flush())
+    with store._dirty_guard, mmstore._locks._idle_guard:
+        writer.close()
+    assert store.get("x").tolist() == [9.0, 1.0, 2.0, 3.0]
+    assert store.info("x")["data_file"] in store._dirty[0]
+
+
+def test_an_interrupt_in_mark_dirty_leaves_its_guard_free(store: mmstore.Store) -> None:
+    """A KeyboardInterrupt (or a signal handler's exception) at any line of _mark_dirty
+    never leaves the store's dirty-set guard held (every later commit would hang)."""
+    code = mmstore._store.Store._mark_dirty.__code__
+    lines, first = inspect.getsourcelines(code)
+    # (Not the with statement's own line events: a trace function can raise there, before
+    # __exit__ is called, where no signal handler runs; they run after the call returns.)
+    with_lines = {first + i for i, line in enumerate(lines) if line.strip().startswith("with ")}
+    for target in range(1, 12):
+        sys.settrace(_interrupt_at_line_event(code, target, with_lines))
+        try:
+            store.put("x", np.arange(3))
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.settrace(None)
+        guard = store._dirty_guard
+        taken: list[bool] = []
+        other = threading.Thread(target=lambda guard=guard, taken=taken: taken.append(guard.acquire(timeout=10)))
+        other.start()
+        other.join(PROCESS_TIMEOUT)
+        assert taken == [True], f"guard held after an interrupt at line event {target}"
+        store._dirty_guard = type(guard)()  # (the other thread keeps the one it took)
+
+
+def _interrupt_at_line_event(code: Any, target: int, skipped: set[int]) -> Any:
+    """A trace function raising KeyboardInterrupt at the ``target``-th line event of ``code``."""
+    seen = [0]
+
+    def interrupt(frame: Any, event: str, arg: Any) -> Any:
+        if frame.f_code is not code:
+            return None
+        if event == "line" and frame.f_lineno not in skipped:
+            seen[0] += 1
+            if seen[0] == target:
+                raise KeyboardInterrupt
+        return interrupt
+
+    return interrupt
+
+
+def test_edited_writer_dropped_or_killed_leaves_a_checksum_verify_accepts(store: mmstore.Store) -> None:
+    with store.create("g", np.float64, (0, 3), growable=True) as writer:
+        writer.append(np.ones((4, 3)))
+        writer.flush(durable=True)  # the CRC covers the 4 rows
+    writer = store.open_writer("g")
+    writer[0] = 7.0
+    with pytest.warns(ResourceWarning):
+        del writer
+    report = store.verify()
+    assert report.ok, report
+    assert store.get("g")[0].tolist() == [7.0, 7.0, 7.0]
+
+    with store.open_writer("g") as writer:
+        writer.flush(durable=True)  # CRC known again
+
+    with warnings.catch_warnings():  # Python 3.12+ warns about fork() in a threaded process
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child edits in place and is killed before closing
+        try:
+            child = mmstore.Store(store.path)
+            edited = child.open_writer("g")
+            edited[1] = 5.0
+        finally:
+            os.kill(os.getpid(), signal.SIGKILL)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    assert store.get("g")[1].tolist() == [5.0, 5.0, 5.0]  # the edit happened
+    report = store.verify()
+    assert report.ok, report
+
+
+def test_a_store_collected_with_its_writer_leaves_the_lock_to_the_writer(store_path: Path) -> None:
+    """In a cycle the store's finalizer may run first: it must not drop the flock of a lock
+    that the writer (whose own finalizer publishes its rows) still holds."""
+    store = mmstore.Store(store_path)
+    writer = store.create("g", np.int64, (0,), growable=True)
+    writer.append(np.arange(3))
+    probe = os.open(store_path / ".g.lock", os.O_RDONLY)
+    try:
+        store.__del__()  # as the collector would, before the writer's finalizer
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        writer.close()
+        fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released now
+    finally:
+        os.close(probe)
+    with mmstore.Store(store_path) as reopened:
+        assert reopened.get("g").tolist() == [0, 1, 2]
 
 
 def test_forked_child_dropping_the_parents_writer_keeps_its_lock(store: mmstore.Store) -> None:
