@@ -24,16 +24,21 @@ the map can never hit ENOSPC as a SIGBUS), so a reader's map never loses pages.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import math
 import mmap
 import operator
 import os
+import resource
 import stat
 import struct
+import sys
 import threading
 import time
 import warnings
+import weakref
 import zlib
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -112,6 +117,70 @@ def data_file_error(header: Header, exc: OSError) -> Exception:
     return exc
 
 
+def _fixed_mapping_function() -> Any:
+    """The C library's mmap, for _map_without_descriptor (None where unavailable)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).mmap
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    function.restype = ctypes.c_void_p
+    return function
+
+
+_c_mmap = _fixed_mapping_function()
+_MAP_FIXED = 0x10  # (Linux)
+# The live read-only maps that keep a descriptor (weak references, which drop out when a
+# map goes). Up to a quarter of the descriptor limit may; beyond, maps keep none.
+_maps_with_descriptors: set[weakref.ref[mmap.mmap]] = set()
+_FEW_MAPS = 64  # (below this count the limit is not even looked up)
+
+
+def _map_read_only(fd: int, size: int) -> mmap.mmap:
+    """A read-only shared map of the file's first ``size`` bytes."""
+    held = len(_maps_with_descriptors)
+    if held < _FEW_MAPS or held < _descriptor_limit() // 4:
+        try:
+            mapped = _mmap(fd, size, mmap.MAP_SHARED, _READ)
+        except OSError as exc:  # (its duplicate descriptor)
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            return _map_without_descriptor(fd, size)
+        _maps_with_descriptors.add(weakref.ref(mapped, _maps_with_descriptors.discard))
+        return mapped
+    return _map_without_descriptor(fd, size)
+
+
+def _descriptor_limit() -> int:
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return 1 << 30 if soft == resource.RLIM_INFINITY else soft
+
+
+def _map_without_descriptor(fd: int, size: int) -> mmap.mmap:
+    """A read-only shared map of the file's first ``size`` bytes as an mmap object that
+    keeps no descriptor.
+
+    mmap.mmap keeps a duplicate of its file's descriptor for as long as it lives, and a
+    map lives as long as any array of it: a process holding arrays of more generations
+    than it may open files would fail with EMFILE. So, past _map_read_only's share of the
+    limit, the file is mapped over an anonymous map (MAP_FIXED replaces its pages at the
+    same address): the mmap object holds no descriptor and still unmaps the range when
+    the last array of it goes. (It costs ~10 us more than a plain map, so it is not the
+    default.)
+    """
+    if _c_mmap is None:
+        return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+    placeholder = mmap.mmap(-1, size, mmap.MAP_PRIVATE, mmap.PROT_READ)
+    address = np.frombuffer(placeholder, np.uint8).__array_interface__["data"][0]
+    if _c_mmap(address, size, mmap.PROT_READ, mmap.MAP_SHARED | _MAP_FIXED, fd, 0) != address:
+        code = ctypes.get_errno()
+        placeholder.close()
+        raise OSError(code, os.strerror(code))
+    return placeholder
+
+
 class _Mapped:
     """A map of a data file: the control block (growable datasets) and the rows."""
 
@@ -145,7 +214,13 @@ class _Mapped:
                 # of a killed writer); any other data file is exactly its data.
                 if size < end if header.packed else size != end:
                     raise FormatError(f"dataset {header.name!r}: data file is {size} bytes, the header needs {end}")
-            self.map = mapped = _mmap(fd, size, mmap.MAP_SHARED, _READ_WRITE if writable else _READ) if size else None
+            if not size:
+                mapped = None
+            elif writable:
+                mapped = _mmap(fd, size, mmap.MAP_SHARED, _READ_WRITE)
+            else:
+                mapped = _map_read_only(fd, size)
+            self.map = mapped
         finally:
             if own_fd:
                 os.close(fd)

@@ -236,6 +236,56 @@ def test_attrs_and_info_return_copies_down_to_nested_values(store: mmstore.Store
         assert other.attrs("x") == {"cfg": {"lr": 0.1}, "tags": ["a"]}
 
 
+HELD_ARRAYS_CHECK = """
+import gc, mmap, os, resource, sys
+import numpy as np
+import mmstore
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+root = sys.argv[1]
+
+def mapped():
+    with open("/proc/self/maps") as maps:
+        return sum(root in line for line in maps)
+
+with mmstore.Store(os.path.join(root, "s")) as store:
+    for i in range(600):
+        store.put(f"d{i}", np.full(3, i))
+    held = [store.get(f"d{i}") for i in range(600)]  # 600 live generations, 256 descriptors
+    cache = mmstore.Cache(os.path.join(root, "c"))
+    hits = []
+    for i in range(300):
+        cache.set(i, np.full(2, i))
+        hits.append(cache.get(i))
+    assert [int(a[0]) for a in held] == list(range(600)) and [int(h[1]) for h in hits] == list(range(300))
+    assert not any(a.flags.writeable for a in held)
+    for array in (held[0], held[-1], hits[-1]):  # still arrays of an mmap.mmap, read-only
+        base = array
+        while isinstance(base, np.ndarray) and base.base is not None:
+            base = base.base
+        base = base.obj if isinstance(base, memoryview) else base
+        assert isinstance(base, mmap.mmap), type(base)
+    cache.close()
+assert mapped() >= 600
+del held, hits, cache, array, base  # (a closed cache still holds its hottest values)
+gc.collect()
+assert mapped() == 0, mapped()  # the last array of each generation unmapped it
+print("ok")
+"""
+
+
+def test_held_arrays_need_no_file_descriptors(tmp_path: Path) -> None:
+    """A process may keep arrays of many more datasets than it may open files: a mapped
+    generation holds no descriptor, and is unmapped when its last array goes."""
+    done = subprocess.run(
+        [sys.executable, "-c", HELD_ARRAYS_CHECK, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=PROCESS_TIMEOUT,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "ok"
+
+
 def test_attrs_must_be_json(store: mmstore.Store) -> None:
     with pytest.raises(ValueError, match="JSON"):
         store.put("x", np.zeros(1), attrs={"f": object()})
