@@ -37,10 +37,10 @@ from typing import Any
 
 import numpy as np
 
-from . import _durable, _keys, _names
+from . import _durable, _keys, _mapping, _names
 from ._errors import ArgumentTypeError, DatasetNotFoundError, FormatError, InvalidArgumentError, MmstoreError
 from ._locks import DatasetLock
-from ._store import Store
+from ._store import Store, _as_timeout
 
 _CONTROL_NAME = ".mmstore-cache"
 _MAGIC = b"MMSCACH\x01"
@@ -93,8 +93,8 @@ class Cache:
         max_bytes: int | None = None,
         ttl: float | None = None,
         *,
-        lock_timeout: float = 600.0,
-        timeout: float = 10.0,
+        lock_timeout: float | None = 600.0,
+        timeout: float | None = 10.0,
         permissions: int | None = None,
     ) -> None:
         if max_bytes is not None and max_bytes <= 0:
@@ -105,7 +105,7 @@ class Cache:
         self.path = self.store.path
         self.max_bytes = max_bytes
         self.ttl = ttl
-        self.lock_timeout = lock_timeout
+        self.lock_timeout = _as_timeout(lock_timeout, "lock_timeout")
         self._control = _open_control(self.path, self.store.permissions)
         self._header = np.frombuffer(self._control, dtype="<u8", count=8)
         self._access = np.frombuffer(self._control, dtype="<u8", count=_SLOTS, offset=_HEADER_BYTES)
@@ -668,6 +668,7 @@ def _fresh(value: Any) -> Any:
 
 def _split(value: Any) -> tuple[str, list[np.ndarray], dict[str, Any]]:
     """(kind, arrays, extra attrs) of a value to cache."""
+    _mapping.refuse_masked(value)
     if isinstance(value, np.ndarray):
         return "array", [value], {}
     if isinstance(value, np.generic):

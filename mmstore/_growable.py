@@ -56,7 +56,7 @@ from ._errors import (
 )
 from ._format import XXH3_ALGORITHM, Header, as_dtype, encode_attrs, encode_dtype, successor_header
 from ._locks import mark_alive
-from ._mapping import buffer_digest
+from ._mapping import buffer_digest, refuse_masked
 from ._notify import Waiter
 
 if TYPE_CHECKING:
@@ -431,6 +431,7 @@ class Writer:
         integers only if every value fits (InvalidArgumentError otherwise)."""
         target = self.dtype
         if isinstance(values, np.ndarray):
+            refuse_masked(values)
             block = values
         elif target.names is not None:
             if not isinstance(values, (tuple, list, np.void)):
@@ -883,6 +884,7 @@ def create_dataset(
             _durable.unlink_quietly(location.data_path(old_header.data_file))
         writer = _open_locked(store, location, header)
         writer._owns_lock = True  # (if a failure follows, _abandon releases the lock, once)
+        lock.holder = f"the writer of {writer.name!r} (not closed yet)"
         store._writers.add(writer)
     except BaseException:
         _abandon(writer, lock)
@@ -900,6 +902,7 @@ def open_dataset_writer(store: Store, location: _Location) -> Writer:
         header = store._current_entry(location).header
         writer = _open_locked(store, location, header)
         writer._owns_lock = True
+        lock.holder = f"the writer of {writer.name!r} (not closed yet)"
         store._writers.add(writer)
     except BaseException:
         _abandon(writer, lock)

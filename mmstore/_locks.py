@@ -148,8 +148,8 @@ class DatasetLock:
     """An exclusive, timed lock on one dataset, held through one open descriptor."""
 
     __slots__ = (
-        "_counter", "_fd", "_parked", "_regular", "_thread_lock", "counted", "held_file", "keep_open", "label",
-        "path", "permissions",
+        "_counter", "_fd", "_parked", "_regular", "_thread_lock", "counted", "held_file", "holder", "keep_open",
+        "label", "path", "permissions",
     )  # fmt: skip
 
     def __init__(
@@ -173,6 +173,9 @@ class DatasetLock:
         # (a packed data file, see _store.py); used only while the lock is held, and
         # closed whenever the lock's own descriptor is.
         self.held_file: tuple[str, int] | None = None
+        # Who in this process holds the lock for long (a writer handle), for the timeout
+        # message of a wait in this same process; None while free or held for a commit.
+        self.holder: str | None = None
 
     def acquire(self, timeout: float) -> None:
         start = time.monotonic()
@@ -262,6 +265,7 @@ class DatasetLock:
         """Release the lock. Never raises OSError: if unlocking fails, closing the descriptor
         drops the flock for certain. (Callers release after committing: an error here
         would read as a failed commit, and undoing a done commit loses data.)"""
+        self.holder = None
         try:
             if self._fd >= 0:  # (else something closed it: nothing left to unlock)
                 self._end_change()
@@ -339,11 +343,18 @@ class DatasetLock:
                     pass
         self._fd = -1
         self.held_file = None
+        self.holder = None
         self._parked = False
         self._counter = -1
         self._thread_lock = threading.Lock()
 
     def _timeout_error(self, timeout: float) -> LockTimeout:
+        holder = self.holder
+        if holder is not None:
+            return LockTimeout(
+                f"timed out after {timeout:g} s waiting for the writer lock of {self.label} ({self.path}): "
+                f"{holder} in this process holds it; close it first"
+            )
         return LockTimeout(
             f"timed out after {timeout:g} s waiting for the writer lock of {self.label} "
             f"({self.path}); another writer holds it"

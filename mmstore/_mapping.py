@@ -65,8 +65,23 @@ class RowSource:
         return raw.view(self.dtype).reshape((stop - start, *self.shape[1:]) if self.shape else ())
 
 
+def refuse_masked(obj: Any) -> None:
+    """Masked arrays (and containers of them) cannot be stored: the mask would be lost."""
+    if isinstance(obj, np.ma.MaskedArray) or (
+        isinstance(obj, (tuple, list, dict))
+        and any(isinstance(item, np.ma.MaskedArray) for item in (obj.values() if isinstance(obj, dict) else obj))
+    ):
+        raise InvalidArgumentError(
+            "masked arrays cannot be stored (the mask would be lost): store array.filled(value), "
+            "and array.mask as a second dataset if it matters"
+        )
+
+
 def as_source(obj: Any) -> np.ndarray | RowSource:
     """An ndarray, or a RowSource for large lazy array-likes (h5py, zarr, dask)."""
+    if type(obj) is np.ndarray:  # (the usual case, first)
+        return obj
+    refuse_masked(obj)
     if isinstance(obj, (np.ndarray, RowSource)):
         return obj
     if type(obj).__module__.partition(".")[0] in _LAZY_MODULES and hasattr(obj, "shape") and hasattr(obj, "dtype"):

@@ -126,6 +126,19 @@ _WARM_UP_MANIFEST = (
 _MANIFEST_LEAF = MANIFEST_NAME.removesuffix(".json")
 
 
+def _as_timeout(value: Any, what: str) -> float:
+    """A lock wait in seconds: None (or a negative number) is -1, wait forever."""
+    if value is None:
+        return -1.0
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(f"{what} must be a number of seconds or None, not {value!r}") from None
+    if math.isnan(seconds):
+        raise InvalidArgumentError(f"{what} must be a number of seconds or None, not NaN")
+    return seconds
+
+
 def _manifest_as_sidecar(name: str, raw: bytes) -> Header:
     """For _warm_up: the manifest seen as the sidecar of a byte array of its own size."""
     return parse_header(name, _WARM_UP_MANIFEST % len(raw))
@@ -150,7 +163,7 @@ class Store:
     anywhere), ``"r+"`` read/write on an existing store, ``"a"`` read/write,
     creating the store if needed (the default), ``"w-"`` (or ``"x"``) create,
     failing if it exists. ``timeout`` bounds every writer-lock wait (seconds;
-    negative waits forever). Files are created with 0o666 less the umask, or
+    None or negative waits forever). Files are created with 0o666 less the umask, or
     with exactly ``permissions`` (e.g. 0o660 for a store shared by a group;
     directories get the matching search bits). As a shorthand, an integer
     ``mode`` (``Store(path, mode=0o660)``) means mode ``"a"`` with those
@@ -168,7 +181,7 @@ class Store:
         path: str | os.PathLike[str],
         mode: str | int = "a",
         *,
-        timeout: float = 10.0,
+        timeout: float | None = 10.0,
         permissions: int | None = None,
         pack_small: bool = False,
     ) -> None:
@@ -184,7 +197,7 @@ class Store:
         self.permissions = permissions
         self.path = os.path.abspath(os.fspath(path))
         self.mode = "w-" if mode == "x" else mode
-        self.timeout = float(timeout)
+        self.timeout = _as_timeout(timeout, "timeout")
         self.readonly = mode == "r"
         self.pack_small = bool(pack_small)
         self._closed = False
@@ -255,6 +268,8 @@ class Store:
             _durable.make_directories(self.path, self.permissions)
         except FileExistsError:
             raise StoreNotFoundError(f"{self.path!r} exists and is not a directory") from None
+        except PermissionError as exc:
+            raise ReadOnlyError(f"cannot create store {self.path!r}: {exc.strerror or exc}") from None
         if self.mode == "a" and os.path.exists(manifest):
             self.format_version = self._read_manifest(manifest)
             if not os.access(self.path, os.W_OK):
@@ -266,7 +281,10 @@ class Store:
             raise StoreNotFoundError(
                 f"{self.path!r} is a non-empty directory without {MANIFEST_NAME}; refusing to turn it into a store"
             )
-        self._create_manifest(manifest)
+        try:
+            self._create_manifest(manifest)
+        except PermissionError as exc:
+            raise ReadOnlyError(f"cannot create store {self.path!r}: {exc.strerror or exc}") from None
         self.format_version = self._read_manifest(manifest)
 
     def _create_manifest(self, manifest: str) -> None:
@@ -773,6 +791,7 @@ class Store:
             row_shape: tuple[int, ...] | None = None
             kind = target
             for raw in blocks:
+                _mapping.refuse_masked(raw)
                 block = np.asarray(raw, dtype=kind)
                 if block.ndim == 0:
                     raise InvalidArgumentError(f"dataset {name!r}: blocks must have at least one dimension (rows)")

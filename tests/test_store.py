@@ -286,6 +286,40 @@ def test_held_arrays_need_no_file_descriptors(tmp_path: Path) -> None:
     assert done.stdout.strip() == "ok"
 
 
+def test_clear_errors_for_masked_arrays_timeouts_and_unwritable_places(
+    store: mmstore.Store, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    masked = np.ma.masked_array([1, 2], mask=[0, 1])
+    with pytest.raises(mmstore.InvalidArgumentError, match="masked"):
+        store.put("m", masked)
+    with pytest.raises(mmstore.InvalidArgumentError, match="masked"):
+        store.put_blocks("m", [masked])
+    with store.create("g", np.int64, (0,), growable=True) as writer, pytest.raises(ValueError, match="masked"):
+        writer.append(masked)
+    with mmstore.Cache(tmp_path / "c") as cache, pytest.raises(ValueError, match="masked"):
+        cache.set("k", (np.zeros(1), masked))
+    assert "m" not in store
+    assert mmstore.Store(store.path, timeout=None).timeout < 0  # None waits forever
+    with pytest.raises(ValueError, match="timeout"):
+        mmstore.Store(store.path, timeout="soon")
+
+    def refuse(*_args: Any, **_kwargs: Any) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(mmstore._durable, "make_directories", refuse)
+    with pytest.raises(mmstore.ReadOnlyError, match="cannot create store"):
+        mmstore.Store(tmp_path / "elsewhere")
+
+
+def test_lock_timeout_names_a_writer_of_this_process(store_path: Path) -> None:
+    with mmstore.Store(store_path, timeout=0.05) as store:
+        writer = store.create("g", np.int64, (0,), growable=True)
+        with pytest.raises(mmstore.LockTimeout, match=r"the writer of 'g' .* in this process holds it; close it"):
+            store.put("g", np.zeros(1))
+        writer.close()
+        store.put("g", np.zeros(1))
+
+
 def test_attrs_must_be_json(store: mmstore.Store) -> None:
     with pytest.raises(ValueError, match="JSON"):
         store.put("x", np.zeros(1), attrs={"f": object()})
