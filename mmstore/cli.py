@@ -201,7 +201,7 @@ def _put(
         return
     suffix = Path(source).suffix.lower()
     if suffix == ".npy":
-        array = np.load(source, mmap_mode="r", allow_pickle=False)
+        array = _load_npy(source)
         if array.ndim == 0 or array.shape[0] == 0 or array.nbytes < _PROGRESS_BYTES:
             store.put(name, array, attrs=attrs)
         else:  # the same bytes, in row blocks of the map, so that a progress bar can follow
@@ -234,6 +234,18 @@ def _put(
 
 
 _PROGRESS_BYTES = 64 * 2**20  # inputs at least this large are stored in blocks, with a progress bar
+
+
+def _load_npy(source: str) -> np.ndarray:
+    """An .npy file mapped read-only, after checking its header and size (np.load's own
+    errors speak of pickles for a text file and of mmap lengths for a truncated one)."""
+    with open(source, "rb") as stream:
+        kind, shape, _blocks = _textio.npy_stream(stream, source)
+        needed = stream.tell() + math.prod(shape) * kind.itemsize
+        size = os.fstat(stream.fileno()).st_size
+    if size < needed:
+        raise _textio.TextFormatError(f"{source}: truncated .npy file ({size} bytes, its header needs {needed})")
+    return np.load(source, mmap_mode="r", allow_pickle=False)  # type: ignore[no-any-return]
 
 
 def _put_npy_stream(store: mmstore.Store, name: str, stream: Any, label: str, attrs: dict[str, Any]) -> None:

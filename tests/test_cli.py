@@ -140,6 +140,22 @@ def test_names_and_dtypes_with_brackets_are_shown_as_they_are(tmp_path: Path) ->
     assert captured.get().startswith("name[s]  dtype datetime64[s]")
 
 
+def test_put_of_a_bad_npy_file_says_what_is_wrong(tmp_path: Path) -> None:
+    store = str(tmp_path / "s")
+    text = tmp_path / "text.npy"
+    text.write_text("1,2,3\n")
+    whole = tmp_path / "whole.npy"
+    np.save(whole, np.arange(10_000.0))
+    truncated = tmp_path / "truncated.npy"
+    truncated.write_bytes(whole.read_bytes()[:5000])
+    result = mmstore_cli("put", store, "x", str(text), check=False)
+    assert result.returncode == 1 and "not an .npy" in one_line_error(result) and "pickle" not in one_line_error(result)
+    result = mmstore_cli("put", store, "x", str(truncated), check=False)
+    assert result.returncode == 1 and "truncated.npy: truncated .npy file (5000 bytes" in one_line_error(result)
+    mmstore_cli("put", store, "x", str(whole))
+    assert mmstore.Store(store, "r").get("x")[-1] == 9999.0
+
+
 def test_verify_recover_exit_codes(tmp_path: Path) -> None:
     store = str(tmp_path / "s")
     with mmstore.Store(store) as opened:
