@@ -541,16 +541,17 @@ class Cache:
 
         Arguments are keyed by value (arrays by dtype, shape and content); pass
         ``key=`` (a function of the same arguments) for arguments that have no
-        canonical value. Bump ``version`` when the function's code changes. A
-        nested function is also keyed by the values it closes over, as they are
-        when it is decorated, and a lambda by its line (see _variant).
+        canonical value. Bump ``version`` when the function's code changes.
+        Functions that share a qualified name share results: closures made by one
+        factory (the values they close over are not part of the key) and lambdas
+        need a ``version`` or ``key`` of their own.
         """
 
         def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
             # A script's functions live in "__main__", but in "__mp_main__" in its spawned
             # workers: key them alike so that workers hit what the parent computed.
             module = "__main__" if func.__module__ == "__mp_main__" else func.__module__
-            prefix = f"memo:{module}.{func.__qualname__}{_variant(func)}:{version!r}:"
+            prefix = f"memo:{module}.{func.__qualname__}:{version!r}:"
 
             def key_for(*args: Any, **kwargs: Any) -> str:
                 if key is not None:
@@ -623,36 +624,6 @@ class _Change:
 
     def end(self) -> None:
         self.counters[self.slot] = (self.counters[self.slot] + 1) & 0xFFFFFFFFFFFFFFFF
-
-
-def _variant(func: Callable[..., Any]) -> str:
-    """What tells apart functions of one qualified name: a lambda's line, and the values a
-    nested function closes over (two closures from one factory compute different things),
-    taken when it is decorated. Empty for a plain module-level function. A closure over
-    a value that cannot be keyed by value gets a key space of its own (random, made at
-    decoration): its results are shared with forked children, not across restarts."""
-    code = getattr(func, "__code__", None)
-    parts = []
-    if code is not None and "<lambda>" in func.__qualname__:
-        parts.append(f"@{code.co_firstlineno}")
-    cells = getattr(func, "__closure__", None) or ()
-    if cells:
-        names = code.co_freevars if code is not None else ()
-        values: dict[str, Any] = {}
-        for name, cell in zip(names, cells, strict=False):
-            try:
-                value = cell.cell_contents
-            except ValueError:  # (not yet assigned)
-                continue
-            try:
-                _keys.digest(value)
-            except Exception:  # (UnhashableArgument; or a structure that contains itself)
-                # Not its id(): another object may get that address once this one is gone.
-                value = f"{type(value).__qualname__} #{_names.new_token()}"
-            values[name] = value
-        if values:
-            parts.append("[" + _keys.digest(values) + "]")
-    return "".join(parts)
 
 
 def _fresh(value: Any) -> Any:

@@ -80,40 +80,6 @@ def test_stats_count_one_hit_or_miss_per_call(cache: mmstore.Cache) -> None:
     assert calls == [3]
 
 
-def test_memoized_closures_and_lambdas_keep_their_own_results(cache: mmstore.Cache) -> None:
-    """Functions that share a qualified name are told apart: closures by the values they
-    close over, lambdas by their line; a closure over an object with no value key by
-    identity."""
-
-    def scaled_by(k: int) -> Any:
-        @cache.memoize
-        def scale(x: np.ndarray) -> np.ndarray:
-            return np.asarray(x) * k
-
-        return scale
-
-    double, tenfold, double_again = scaled_by(2), scaled_by(10), scaled_by(2)
-    assert double(np.arange(3)).tolist() == [0, 2, 4]
-    assert tenfold(np.arange(3)).tolist() == [0, 10, 20]
-    assert double_again.key_for(np.arange(3)) == double.key_for(np.arange(3))  # (same values: shared)
-    first = cache.memoize(lambda x: x + 1)
-    second = cache.memoize(lambda x: x + 2)
-    assert (first(1), second(1)) == (2, 3)
-
-    class Model:
-        def __init__(self, bias: float) -> None:
-            self.bias = bias
-
-    def with_model(model: Model) -> Any:
-        @cache.memoize
-        def predict(x: float) -> float:
-            return x + model.bias
-
-        return predict
-
-    assert with_model(Model(1.0))(1.0) == 2.0 and with_model(Model(5.0))(1.0) == 6.0
-
-
 def test_non_finite_float_results_are_cached(cache: mmstore.Cache) -> None:
     """Strict JSON has no NaN or infinity: such a result is cached all the same, and comes
     back as a Python float (a memoized function returning NaN is computed once)."""
