@@ -17,7 +17,6 @@ the checksum in the sidecar is how `verify` notices.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import sys
@@ -43,7 +42,7 @@ _RENAME_EXCHANGE = 2
 def _libc_function(name: str, *argtypes: Any) -> Any:
     """A C library function returning int (errno kept for ctypes.get_errno), or None."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        libc = ctypes.CDLL(None, use_errno=True)
         function = getattr(libc, name)
     except (OSError, AttributeError):
         return None

@@ -25,7 +25,6 @@ the map can never hit ENOSPC as a SIGBUS), so a reader's map never loses pages.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import math
 import mmap
@@ -122,7 +121,7 @@ def _fixed_mapping_function() -> Any:
     if not sys.platform.startswith("linux"):
         return None
     try:
-        function = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).mmap
+        function = ctypes.CDLL(None, use_errno=True).mmap  # (the C library is loaded: no search)
     except (OSError, AttributeError):
         return None
     function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
@@ -135,13 +134,11 @@ _MAP_FIXED = 0x10  # (Linux)
 # The live read-only maps that keep a descriptor (weak references, which drop out when a
 # map goes). Up to a quarter of the descriptor limit may; beyond, maps keep none.
 _maps_with_descriptors: set[weakref.ref[mmap.mmap]] = set()
-_FEW_MAPS = 64  # (below this count the limit is not even looked up)
 
 
 def _map_read_only(fd: int, size: int) -> mmap.mmap:
     """A read-only shared map of the file's first ``size`` bytes."""
-    held = len(_maps_with_descriptors)
-    if held < _FEW_MAPS or held < _descriptor_limit() // 4:
+    if len(_maps_with_descriptors) < _descriptor_limit() // 4:  # (read each time: it may be lowered)
         try:
             mapped = _mmap(fd, size, mmap.MAP_SHARED, _READ)
         except OSError as exc:  # (its duplicate descriptor)
@@ -168,7 +165,7 @@ def _map_without_descriptor(fd: int, size: int) -> mmap.mmap:
     limit, the file is mapped over an anonymous map (MAP_FIXED replaces its pages at the
     same address): the mmap object holds no descriptor and still unmaps the range when
     the last array of it goes. (It costs ~10 us more than a plain map, so it is not the
-    default.)
+    default. Its mmap object's size() fails, having no file; mmstore never calls it.)
     """
     if _c_mmap is None:
         return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)

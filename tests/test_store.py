@@ -257,6 +257,9 @@ with mmstore.Store(os.path.join(root, "s")) as store:
         cache.set(i, np.full(2, i))
         hits.append(cache.get(i))
     assert [int(a[0]) for a in held] == list(range(600)) and [int(h[1]) for h in hits] == list(range(300))
+    spare = [os.open(os.devnull, os.O_RDONLY) for _ in range(50)]  # the program keeps descriptors to use
+    for fd in spare:
+        os.close(fd)
     assert not any(a.flags.writeable for a in held)
     for array in (held[0], held[-1], hits[-1]):  # still arrays of an mmap.mmap, read-only
         base = array
