@@ -76,7 +76,9 @@ def text_blocks(
         if not lines:
             return
         try:
-            block = np.loadtxt(lines, dtype=dtype, delimiter=delimiter, ndmin=1, comments="#", encoding=None)
+            block = np.loadtxt(
+                lines, dtype=dtype, delimiter=delimiter, ndmin=1, comments="#", encoding=None, quotechar='"'
+            )
         except (ValueError, TypeError) as exc:
             raise _locate_error(lines, first, label, dtype, delimiter, exc) from None
         if block.size or block.shape[0]:
@@ -189,8 +191,24 @@ def write_text(stream: IO[str], array: np.ndarray, delimiter: str) -> None:
         lines = []
         for row in block.tolist():
             cells = row if isinstance(row, (tuple, list)) else (row,)
-            lines.append(delimiter.join(format_cell(cell) for cell in _flatten(cells)))
+            lines.append(delimiter.join(_quoted(format_cell(cell), delimiter) for cell in _flatten(cells)))
         stream.write("\n".join(lines) + "\n")
+
+
+def _quoted(text: str, delimiter: str) -> str:
+    """``text`` as a CSV field: in double quotes (inner ones doubled) if it is empty or holds
+    the delimiter (any whitespace for a space), a quote, a line break or the comment sign,
+    which text_blocks reads back as written."""
+    if text and not (
+        delimiter in text
+        or '"' in text
+        or "#" in text
+        or "\n" in text
+        or "\r" in text
+        or (delimiter == " " and (" " in text or "\t" in text))
+    ):
+        return text
+    return '"' + text.replace('"', '""') + '"'
 
 
 def _flatten(cells: Any) -> Iterator[Any]:

@@ -156,6 +156,21 @@ def test_put_of_a_bad_npy_file_says_what_is_wrong(tmp_path: Path) -> None:
     assert mmstore.Store(store, "r").get("x")[-1] == 9999.0
 
 
+def test_csv_fields_holding_delimiters_or_quotes_round_trip(tmp_path: Path) -> None:
+    store = str(tmp_path / "s")
+    kind = np.dtype([("s", "U12"), ("n", "<i4")])
+    rows = np.array([("héllo", 1), ("a,b", 2), ('say "hi"', 3), ("", 4), ("x#y", 5), ("two words", 6)], kind)
+    with mmstore.Store(store) as opened:
+        opened.put("t", rows)
+    for suffix in (".csv", ".tsv", ".txt"):
+        out = tmp_path / f"t{suffix}"
+        mmstore_cli("get", store, "t", "-o", str(out))
+        mmstore_cli("put", store, f"back{suffix}", str(out), "--dtype", "s:U12,n:i4")
+        with mmstore.Store(store, "r") as opened:
+            np.testing.assert_array_equal(opened.get(f"back{suffix}"), rows)
+    assert '"a,b",2' in (tmp_path / "t.csv").read_text()
+
+
 def test_verify_recover_exit_codes(tmp_path: Path) -> None:
     store = str(tmp_path / "s")
     with mmstore.Store(store) as opened:
