@@ -82,7 +82,9 @@ def _errors_to_exit() -> Iterator[None]:
 def _one_line(exc: BaseException) -> str:
     if isinstance(exc, OSError) and not isinstance(exc, mmstore.MmstoreError) and exc.filename:
         return f"{exc.strerror or exc}: {exc.filename}"
-    return " ".join(str(exc).split("\n"))
+    text = " ".join(str(exc).split("\n"))
+    # (The library's advice names its API; at the shell, the reading commands need no mode.)
+    return text.replace("open it with mode='r'", "ls, info, get and verify can still read it")
 
 
 @contextlib.contextmanager
@@ -169,8 +171,24 @@ def put(
             parsed_dtype = _textio.parse_dtype(dtype) if dtype else None
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+        if source != "-":  # (a missing source must not leave a new, empty store behind)
+            _check_readable(_source_file(source))
         with _open(store, "a") as opened:
             _put(opened, name, source, parsed_dtype, delimiter, skip_rows, attrs)
+
+
+def _source_file(source: str) -> str:
+    """The file a put source names (``file.h5:/path`` names ``file.h5``)."""
+    for marker in (".h5:", ".hdf5:"):
+        head, found, _path = source.partition(marker)
+        if found:
+            return head + marker[:-1]
+    return source
+
+
+def _check_readable(path: str) -> None:
+    with open(path, "rb"):
+        pass
 
 
 def _put(
@@ -511,9 +529,9 @@ def import_(
     only: Annotated[str, typer.Option(help="Only datasets under this HDF5 group.")] = "",
 ) -> None:
     """Put every dataset of an HDF5 file into the store (the reverse of compact)."""
+    with _errors_to_exit():
+        _check_readable(str(source))  # (before the store is opened: it may be created)
     with _errors_to_exit(), _open(store, "a") as opened:
-        if not source.exists():
-            raise FileNotFoundError(2, "No such file", str(source))
         done = 0
         with _progress(f"importing {source}", source.stat().st_size) as update:
 

@@ -171,6 +171,24 @@ def test_csv_fields_holding_delimiters_or_quotes_round_trip(tmp_path: Path) -> N
     assert '"a,b",2' in (tmp_path / "t.csv").read_text()
 
 
+def test_a_missing_source_creates_no_store(tmp_path: Path) -> None:
+    store = tmp_path / "never"
+    for args in (
+        ["put", str(store), "x", str(tmp_path / "missing.npy")],
+        ["import", str(tmp_path / "missing.h5"), str(store)],
+    ):
+        result = mmstore_cli(*args, check=False)
+        assert result.returncode == 1 and "missing." in one_line_error(result)
+        assert not store.exists()
+
+
+def test_read_only_advice_speaks_of_commands_not_modes() -> None:
+    from mmstore import cli
+
+    message = cli._one_line(mmstore.ReadOnlyError("store '/s' is not writable; open it with mode='r'"))
+    assert "mode=" not in message and "ls, info, get and verify can still read it" in message
+
+
 def test_verify_recover_exit_codes(tmp_path: Path) -> None:
     store = str(tmp_path / "s")
     with mmstore.Store(store) as opened:
