@@ -134,18 +134,27 @@ _MAP_FIXED = 0x10  # (Linux)
 # The live read-only maps that keep a descriptor (weak references, which drop out when a
 # map goes). Up to a quarter of the descriptor limit may; beyond, maps keep none.
 _maps_with_descriptors: set[weakref.ref[mmap.mmap]] = set()
+_track, _untrack, _weak = _maps_with_descriptors.add, _maps_with_descriptors.discard, weakref.ref
+# [a quarter of the descriptor limit, maps since it was read]: read again every
+# _LIMIT_READS maps (it may be lowered) and before a map goes without a descriptor.
+_quarter_limit = [0, 0]
+_LIMIT_READS = 256
 
 
 def _map_read_only(fd: int, size: int) -> mmap.mmap:
     """A read-only shared map of the file's first ``size`` bytes."""
-    if len(_maps_with_descriptors) < _descriptor_limit() // 4:  # (read each time: it may be lowered)
+    state = _quarter_limit
+    state[1] += 1
+    if state[1] >= _LIMIT_READS or len(_maps_with_descriptors) >= state[0]:
+        state[0], state[1] = _descriptor_limit() // 4, 0
+    if len(_maps_with_descriptors) < state[0]:
         try:
             mapped = _mmap(fd, size, mmap.MAP_SHARED, _READ)
         except OSError as exc:  # (its duplicate descriptor)
             if exc.errno not in (errno.EMFILE, errno.ENFILE):
                 raise
             return _map_without_descriptor(fd, size)
-        _maps_with_descriptors.add(weakref.ref(mapped, _maps_with_descriptors.discard))
+        _track(_weak(mapped, _untrack))
         return mapped
     return _map_without_descriptor(fd, size)
 
