@@ -456,6 +456,8 @@ def tail(
 ) -> None:
     """Print a growable dataset's last rows, then new rows as they are flushed (Ctrl-C stops)."""
     with _errors_to_exit(), _open(store) as opened, opened.open_reader(name) as reader:
+        if reader.array.ndim == 0:
+            raise mmstore.InvalidArgumentError(f"dataset {name!r} is a 0-d value, which has no rows to follow: use get")
         start = max(0, len(reader) - last)
         initial_end = position = len(reader)
         position = start

@@ -182,6 +182,14 @@ def test_a_missing_source_creates_no_store(tmp_path: Path) -> None:
         assert not store.exists()
 
 
+def test_tail_of_a_0d_dataset_says_why_it_shows_nothing(tmp_path: Path) -> None:
+    store = str(tmp_path / "s")
+    with mmstore.Store(store) as opened:
+        opened.put("z", np.float64(3.5))
+    result = mmstore_cli("tail", store, "z", check=False)
+    assert result.returncode == 1 and "0-d" in one_line_error(result)
+
+
 def test_read_only_advice_speaks_of_commands_not_modes() -> None:
     from mmstore import cli
 
