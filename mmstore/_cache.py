@@ -26,6 +26,7 @@ import functools
 import hashlib
 import math
 import mmap
+import numbers
 import os
 import struct
 import threading
@@ -99,8 +100,7 @@ class Cache:
     ) -> None:
         if max_bytes is not None and max_bytes <= 0:
             raise InvalidArgumentError(f"max_bytes must be positive, not {max_bytes!r}")
-        if ttl is not None and ttl <= 0:
-            raise InvalidArgumentError(f"ttl must be positive, not {ttl!r}")
+        _check_ttl(ttl)
         self.store = Store(path, "a", timeout=timeout, permissions=permissions)
         self.path = self.store.path
         self.max_bytes = max_bytes
@@ -301,8 +301,7 @@ class Cache:
 
     def set(self, key: Any, value: Any, ttl: float | None = None) -> None:
         """Cache ``value``: an array, a NumPy or Python scalar, or a tuple/list/dict of arrays."""
-        if ttl is not None and not ttl > 0:  # (as Cache(ttl=...): 0 or less is a mistake, not "forever")
-            raise InvalidArgumentError(f"ttl must be positive, not {ttl!r}")
+        _check_ttl(ttl)
         name, slot = self._locate(key)
         kind, arrays, extra = _split(value)
         nbytes = sum(array.nbytes for array in arrays)
@@ -339,6 +338,7 @@ class Cache:
             self._delete_parts(old.get("parts", ()))
 
     def get_or_compute(self, key: Any, compute: Callable[[], Any], ttl: float | None = None) -> Any:
+        _check_ttl(ttl)  # (now: set() would refuse it only after the computation, which then goes uncached)
         """The cached value, or ``compute()`` stored and returned. When several processes
         miss the same key at once, one computes and the others wait for its result."""
         value = self._lookup(key, count=False)
@@ -547,6 +547,8 @@ class Cache:
         need a ``version`` or ``key`` of their own.
         """
 
+        _check_ttl(ttl)
+
         def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
             # A script's functions live in "__main__", but in "__mp_main__" in its spawned
             # workers: key them alike so that workers hit what the parent computed.
@@ -624,6 +626,15 @@ class _Change:
 
     def end(self) -> None:
         self.counters[self.slot] = (self.counters[self.slot] + 1) & 0xFFFFFFFFFFFFFFFF
+
+
+def _check_ttl(ttl: Any) -> None:
+    """A time to live is None (the default) or a positive, finite number of seconds (0 or
+    less would be a mistake, not "forever"; infinity cannot be recorded)."""
+    if ttl is None:
+        return
+    if isinstance(ttl, bool) or not isinstance(ttl, numbers.Real) or not 0 < float(ttl) < math.inf:
+        raise InvalidArgumentError(f"ttl must be a positive, finite number of seconds or None, not {ttl!r}")
 
 
 def _fresh(value: Any) -> Any:

@@ -63,7 +63,18 @@ if TYPE_CHECKING:
     from ._store import Store
 
 CONTROL_BYTES = 4096
-_NUMERIC_KINDS = frozenset("biufc")
+_NUMERIC_KINDS = frozenset("iufc")  # (checked by Writer._converted; booleans convert as NumPy does)
+_INTEGER_LIMITS: dict[np.dtype[Any], tuple[int, int]] = {}
+
+
+def _integer_limits(dtype: np.dtype[Any]) -> tuple[int, int]:
+    limits = _INTEGER_LIMITS.get(dtype)
+    if limits is None:
+        info = np.iinfo(dtype)
+        limits = _INTEGER_LIMITS[dtype] = (int(info.min), int(info.max))
+    return limits
+
+
 MAGIC = b"MMSGROW\x01"
 _LENGTH, _PUBLISHED, _CRC_ROWS = 1, 2, 4  # u64 slots of the control block
 _CRC, _CRC_KNOWN = 6, 7  # u32 slots
@@ -75,7 +86,9 @@ _MIN_GROWTH_BYTES = 1 << 20
 _PACK_U64 = struct.Struct("<Q").pack
 _READ, _READ_WRITE = mmap.PROT_READ, mmap.PROT_READ | mmap.PROT_WRITE
 # Bound once for _Mapped: a module attribute lookup is a dictionary lookup per call.
-_fstat, _S_ISREG, _prod, _mmap, _frombuffer = os.fstat, stat.S_ISREG, math.prod, mmap.mmap, np.frombuffer
+_fstat, _S_ISREG, _prod, _mmap, _frombuffer, _asarray = (
+    os.fstat, stat.S_ISREG, math.prod, mmap.mmap, np.frombuffer, np.asarray
+)  # fmt: skip
 
 
 def row_bytes(dtype: np.dtype[Any], row_shape: tuple[int, ...]) -> int:
@@ -354,7 +367,9 @@ class Writer:
 
     def __setitem__(self, index: Any, value: Any) -> None:
         self._check_open()
-        if not (type(value) is np.ndarray and value.dtype == self.dtype):
+        if self.dtype.names is None and not (type(value) is np.ndarray and value.dtype == self.dtype):
+            # (Record datasets are left to NumPy: an index may pick a field, and a value
+            # may be a scalar spread over rows.)
             value = self._converted(value, "store values")
         self._note_edit()
         rows = self._mapped.rows[: self._length] if self._header.shape else self._mapped.rows
@@ -436,6 +451,18 @@ class Writer:
         anything NumPy would drop silently: no float to integer, no text to number, and
         integers only if every value fits (InvalidArgumentError otherwise)."""
         target = self.dtype
+        kind = target.kind
+        value_type = type(values)
+        if value_type is int and kind in "iu":  # one Python int: the commonest edit, checked cheaply
+            low, high = _integer_limits(target)
+            if not low <= values <= high:
+                raise InvalidArgumentError(
+                    f"cannot {what} in dataset {self.name!r}: {values} does not fit its dtype {target} "
+                    f"({low} to {high})"
+                )
+            return _asarray(values, target)
+        if (value_type is float or value_type is int) and kind in "fc":
+            return self._parsed(values, target)
         if isinstance(values, np.ndarray):
             refuse_masked(values)
             block = values
@@ -446,9 +473,12 @@ class Writer:
                     "give a tuple per row or an array of that dtype"
                 )
             block = self._parsed(values, target)
-        elif target.kind in _NUMERIC_KINDS:
+        elif kind in _NUMERIC_KINDS:
             block = self._parsed(values, None)  # its own dtype first: checked below
-        else:  # dates, times and text: NumPy parses them from strings
+            if block.dtype.kind == "O" and kind in "fc":
+                # Python ints past 64 bits, Decimal, Fraction, None (NaN): NumPy converts them.
+                block = self._parsed(values, target)
+        else:  # booleans (from any truth value, as NumPy does), dates, times and text (parsed)
             block = self._parsed(values, target)
         source = block.dtype
         if source == target:
@@ -460,12 +490,12 @@ class Writer:
                     f"cannot {what} of dtype {source} in dataset {self.name!r} of dtype {target}"
                 )
             return block
-        if source.kind in "biu" and target.kind in "iu" and not np.can_cast(source, target, "safe"):
-            limits = np.iinfo(target)
-            if block.size and (block.min() < limits.min or block.max() > limits.max):
+        if source.kind in "biu" and kind in "iu" and not np.can_cast(source, target, "safe"):
+            low, high = _integer_limits(target)
+            if block.size and (block.min() < low or block.max() > high):
                 raise InvalidArgumentError(
                     f"cannot {what} in dataset {self.name!r}: values from {block.min()} to {block.max()} "
-                    f"do not fit its dtype {target} ({limits.min} to {limits.max})"
+                    f"do not fit its dtype {target} ({low} to {high})"
                 )
             return block
         if not np.can_cast(source, target, "same_kind"):

@@ -197,15 +197,16 @@ def write_text(stream: IO[str], array: np.ndarray, delimiter: str) -> None:
 
 def _quoted(text: str, delimiter: str) -> str:
     """``text`` as a CSV field: in double quotes (inner ones doubled) if it is empty or holds
-    the delimiter (any whitespace for a space), a quote, a line break or the comment sign,
-    which text_blocks reads back as written."""
+    the delimiter (any whitespace for a space, which is how the reader splits such files),
+    a quote, a line break or the comment sign, which text_blocks reads back as written.
+    (A quoted line break that falls on a block boundary of text_blocks is not read back.)"""
     if text and not (
         delimiter in text
         or '"' in text
         or "#" in text
         or "\n" in text
         or "\r" in text
-        or (delimiter == " " and (" " in text or "\t" in text))
+        or (delimiter == " " and any(character.isspace() for character in text))
     ):
         return text
     return '"' + text.replace('"', '""') + '"'

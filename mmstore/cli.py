@@ -187,8 +187,8 @@ def _source_file(source: str) -> str:
 
 
 def _check_readable(path: str) -> None:
-    with open(path, "rb"):
-        pass
+    """Fail now if ``path`` is missing (a stat, not an open: a FIFO must be opened only once)."""
+    os.stat(path)
 
 
 def _put(

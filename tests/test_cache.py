@@ -99,10 +99,17 @@ def test_non_finite_float_results_are_cached(cache: mmstore.Cache) -> None:
 
 
 def test_ttl_must_be_positive_per_entry_too(cache: mmstore.Cache) -> None:
-    for ttl in (0, -1, float("nan")):
-        with pytest.raises(ValueError, match="ttl must be positive"):
+    """A bad ttl is refused wherever it is given, before any computation: a memoized
+    function with ttl=0 must not silently run on every call."""
+    for ttl in (0, -1, float("nan"), float("inf"), "5"):
+        with pytest.raises(ValueError, match="ttl must be a positive"):
             cache.set("k", np.zeros(1), ttl=ttl)
+        with pytest.raises(ValueError, match="ttl must be a positive"):
+            cache.get_or_compute("k", lambda: np.zeros(1), ttl=ttl)
+        with pytest.raises(ValueError, match="ttl must be a positive"):
+            cache.memoize(ttl=ttl)
     assert "k" not in cache
+    cache.set("k", np.zeros(1), ttl=np.int64(60))
 
 
 def test_expired_entries_are_not_counted(cache: mmstore.Cache) -> None:

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import h5py
@@ -159,7 +160,10 @@ def test_put_of_a_bad_npy_file_says_what_is_wrong(tmp_path: Path) -> None:
 def test_csv_fields_holding_delimiters_or_quotes_round_trip(tmp_path: Path) -> None:
     store = str(tmp_path / "s")
     kind = np.dtype([("s", "U12"), ("n", "<i4")])
-    rows = np.array([("héllo", 1), ("a,b", 2), ('say "hi"', 3), ("", 4), ("x#y", 5), ("two words", 6)], kind)
+    rows = np.array(
+        [("héllo", 1), ("a,b", 2), ('say "hi"', 3), ("", 4), ("x#y", 5), ("two words", 6), ("a\u00a0b\x0bc", 7)],
+        kind,
+    )
     with mmstore.Store(store) as opened:
         opened.put("t", rows)
     for suffix in (".csv", ".tsv", ".txt"):
@@ -180,6 +184,21 @@ def test_a_missing_source_creates_no_store(tmp_path: Path) -> None:
         result = mmstore_cli(*args, check=False)
         assert result.returncode == 1 and "missing." in one_line_error(result)
         assert not store.exists()
+
+
+def test_put_from_a_fifo_does_not_hang(tmp_path: Path) -> None:
+    """The check for a missing source must not open it: a FIFO can be opened only once."""
+    fifo = tmp_path / "rows.csv"
+    os.mkfifo(fifo)
+    feeder = threading.Thread(target=lambda: fifo.write_text("1\n2\n3\n"), daemon=True)
+    feeder.start()
+    result = mmstore_cli("put", str(tmp_path / "s"), "x", str(fifo), check=False)  # (bounded by PROCESS_TIMEOUT)
+    feeder.join(PROCESS_TIMEOUT)
+    assert not feeder.is_alive()
+    if result.returncode == 0:
+        assert mmstore.Store(str(tmp_path / "s"), "r").get("x").tolist() == [1.0, 2.0, 3.0]
+    else:
+        assert result.returncode == 1 and "Traceback" not in result.stderr.decode()
 
 
 def test_tail_of_a_0d_dataset_says_why_it_shows_nothing(tmp_path: Path) -> None:

@@ -10,6 +10,8 @@ import signal
 import sys
 import threading
 import warnings
+from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -76,12 +78,38 @@ def test_append_and_edits_refuse_what_numpy_would_convert_with_loss(store: mmsto
             with pytest.raises(mmstore.InvalidArgumentError, match="do not fit"):
                 writer.append(bad)
         writer.append(np.arange(3))  # int64 values that fit
-        with pytest.raises(mmstore.InvalidArgumentError, match="do not fit"):
+        with pytest.raises(mmstore.InvalidArgumentError, match="does not fit"):
             writer[1] = 300
     assert store.get("u").tolist() == [0, 1, 2]
     with store.create("d", "M8[s]", (0,), growable=True) as writer:
         writer.append(["2020-01-01", "2021-06-01T12:00:00"])
     assert store.get("d")[1] == np.datetime64("2021-06-01T12:00:00")
+
+
+def test_conversions_numpy_makes_without_loss_still_work(store: mmstore.Store) -> None:
+    """What the lossy-conversion checks must not refuse: record datasets edited by field or
+    by a scalar spread over rows, truth values into booleans, and Python numbers of any
+    size, Decimal, Fraction and None (NaN) into floats."""
+    record = np.dtype([("a", "<i4"), ("b", "<f8")])
+    with store.create("r", record, (3,)) as writer:
+        writer[:] = 0
+        writer["a"] = 7
+        writer["b"] = [0.5, 1.5, 2.5]
+    assert store.get("r").tolist() == [(7, 0.5), (7, 1.5), (7, 2.5)]
+    with store.create("b", np.bool_, (0,), growable=True) as writer:
+        writer.append([0, 1])
+        writer[0] = 1
+    assert store.get("b").tolist() == [True, True]
+    with store.create("f", np.float64, (0,), growable=True) as writer:
+        writer.append(2**64)
+        writer.append([1, 2**70])
+        writer.append(Decimal("1.5"))
+        writer.append(Fraction(1, 2))
+        writer.append([1.0, None])
+        with pytest.raises(mmstore.InvalidArgumentError):
+            writer.append(2**1100)  # (past float64)
+    got = store.get("f")
+    assert got[:5].tolist() == [2.0**64, 1.0, 2.0**70, 1.5, 0.5] and got[5] == 1.0 and np.isnan(got[6])
 
 
 def test_growth_is_amortised_and_files_only_grow(store: mmstore.Store) -> None:
