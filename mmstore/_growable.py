@@ -64,17 +64,6 @@ if TYPE_CHECKING:
 
 CONTROL_BYTES = 4096
 _NUMERIC_KINDS = frozenset("iufc")  # (checked by Writer._converted; booleans convert as NumPy does)
-_INTEGER_LIMITS: dict[np.dtype[Any], tuple[int, int]] = {}
-
-
-def _integer_limits(dtype: np.dtype[Any]) -> tuple[int, int]:
-    limits = _INTEGER_LIMITS.get(dtype)
-    if limits is None:
-        info = np.iinfo(dtype)
-        limits = _INTEGER_LIMITS[dtype] = (int(info.min), int(info.max))
-    return limits
-
-
 MAGIC = b"MMSGROW\x01"
 _LENGTH, _PUBLISHED, _CRC_ROWS = 1, 2, 4  # u64 slots of the control block
 _CRC, _CRC_KNOWN = 6, 7  # u32 slots
@@ -89,6 +78,18 @@ _READ, _READ_WRITE = mmap.PROT_READ, mmap.PROT_READ | mmap.PROT_WRITE
 _fstat, _S_ISREG, _prod, _mmap, _frombuffer, _asarray = (
     os.fstat, stat.S_ISREG, math.prod, mmap.mmap, np.frombuffer, np.asarray
 )  # fmt: skip
+
+
+_INTEGER_LIMITS: dict[np.dtype[Any], tuple[int, int]] = {}
+
+
+def _integer_limits(dtype: np.dtype[Any]) -> tuple[int, int]:
+    """(smallest, largest) value of an integer dtype, as Python ints (np.iinfo is slow)."""
+    limits = _INTEGER_LIMITS.get(dtype)
+    if limits is None:
+        info = np.iinfo(dtype)
+        limits = _INTEGER_LIMITS[dtype] = (int(info.min), int(info.max))
+    return limits
 
 
 def row_bytes(dtype: np.dtype[Any], row_shape: tuple[int, ...]) -> int:
