@@ -368,10 +368,17 @@ class Writer:
 
     def __setitem__(self, index: Any, value: Any) -> None:
         self._check_open()
-        if self.dtype.names is None and not (type(value) is np.ndarray and value.dtype == self.dtype):
-            # (Record datasets are left to NumPy: an index may pick a field, and a value
-            # may be a scalar spread over rows.)
-            value = self._converted(value, "store values")
+        names = self.dtype.names
+        if names is None:
+            if not (type(value) is np.ndarray and value.dtype == self.dtype):
+                value = self._converted(value, "store values")
+        elif isinstance(value, (np.ndarray, np.void)) and value.dtype.names not in (None, names):
+            # (Other record edits are left to NumPy: an index may pick a field, and a value
+            # may be a scalar spread over rows. But NumPy assigns records by position.)
+            raise InvalidArgumentError(
+                f"cannot store records with fields {value.dtype.names} in dataset {self.name!r} with fields {names} "
+                "(records match by field name, in order)"
+            )
         self._note_edit()
         rows = self._mapped.rows[: self._length] if self._header.shape else self._mapped.rows
         rows[index] = value
@@ -473,7 +480,9 @@ class Writer:
                     f"cannot {what} of a {type(values).__name__} in dataset {self.name!r} of record dtype {target}: "
                     "give a tuple per row or an array of that dtype"
                 )
-            block = self._parsed(values, target)
+            # A record (np.void) keeps its own fields, which are checked below: converted, its
+            # fields would be taken by position.
+            block = np.asarray(values) if isinstance(values, np.void) else self._parsed(values, target)
         elif kind in _NUMERIC_KINDS:
             block = self._parsed(values, None)  # its own dtype first: checked below
             if block.dtype.kind == "O" and kind in "fc":

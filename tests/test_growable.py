@@ -112,6 +112,19 @@ def test_conversions_numpy_makes_without_loss_still_work(store: mmstore.Store) -
     assert got[:5].tolist() == [2.0**64, 1.0, 2.0**70, 1.5, 0.5] and got[5] == 1.0 and np.isnan(got[6])
 
 
+def test_records_in_another_field_order_are_refused_not_written_by_position(store: mmstore.Store) -> None:
+    record = np.dtype([("a", "<i4"), ("b", "<f8")])
+    reordered = np.array([(6.0, 5)], [("b", "<f8"), ("a", "<i4")])
+    with store.create("r", record, (0,), growable=True) as writer:
+        writer.append(np.array([(5, 6.0)], record)[0])  # a record of the same fields: fine
+        for bad in (reordered, reordered[0]):
+            with pytest.raises(mmstore.InvalidArgumentError):
+                writer.append(bad)
+            with pytest.raises(mmstore.InvalidArgumentError, match="match by field name"):
+                writer[0] = bad
+    assert store.get("r").tolist() == [(5, 6.0)]
+
+
 def test_growth_is_amortised_and_files_only_grow(store: mmstore.Store) -> None:
     sizes = []
     with store.create("g", np.int64, (0,), growable=True) as writer:
