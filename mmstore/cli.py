@@ -171,10 +171,36 @@ def put(
             parsed_dtype = _textio.parse_dtype(dtype) if dtype else None
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-        if source != "-":  # (a missing source must not leave a new, empty store behind)
-            _check_readable(_source_file(source))
+        # Checked before the store is opened (it may be created): a put that cannot work
+        # leaves no new, empty store behind.
+        _names.validate_name(name)
+        if source != "-":
+            source_file = _source_file(source)
+            if source_file == source and Path(source).suffix.lower() not in _SOURCE_SUFFIXES:
+                raise UsageError(_unknown_source(Path(source).suffix.lower()))
+            _check_readable(source_file)
+            if Path(source).suffix.lower() == ".npz":
+                _npz_members(source, name)
         with _open(store, "a") as opened:
             _put(opened, name, source, parsed_dtype, delimiter, skip_rows, attrs)
+
+
+_SOURCE_SUFFIXES = frozenset({".npy", ".npz", ".csv", ".txt", ".tsv", ".dat", ""})
+
+
+def _unknown_source(suffix: str) -> str:
+    return f"unknown source type {suffix!r}: use .npy, .npz, .csv, .txt, file.h5:/path or -"
+
+
+def _npz_members(source: str, name: str) -> list[str]:
+    """The .npy members of an .npz archive, each checked to make a valid dataset name under ``name``."""
+    import zipfile
+
+    with zipfile.ZipFile(source) as archive:
+        members = [entry for entry in archive.namelist() if entry.endswith(".npy")]
+    for entry in members:
+        _names.validate_name(f"{name}/{entry[:-4]}")
+    return members
 
 
 def _source_file(source: str) -> str:
@@ -230,14 +256,11 @@ def _put(
     elif suffix == ".npz":
         import zipfile
 
+        members = _npz_members(source, name)  # every name checked before the first commit
         with zipfile.ZipFile(source) as archive:  # each member streamed, never loaded whole
-            members = [entry for entry in archive.namelist() if entry.endswith(".npy")]
-            for entry in members:  # every name checked before the first commit
-                _names.validate_name(f"{name}/{entry[:-4]}")
             for entry in members:
-                if entry.endswith(".npy"):
-                    with archive.open(entry) as stream:
-                        _put_npy_stream(store, f"{name}/{entry[:-4]}", stream, f"{source}:{entry[:-4]}", attrs)
+                with archive.open(entry) as stream:
+                    _put_npy_stream(store, f"{name}/{entry[:-4]}", stream, f"{source}:{entry[:-4]}", attrs)
     elif suffix in (".csv", ".txt", ".tsv", ".dat", ""):
         if delimiter is None:
             delimiter = {".csv": ",", ".tsv": "\t"}.get(suffix)
@@ -248,7 +271,7 @@ def _put(
                 name, _counting(blocks, f"parsing {source}", size, stream), dtype=dtype or "f8", attrs=attrs
             )
     else:
-        raise UsageError(f"unknown source type {suffix!r}: use .npy, .npz, .csv, .txt, file.h5:/path or -")
+        raise UsageError(_unknown_source(suffix))
 
 
 _PROGRESS_BYTES = 64 * 2**20  # inputs at least this large are stored in blocks, with a progress bar
@@ -533,6 +556,10 @@ def import_(
     """Put every dataset of an HDF5 file into the store (the reverse of compact)."""
     with _errors_to_exit():
         _check_readable(str(source))  # (before the store is opened: it may be created)
+        import h5py
+
+        if source.is_file() and not h5py.is_hdf5(source):
+            raise mmstore.InvalidArgumentError(f"{source}: not an HDF5 file")
     with _errors_to_exit(), _open(store, "a") as opened:
         done = 0
         with _progress(f"importing {source}", source.stat().st_size) as update:

@@ -175,15 +175,27 @@ def test_csv_fields_holding_delimiters_or_quotes_round_trip(tmp_path: Path) -> N
     assert '"a,b",2' in (tmp_path / "t.csv").read_text()
 
 
-def test_a_missing_source_creates_no_store(tmp_path: Path) -> None:
+def test_a_put_or_import_that_cannot_work_creates_no_store(tmp_path: Path) -> None:
+    """A missing source, a bad name, an unknown source type, an .npz with a bad member
+    name, or a file that is not HDF5: refused before the store is opened (and created)."""
     store = tmp_path / "never"
-    for args in (
-        ["put", str(store), "x", str(tmp_path / "missing.npy")],
-        ["import", str(tmp_path / "missing.h5"), str(store)],
-    ):
+    good = tmp_path / "good.npy"
+    np.save(good, np.arange(3))
+    (tmp_path / "t.xyz").write_text("x")
+    (tmp_path / "notes.h5").write_text("not HDF5")
+    np.savez(tmp_path / "bad.npz", a=np.arange(2), **{".hidden": np.arange(2)})
+    cases = [
+        (["put", str(store), "x", str(tmp_path / "missing.npy")], 1, "missing.npy"),
+        (["put", str(store), "../x", str(good)], 1, "invalid dataset name"),
+        (["put", str(store), "x", str(tmp_path / "t.xyz")], 2, "unknown source type"),
+        (["put", str(store), "x", str(tmp_path / "bad.npz")], 1, "'x/.hidden'"),
+        (["import", str(tmp_path / "missing.h5"), str(store)], 1, "missing.h5"),
+        (["import", str(tmp_path / "notes.h5"), str(store)], 1, "notes.h5: not an HDF5 file"),
+    ]
+    for args, code, message in cases:
         result = mmstore_cli(*args, check=False)
-        assert result.returncode == 1 and "missing." in one_line_error(result)
-        assert not store.exists()
+        assert result.returncode == code and message in one_line_error(result), (args, result.stderr)
+        assert not store.exists(), args
 
 
 def test_put_from_a_fifo_does_not_hang(tmp_path: Path) -> None:
