@@ -36,8 +36,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 # Piped output is for scripts: wide lines, never wrapped mid-value.
-_out = Console(highlight=False, width=None if sys.stdout.isatty() else 240)
-_err = Console(stderr=True, highlight=False)
+# emoji=False: a dataset named ":smile:" (or such a value) prints as it is.
+_out = Console(highlight=False, emoji=False, width=None if sys.stdout.isatty() else 240)
+_err = Console(stderr=True, highlight=False, emoji=False)
 _options = {"debug": False, "quiet": False}
 
 StoreArg = Annotated[Path, typer.Argument(help="Store directory.", show_default=False)]

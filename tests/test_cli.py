@@ -139,6 +139,9 @@ def test_names_and_dtypes_with_brackets_are_shown_as_they_are(tmp_path: Path) ->
     with cli._out.capture() as captured:
         cli._preview("name[s]", np.array(["2020-01-01"], "M8[s]"))
     assert captured.get().startswith("name[s]  dtype datetime64[s]")
+    with cli._out.capture() as captured:  # (nor emoji codes)
+        cli._preview(":smile:", np.array([":thumbs_up:"]))
+    assert captured.get().startswith(":smile:  dtype") and ":thumbs_up:" in captured.get()
 
 
 def test_put_of_a_bad_npy_file_says_what_is_wrong(tmp_path: Path) -> None:
