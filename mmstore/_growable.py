@@ -499,14 +499,13 @@ class Writer:
                 raise InvalidArgumentError(
                     f"cannot {what} of dtype {source} in dataset {self.name!r} of dtype {target}"
                 )
+            for field in target.names or ():  # integer fields narrowed: only values that fit
+                into, come_from = target.fields[field][0], source.fields[field][0]  # type: ignore[index]
+                if come_from.kind in "biu" and into.kind in "iu" and not np.can_cast(come_from, into, "safe"):
+                    self._check_fits(block[field], into, f"{what} (field {field!r})")
             return block
         if source.kind in "biu" and kind in "iu" and not np.can_cast(source, target, "safe"):
-            low, high = _integer_limits(target)
-            if block.size and (block.min() < low or block.max() > high):
-                raise InvalidArgumentError(
-                    f"cannot {what} in dataset {self.name!r}: values from {block.min()} to {block.max()} "
-                    f"do not fit its dtype {target} ({low} to {high})"
-                )
+            self._check_fits(block, target, what)
             return block
         if not np.can_cast(source, target, "same_kind"):
             raise InvalidArgumentError(
@@ -514,6 +513,15 @@ class Writer:
                 "(it would lose information; convert explicitly first)"
             )
         return block
+
+    def _check_fits(self, values: np.ndarray, target: np.dtype[Any], what: str) -> None:
+        """InvalidArgumentError unless every integer in ``values`` fits ``target``."""
+        low, high = _integer_limits(target)
+        if values.size and (values.min() < low or values.max() > high):
+            raise InvalidArgumentError(
+                f"cannot {what} in dataset {self.name!r}: values from {values.min()} to {values.max()} "
+                f"do not fit its dtype {target} ({low} to {high})"
+            )
 
     def _parsed(self, values: Any, dtype: np.dtype[Any] | None) -> np.ndarray:
         try:

@@ -123,6 +123,12 @@ def test_records_in_another_field_order_are_refused_not_written_by_position(stor
             with pytest.raises(mmstore.InvalidArgumentError, match="match by field name"):
                 writer[0] = bad
     assert store.get("r").tolist() == [(5, 6.0)]
+    narrow = np.dtype([("a", "i1"), ("b", "<f8")])
+    with store.create("n", narrow, (0,), growable=True) as writer:
+        writer.append(np.array([(100, 1.0)], [("a", "<i8"), ("b", "<f8")]))  # a wider field whose values fit
+        with pytest.raises(mmstore.InvalidArgumentError, match=r"field 'a'.* do not fit"):
+            writer.append(np.array([(1000, 1.0)], [("a", "<i8"), ("b", "<f8")]))  # (was stored as -24)
+    assert store.get("n").tolist() == [(100, 1.0)]
 
 
 def test_growth_is_amortised_and_files_only_grow(store: mmstore.Store) -> None:
