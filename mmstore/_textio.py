@@ -191,8 +191,15 @@ def write_text(stream: IO[str], array: np.ndarray, delimiter: str) -> None:
         lines = []
         for row in block.tolist():
             cells = row if isinstance(row, (tuple, list)) else (row,)
-            lines.append(delimiter.join(_quoted(format_cell(cell), delimiter) for cell in _flatten(cells)))
+            lines.append(delimiter.join(_text_cell(cell, delimiter) for cell in _flatten(cells)))
         stream.write("\n".join(lines) + "\n")
+
+
+def _text_cell(value: Any, delimiter: str) -> str:
+    """A cell of write_text: numbers as they are (they never need quotes), anything else
+    (text, dates with a space in them) quoted where needed."""
+    text = format_cell(value)
+    return text if isinstance(value, (int, float)) else _quoted(text, delimiter)
 
 
 def _quoted(text: str, delimiter: str) -> str:

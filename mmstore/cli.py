@@ -176,17 +176,18 @@ def put(
         # leaves no new, empty store behind.
         _names.validate_name(name)
         if source != "-":
-            source_file = _source_file(source)
-            if source_file == source and Path(source).suffix.lower() not in _SOURCE_SUFFIXES:
+            source_file, h5_path = _split_source(source)
+            if h5_path is None and Path(source).suffix.lower() not in _SOURCE_SUFFIXES:
                 raise UsageError(_unknown_source(Path(source).suffix.lower()))
-            _check_readable(source_file)
+            _check_exists(source_file)
             if Path(source).suffix.lower() == ".npz":
                 _npz_members(source, name)
         with _open(store, "a") as opened:
             _put(opened, name, source, parsed_dtype, delimiter, skip_rows, attrs)
 
 
-_SOURCE_SUFFIXES = frozenset({".npy", ".npz", ".csv", ".txt", ".tsv", ".dat", ""})
+_TEXT_SUFFIXES = frozenset({".csv", ".txt", ".tsv", ".dat", ""})
+_SOURCE_SUFFIXES = _TEXT_SUFFIXES | {".npy", ".npz"}
 
 
 def _unknown_source(suffix: str) -> str:
@@ -204,16 +205,17 @@ def _npz_members(source: str, name: str) -> list[str]:
     return members
 
 
-def _source_file(source: str) -> str:
-    """The file a put source names (``file.h5:/path`` names ``file.h5``)."""
+def _split_source(source: str) -> tuple[str, str | None]:
+    """(file, HDF5 dataset path) of a put source: ``file.h5:/path`` names a dataset in
+    ``file.h5``; anything else is a file (path None)."""
     for marker in (".h5:", ".hdf5:"):
-        head, found, _path = source.partition(marker)
+        head, found, path = source.partition(marker)
         if found:
-            return head + marker[:-1]
-    return source
+            return head + marker[:-1], path
+    return source, None
 
 
-def _check_readable(path: str) -> None:
+def _check_exists(path: str) -> None:
     """Fail now if ``path`` is missing (a stat, not an open: a FIFO must be opened only once)."""
     os.stat(path)
 
@@ -230,13 +232,8 @@ def _put(
     if source == "-":
         _put_npy_stream(store, name, sys.stdin.buffer, "stdin", attrs)
         return
-    h5_file, sep, h5_path = source.partition(".h5:")
-    if sep or ".hdf5:" in source:
-        if not sep:
-            h5_file, _, h5_path = source.partition(".hdf5:")
-            h5_file += ".hdf5"
-        else:
-            h5_file += ".h5"
+    h5_file, h5_path = _split_source(source)
+    if h5_path is not None:
         import h5py
 
         with h5py.File(h5_file, "r") as h5:
@@ -262,7 +259,7 @@ def _put(
             for entry in members:
                 with archive.open(entry) as stream:
                     _put_npy_stream(store, f"{name}/{entry[:-4]}", stream, f"{source}:{entry[:-4]}", attrs)
-    elif suffix in (".csv", ".txt", ".tsv", ".dat", ""):
+    elif suffix in _TEXT_SUFFIXES:
         if delimiter is None:
             delimiter = {".csv": ",", ".tsv": "\t"}.get(suffix)
         with open(source, encoding="utf-8", newline="") as stream:
@@ -556,7 +553,7 @@ def import_(
 ) -> None:
     """Put every dataset of an HDF5 file into the store (the reverse of compact)."""
     with _errors_to_exit():
-        _check_readable(str(source))  # (before the store is opened: it may be created)
+        _check_exists(str(source))  # (before the store is opened: it may be created)
         import h5py
 
         if source.is_file() and not h5py.is_hdf5(source):
