@@ -39,7 +39,7 @@ _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 
 
-def _libc_function(name: str, *argtypes: Any) -> Any:
+def libc_function(name: str, *argtypes: Any) -> Any:
     """A C library function returning int (errno kept for ctypes.get_errno), or None."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -51,7 +51,7 @@ def _libc_function(name: str, *argtypes: Any) -> Any:
     return function
 
 
-_fallocate = _libc_function("fallocate", ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong)
+_fallocate = libc_function("fallocate", ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong)
 _FALLOC_FL_KEEP_SIZE = 1
 
 
@@ -71,7 +71,7 @@ def preallocate(fd: int, nbytes: int) -> None:
             raise OSError(err, os.strerror(err))
 
 
-_renameat2 = _libc_function("renameat2", ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+_renameat2 = libc_function("renameat2", ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
 _exchange_supported = _renameat2 is not None
 # os.fsencode without its Python-level call (a commit encodes two paths)
 _FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()

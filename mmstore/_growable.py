@@ -134,12 +134,10 @@ def _fixed_mapping_function() -> Any:
     """The C library's mmap, for _map_without_descriptor (None where unavailable)."""
     if not sys.platform.startswith("linux"):
         return None
-    try:
-        function = ctypes.CDLL(None, use_errno=True).mmap  # (the C library is loaded: no search)
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-    function.restype = ctypes.c_void_p
+    argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+    function = _durable.libc_function("mmap", *argtypes)
+    if function is not None:
+        function.restype = ctypes.c_void_p  # (an address, not the int libc_function sets)
     return function
 
 
