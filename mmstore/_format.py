@@ -88,7 +88,7 @@ class Header(NamedTuple):
             f'"byteorder":"{byteorder}","data_file":{_json_string(self.data_file)},'
             f'"offset":{self.offset},"generation":{self.generation},'
             f'"growable":{"true" if self.growable else "false"},"checksum":{checksum},"attrs":{attrs},'
-            f'"created":{float(self.created)!r},"modified":{float(self.modified)!r}'
+            f'"created":{time_text(self.created)},"modified":{time_text(self.modified)}'
             f"{_PACKED_FIELD if self.packed else ''}}}\n"
         ).encode()
 
@@ -96,10 +96,45 @@ class Header(NamedTuple):
 def successor_header(old: Header | None, **fields: Any) -> Header:
     """The header of the generation that replaces ``old`` (or of generation 1 if there is
     none): the next generation number, ``old``'s creation time, modified now."""
-    now = time.time()
+    now = timestamp_now()
     if old is None:
         return Header(generation=1, created=now, modified=now, **fields)
     return Header(generation=old.generation + 1, created=old.created, modified=now, **fields)
+
+
+# --- timestamps ---------------------------------------------------------------
+
+# The sidecar text of timestamps seen lately. A float's shortest repr() costs ~6,500
+# instructions (most of a commit's JSON), and a commit writes two: its own time, made
+# here from whole microseconds with integer formatting, and its dataset's creation
+# time, usually the same float as at the dataset's previous commit.
+_TIME_TEXTS: dict[float, str] = {}
+_TIME_TEXTS_LIMIT = 4096
+
+
+def timestamp_now() -> float:
+    """time.time() to the microsecond. The float is the double nearest to its decimal text
+    (an exact integer over 10**6: IEEE division rounds correctly), so a reader parsing
+    the text gets this very float."""
+    micros = time.time_ns() // 1000
+    seconds = micros / 1e6
+    _remember_time_text(seconds, f"{micros // 1_000_000}.{micros % 1_000_000:06d}")
+    return seconds
+
+
+def time_text(seconds: float) -> str:
+    """A timestamp's JSON text: any text that parses back to the same float."""
+    text = _TIME_TEXTS.get(seconds)
+    if text is None:
+        text = repr(float(seconds))
+        _remember_time_text(seconds, text)
+    return text
+
+
+def _remember_time_text(seconds: float, text: str) -> None:
+    if len(_TIME_TEXTS) >= _TIME_TEXTS_LIMIT:
+        _TIME_TEXTS.clear()  # (the next commit of each dataset formats its creation time once more)
+    _TIME_TEXTS[seconds] = text
 
 
 # --- dtypes -------------------------------------------------------------------

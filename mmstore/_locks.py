@@ -148,8 +148,8 @@ class DatasetLock:
     """An exclusive, timed lock on one dataset, held through one open descriptor."""
 
     __slots__ = (
-        "_counter", "_fd", "_parked", "_regular", "_thread_lock", "counted", "held_file", "holder", "keep_open",
-        "label", "path", "permissions",
+        "_counter", "_fd", "_parked", "_regular", "_thread_lock", "counted", "found_counter", "held_file", "holder",
+        "keep_open", "label", "path", "permissions",
     )  # fmt: skip
 
     def __init__(
@@ -165,6 +165,9 @@ class DatasetLock:
         # the module docstring). Locks that guard no sidecar need not.
         self.counted = counted
         self._counter = -1  # the odd value written at acquire, while held; -1 if none
+        # The change counter as found (even) when the lock was taken, while held: an entry
+        # whose counter equals it is current without a stat() (see Store._committed_header).
+        self.found_counter: bytes | None = None
         self._regular = True  # the lock file is a regular file (else it can hold no counter)
         self._fd = -1
         self._parked = False
@@ -203,6 +206,7 @@ class DatasetLock:
     def _begin_change(self) -> None:
         """With the flock just taken: bump the change counter to odd (see the module
         docstring). If that fails, the flock is released and the error raised."""
+        self.found_counter = None
         if not (self.counted and self._regular):
             return
         try:
@@ -216,6 +220,7 @@ class DatasetLock:
                 if os.pwrite(self._fd, code.to_bytes(COUNTER_BYTES, "little"), 0) != COUNTER_BYTES:
                     raise OSError(errno.EIO, "short write of the change counter")
                 self._counter = code
+                self.found_counter = raw
                 return
         except BaseException as exc:
             filelock.unlock_descriptor(self._fd)
@@ -261,18 +266,24 @@ class DatasetLock:
         self._thread_lock.release()
         return False
 
-    def release(self) -> None:
+    def release(self) -> bytes | None:
         """Release the lock. Never raises OSError: if unlocking fails, closing the descriptor
         drops the flock for certain. (Callers release after committing: an error here
-        would read as a failed commit, and undoing a done commit loses data.)"""
+        would read as a failed commit, and undoing a done commit loses data.)
+
+        Returns the change counter written back (even), or None if none was: while the
+        lock file still shows that value, nobody has changed the dataset since."""
         self.holder = None
+        self.found_counter = None
+        released = None
         try:
             if self._fd >= 0:  # (else something closed it: nothing left to unlock)
-                self._end_change()
+                released = self._end_change()
                 filelock.unlock_descriptor(self._fd)
             if not self.keep_open:
                 self.close()
         except BaseException as exc:
+            released = None
             self.close_quietly()
             if not isinstance(exc, OSError):
                 raise
@@ -282,16 +293,20 @@ class DatasetLock:
             _park(self)
         elif not self.keep_open:
             self.close_if_idle()  # (close_when_released() may have run since the check above)
+        return released
 
-    def _end_change(self) -> None:
-        """Before the flock goes: bump the change counter back to even. If that fails
-        it stays odd, and readers check the sidecar itself until the next writer."""
+    def _end_change(self) -> bytes | None:
+        """Before the flock goes: bump the change counter back to even, and return it. If
+        that fails it stays odd, and readers check the sidecar itself until the next writer."""
         code, self._counter = self._counter, -1
         if code >= 0:
+            raw = _next_gray(code).to_bytes(COUNTER_BYTES, "little")
             try:
-                os.pwrite(self._fd, _next_gray(code).to_bytes(COUNTER_BYTES, "little"), 0)
+                if os.pwrite(self._fd, raw, 0) == COUNTER_BYTES:
+                    return raw
             except OSError:
                 pass
+        return None
 
     def close(self) -> None:
         self.drop_held_file()
@@ -346,6 +361,7 @@ class DatasetLock:
         self.holder = None
         self._parked = False
         self._counter = -1
+        self.found_counter = None
         self._thread_lock = threading.Lock()
 
     def _timeout_error(self, timeout: float) -> LockTimeout:

@@ -159,6 +159,17 @@ def write_array(fd: int, array: np.ndarray | RowSource, hasher: Any) -> None:
         previous.result()
 
 
+def write_and_digest(fd: int, array: np.ndarray | RowSource) -> str:
+    """write_array() to ``fd`` with a new hasher; return the checksum string (``xxh3_64:hex``)."""
+    if isinstance(array, np.ndarray) and 0 < array.nbytes <= _STREAM_CHUNK_BYTES and array.flags.c_contiguous:
+        data = array.reshape(-1).view(np.uint8)  # the usual small put: one write, one hash call
+        _durable.write_all(fd, data)
+        return f"{XXH3_ALGORITHM}:{xxhash.xxh3_64_hexdigest(data.data)}"
+    hasher = new_hasher()
+    write_array(fd, array, hasher)
+    return f"{XXH3_ALGORITHM}:{hasher.hexdigest()}"
+
+
 def new_hasher() -> Any:
     """The hash of put's data files (docs/FORMAT.md: ``xxh3_64``, ~9 GB/s against zlib CRC-32's ~3)."""
     return xxhash.xxh3_64()

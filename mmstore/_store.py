@@ -753,9 +753,7 @@ class Store:
         def write(fd: int, _path: str) -> tuple[np.dtype[Any], tuple[int, ...], str]:
             if source.nbytes >= PREALLOCATE_BYTES:
                 _durable.preallocate(fd, source.nbytes)
-            hasher = _mapping.new_hasher()
-            _mapping.write_array(fd, source, hasher)
-            return source.dtype, source.shape, f"{XXH3_ALGORITHM}:{hasher.hexdigest()}"
+            return source.dtype, source.shape, _mapping.write_and_digest(fd, source)
 
         for _attempt in range(3):
             if self._write_and_commit(location, write, attrs_record, durable):
@@ -920,6 +918,7 @@ class Store:
         data = array.reshape(-1).view(np.uint8)
         checksum = _mapping.buffer_digest(data, XXH3_ALGORITHM)
         old_header: Header | None = None
+        entry = None
         lock = location.lock
         lock.acquire(self.timeout)
         try:
@@ -939,7 +938,7 @@ class Store:
                     old_header, name=name, dtype=array.dtype, shape=array.shape, data_file=data_file,
                     offset=offset, attrs=attrs, checksum=checksum, packed=True,
                 )  # fmt: skip
-                self._write_sidecar_locked(location, header, durable)
+                entry = self._write_sidecar_locked(location, header, durable)
                 committed = True
             finally:
                 if created:  # (an existing file's descriptor stays with the lock)
@@ -947,7 +946,9 @@ class Store:
                     if not committed:
                         self._discard_uncommitted(location, data_file)
         finally:
-            lock.release()
+            released = lock.release()
+            if entry is not None:
+                entry.counter = released
         self._after_commit(location, old_header, data_file, durable)
         return True
 
@@ -1027,14 +1028,17 @@ class Store:
         """
         lock = location.lock
         lock.acquire(self.timeout)
+        entry = None
         try:
             lock.drop_held_file()  # a packed file this commit replaces: do not pin its space
             if os.fstat(data_fd).st_nlink == 0:
                 return _VANISHED
             old_header = self._committed_header(location)
-            self._write_sidecar_locked(location, make_header(old_header), durable)
+            entry = self._write_sidecar_locked(location, make_header(old_header), durable)
         finally:
-            lock.release()  # (never raises OSError: a done commit is never undone)
+            released = lock.release()  # (never raises OSError: a done commit is never undone)
+            if entry is not None:
+                entry.counter = released
         return old_header
 
     def _fsync(self, fd: int, what: str) -> None:
@@ -1044,8 +1048,12 @@ class Store:
             self._fsync_failure = exc
             raise
 
-    def _write_sidecar_locked(self, location: _Location, header: Header, durable: bool) -> None:
-        """Commit ``header`` as the dataset's sidecar (the caller holds the dataset lock)."""
+    def _write_sidecar_locked(self, location: _Location, header: Header, durable: bool) -> _Entry | None:
+        """Commit ``header`` as the dataset's sidecar (the caller holds the dataset lock).
+
+        Returns the new cached entry (None if it could not be made). A caller that releases
+        the lock right after may set the entry's counter to the value the release wrote:
+        until another writer takes the lock, the entry is current without a stat()."""
         content = header.to_json()
         if len(content) > MAX_SIDECAR_BYTES:  # (readers refuse larger ones: never commit one)
             raise InvalidArgumentError(
@@ -1062,17 +1070,27 @@ class Store:
         except OSError as exc:
             raise _durable.io_error(exc, f"dataset {location.name!r}: committing its header") from None
         try:
-            self._remember(location.name, _Entry(header, sidecar_fd, os.fstat(sidecar_fd)))
+            entry = _Entry(header, sidecar_fd, os.fstat(sidecar_fd))
         except OSError:
             _close_quietly(sidecar_fd)
             self._drop_entry(location.name)
+            return None
+        self._remember(location.name, entry)
+        return entry
 
     def _committed_header(self, location: _Location) -> Header | None:
         """The committed header (callers hold the lock), or None if there is none.
 
         An unreadable header counts as none: put is create-or-replace, and the
-        old data file is left for recovery to remove.
+        old data file is left for recovery to remove. A cached entry whose change
+        counter is the one found when the lock was taken is current (no writer has
+        taken the lock since it was found so): no system call.
         """
+        entry = self._entries.get(location.name)
+        if entry is not None:
+            counter = entry.counter
+            if counter is not None and counter == location.lock.found_counter:
+                return entry.header
         try:
             return self._current_entry(location, counted=False).header
         except DatasetNotFoundError:

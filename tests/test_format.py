@@ -323,6 +323,22 @@ def test_header_json_round_trips(dtype: np.dtype) -> None:
     assert json.loads(raw)["name"] == 'a/b\u00e9"q'
 
 
+@settings(max_examples=300)
+@given(st.floats(allow_nan=False, allow_infinity=False) | st.floats(min_value=0, max_value=2**33))
+def test_timestamp_text_reads_back_as_the_same_float(seconds: float) -> None:
+    assert float(_format.time_text(seconds)) == seconds
+    header = _format.Header("x", np.dtype("<f8"), (1,), "x.0123456789abcdef.dat", 0, 1, seconds, seconds, {})
+    assert _format.parse_header("x", header.to_json())[6:8] == (seconds, seconds)
+
+
+def test_commit_timestamps_are_whole_microseconds_that_read_back_exactly() -> None:
+    for _ in range(2000):
+        now = _format.timestamp_now()
+        text = _format.time_text(now)
+        assert float(text) == now
+        assert len(text.partition(".")[2]) == 6  # written from integers, not a float repr
+
+
 def test_names_of_store_files_match_whole_names_only() -> None:
     assert _names.DATA_FILE_RE.match("x.0123456789abcdef.dat")
     assert _names.DATA_FILE_RE.match("x.0123456789abcdef.dat\n") is None

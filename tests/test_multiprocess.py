@@ -85,3 +85,34 @@ def test_four_concurrent_writers_lose_no_commit(store_path: Path, spawn, pack_sm
         assert last % 1000 == count - 1
     data_files = [name for name in store_files(store_path) if name.endswith(".dat")]
     assert len(data_files) == 4 * count + 1, "no orphaned generation files"
+
+
+def _put_in_another_process(spawn, store_path: Path, name: str, seed: int) -> None:
+    process = spawn.Process(target=workers.put_one, args=(str(store_path), name, seed, 100))
+    process.start()
+    process.join(PROCESS_TIMEOUT)
+    assert process.exitcode == 0
+
+
+@pytest.mark.parametrize("pack_small", [False, True], ids=["files", "packed"])
+def test_puts_and_gets_after_a_put_see_another_process_commit(store_path: Path, spawn, pack_small: bool) -> None:
+    # A put leaves this process's cached header trusted until another writer takes the
+    # dataset's lock (no stat() on the next get or put): each step here follows a commit
+    # by another process, which must be seen.
+    with mmstore.Store(store_path, pack_small=pack_small) as store:
+        store.put("x", workers.pattern(1, 100))
+        _put_in_another_process(spawn, store_path, "x", 2)
+        assert (store.get("x") == workers.pattern(2, 100)).all()
+        assert store.attrs("x") == {"seed": 2}
+
+        store.put("x", workers.pattern(3, 100))  # replaces generation 2, not a stale 1
+        _put_in_another_process(spawn, store_path, "x", 4)
+        store.put("x", workers.pattern(5, 100))
+        assert store.info("x")["generation"] == 5
+        assert (store.get("x") == workers.pattern(5, 100)).all()
+        assert store.attrs("x") == {}
+
+        _put_in_another_process(spawn, store_path, "x", 6)
+        store.delete("x")  # removes generation 5's data file, the other process's
+        assert "x" not in store
+    assert [name for name in store_files(store_path) if name.endswith(".dat")] == []

@@ -101,6 +101,8 @@ def test_info_fields(store: mmstore.Store) -> None:
     assert info2["created"] == info["created"]
     assert info2["modified"] >= info["modified"]
     assert info2["attrs"] == {}
+    with mmstore.Store(store.path, "r") as other:  # parsed from the sidecar: the same floats
+        assert (other.info("x")["created"], other.info("x")["modified"]) == (info2["created"], info2["modified"])
 
 
 def test_replace_keeps_old_snapshot_valid_and_unlinks_old_file(store: mmstore.Store, store_path: Path) -> None:
