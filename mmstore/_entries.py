@@ -2,7 +2,7 @@
 
 A ``_Location`` is where a validated name lives on disk (and its writer lock);
 an ``_Entry`` is a parsed, committed header with its mapped data and the pinned
-identity of its sidecar. Store (``_store.py``) keeps both in bounded caches.
+identity of its sidecar. StoreReads (``_reads.py``) keeps both in bounded caches.
 """
 
 from __future__ import annotations

@@ -173,7 +173,7 @@ class DatasetLock:
         self._parked = False
         self._thread_lock = threading.Lock()
         # (file name, descriptor) of a file the lock holder keeps open between commits
-        # (a packed data file, see _store.py); used only while the lock is held, and
+        # (a packed data file, see _writes.py); used only while the lock is held, and
         # closed whenever the lock's own descriptor is.
         self.held_file: tuple[str, int] | None = None
         # Who in this process holds the lock for long (a writer handle), for the timeout

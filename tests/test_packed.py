@@ -12,7 +12,7 @@ import pytest
 
 import mmstore
 from mmstore._format import PACKED_ALIGNMENT, PACKED_MAX_NBYTES
-from mmstore._store import PACK_FILE_BYTES, PACK_MAX_NBYTES
+from mmstore._writes import PACK_FILE_BYTES, PACK_MAX_NBYTES
 from tests import workers
 from tests.conftest import PROCESS_TIMEOUT, run_in_fork, store_files
 

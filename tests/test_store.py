@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import mmstore
-from mmstore import _store
+from mmstore import _reads, _store
 from tests import workers
 from tests.conftest import PROCESS_TIMEOUT, run_in_fork, store_files
 
@@ -964,14 +964,14 @@ def test_close_racing_new_names_writers_and_cache_locks_leaves_nothing_held(
     store = mmstore.Store(store_path)
     inside.clear()
     resume.clear()
-    real_validate = _store.validate_name
+    real_validate = _reads.validate_name
 
     def paused_validate(name: str) -> str:
         inside.set()
         assert resume.wait(PROCESS_TIMEOUT)
         return real_validate(name)
 
-    monkeypatch.setattr(_store, "validate_name", paused_validate)
+    monkeypatch.setattr(_reads, "validate_name", paused_validate)
     errors = _close_during(store, lambda: store.put("new", np.arange(2)), inside, resume)
     monkeypatch.undo()
     assert [type(error) for error in errors] == [mmstore.ClosedError]
