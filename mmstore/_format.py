@@ -180,15 +180,19 @@ def encode_dtype(dtype: np.dtype[Any]) -> Any:
             f"dtype {dtype} holds Python objects; mmstore stores raw bytes only "
             "(use fixed-width 'S'/'U' strings or numeric fields)"
         )
+    cannot = UnsupportedDtypeError(
+        f"dtype {dtype} cannot be stored exactly (overlapping or reordered fields?); "
+        "pack it first with numpy.lib.recfunctions.repack_fields"
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # numpy warns before falling back to a lossy form
-        descr = npy_format.dtype_to_descr(dtype)
+        try:
+            descr = npy_format.dtype_to_descr(dtype)
+        except ValueError:  # fields out of order in memory: NumPy has no descr for them
+            raise cannot from None
     encoded = _descr_to_json(descr)
     if decode_dtype(encoded) != dtype:
-        raise UnsupportedDtypeError(
-            f"dtype {dtype} cannot be stored exactly (overlapping or reordered fields?); "
-            "pack it first with numpy.lib.recfunctions.repack_fields"
-        )
+        raise cannot
     if len(_ENCODED_DTYPES) < 1024:
         _ENCODED_DTYPES[dtype] = encoded
     return encoded

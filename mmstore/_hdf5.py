@@ -78,15 +78,35 @@ def hdf5_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
 
 
 def _native_attr(value: Any) -> Any:
-    """The value as an HDF5 attribute, or None if HDF5 cannot hold it natively."""
-    if isinstance(value, (bool, int, float, str)):
+    """The value as an HDF5 attribute, or None if HDF5 cannot hold it natively (the exact
+    attrs are in ``mmstore.attrs`` anyway: these are only a convenience for other tools)."""
+    if isinstance(value, bool) or (isinstance(value, int) and -(2**63) <= value < 2**63):
         return value
+    if isinstance(value, float):
+        return value
+    if isinstance(value, str):
+        return value if _plain_text(value) else None
     numbers = isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
     if numbers and value:
-        return np.asarray(value)
-    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        try:
+            array = np.asarray(value)
+        except OverflowError:
+            return None
+        return array if array.dtype.kind in "if" else None  # (ints beyond 64 bits make an object array)
+    if isinstance(value, list) and value and all(isinstance(v, str) and _plain_text(v) for v in value):
         return value
     return None
+
+
+def _plain_text(text: str) -> bool:
+    """True if HDF5 can store ``text`` as a string attribute: valid UTF-8, no NUL."""
+    if "\0" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # (lone surrogates)
+        return False
+    return True
 
 
 def fit_chunks(requested: tuple[int, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -119,8 +139,23 @@ def _check_tree(names: list[str]) -> None:
             if group in existing:
                 raise MmstoreError(
                     f"cannot export: {group!r} is a dataset and also a group of {name!r}, which HDF5 does not allow "
-                    "(export the two separately with --only)"
+                    f"in one file; export them to separate files: only={group!r} (--only {group}) gives the "
+                    f"dataset, only={group + '/'!r} (--only {group}/) the datasets under the group"
                 )
+
+
+def _selected(store: Store, only: str) -> list[str]:
+    """The names ``only`` selects: every dataset if empty; with a trailing slash, the
+    datasets under that group; else the dataset of that name and the datasets under
+    the group of that name, or only the dataset if there are both (HDF5 cannot hold
+    both in one file)."""
+    if not only:
+        return store.keys()
+    group = only.strip("/")
+    names = store.keys(group)
+    if only.endswith("/"):
+        return [name for name in names if name != group]
+    return [group] if group in names and len(names) > 1 else names
 
 
 def export_hdf5(
@@ -132,7 +167,11 @@ def export_hdf5(
     chunks: bool | tuple[int, ...] | None = None,
     progress: Progress | None = None,
 ) -> list[str]:
-    """Write every dataset's committed view (under ``only``) to the HDF5 file ``path``.
+    """Write every dataset's committed view to the HDF5 file ``path``.
+
+    ``only`` selects a dataset and the datasets under the group of that name, or with a
+    trailing slash (``"a/"``) only those under the group; a name that is both a dataset
+    and a group selects just the dataset (one HDF5 file cannot hold both).
 
     ``compression`` is ``"gzip"``, ``"lzf"`` or None; ``chunks`` is None
     (contiguous unless compressed), True (h5py's choice) or a chunk shape,
@@ -148,7 +187,7 @@ def export_hdf5(
     if compression not in (None, "gzip", "lzf"):
         raise InvalidArgumentError(f"compression must be 'gzip', 'lzf' or None, not {compression!r}")
     chunks = _check_chunks(chunks)
-    names = store.keys(only)
+    names = _selected(store, only)
     _check_tree(names)
     exported: list[str] = []
     target = os.path.abspath(os.fspath(path))
@@ -296,8 +335,11 @@ def _write_dataset(
     dataset.attrs[ATTRS_ATTR] = json.dumps(header.attrs)
     for key, value in header.attrs.items():
         native = _native_attr(value)
-        if native is not None and not key.startswith("mmstore."):
-            dataset.attrs[key] = native
+        if native is not None and key and _plain_text(key) and not key.startswith("mmstore."):
+            try:
+                dataset.attrs[key] = native
+            except (TypeError, ValueError, RuntimeError, OSError):
+                pass  # HDF5 refused this one: mmstore.attrs holds it exactly
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes == 0:
         if progress is not None:
@@ -362,6 +404,9 @@ def import_hdf5(
         prefix = only.strip("/")
         imported: list[str] = []
         skipped: dict[str, str] = {}
+        for name, reason in _links(h5).items():
+            if not prefix or name == prefix or name.startswith(prefix + "/"):
+                skipped[name] = reason
         for name, dataset in found:
             if prefix and not (name == prefix or name.startswith(prefix + "/")):
                 continue
@@ -376,6 +421,29 @@ def import_hdf5(
             if progress is not None:
                 progress(name, source.nbytes, source.nbytes)
     return imported, skipped
+
+
+def _links(h5: Any) -> dict[str, str]:
+    """{name: why it is skipped} of the file's soft and external links (visititems follows
+    neither, and a link is not a dataset of its own: its target, if in the file, is
+    imported under the target's name)."""
+    import h5py
+
+    links: dict[str, str] = {}
+
+    def note(name: str, link: Any) -> None:
+        if isinstance(link, h5py.SoftLink):
+            links[name] = f"a soft link to {link.path!r}: links are not imported (their target is, under its own name)"
+        elif isinstance(link, h5py.ExternalLink):
+            links[name] = f"an external link to {link.filename}:{link.path}: links to other files are not imported"
+
+    visit = getattr(h5, "visititems_links", None)  # (h5py >= 3.11)
+    if visit is not None:
+        visit(note)
+    else:  # pragma: no cover - older h5py: links of the root group only
+        for key in h5:
+            note(key, h5.get(key, getlink=True))
+    return links
 
 
 def _import_source(name: str, dataset: Any) -> tuple[RowSource, dict[str, Any]]:

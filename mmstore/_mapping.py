@@ -48,6 +48,8 @@ class RowSource:
     """
 
     def __init__(self, source: Any, view: np.dtype[Any] | None = None) -> None:
+        if source.shape is None:  # (h5py's null dataspace: a dataset that holds no array at all)
+            raise InvalidArgumentError(f"{_describe(source)} has a null dataspace: it holds no array, not even empty")
         self.source = source
         self.source_dtype = np.dtype(source.dtype)
         self.dtype = view if view is not None else self.source_dtype
@@ -63,6 +65,12 @@ class RowSource:
     def block(self, start: int, stop: int) -> np.ndarray:
         raw = np.ascontiguousarray(np.asarray(self.source[start:stop] if self.shape else self.source[...]))
         return raw.view(self.dtype).reshape((stop - start, *self.shape[1:]) if self.shape else ())
+
+
+def _describe(source: Any) -> str:
+    """How an error names a lazy source: an HDF5 dataset by its path."""
+    name = getattr(source, "name", None)
+    return f"HDF5 dataset {name!r}" if isinstance(name, str) else f"this {type(source).__name__}"
 
 
 def refuse_masked(obj: Any) -> None:

@@ -49,6 +49,7 @@ from ._errors import (
     MmstoreError,
     ReadOnlyError,
     StoreIOError,
+    UnsupportedDtypeError,
 )
 from ._format import (
     MAX_SIDECAR_BYTES,
@@ -131,7 +132,10 @@ class StoreWrites(StoreReads):
         self._check_writable()
         location = self._locate_for_writing(name)
         source = _mapping.as_source(array)
-        encode_dtype(source.dtype)
+        try:
+            encode_dtype(source.dtype)
+        except UnsupportedDtypeError as exc:
+            raise UnsupportedDtypeError(f"dataset {name!r}: {exc}") from None
         attrs_record = encode_attrs(attrs) if attrs else {}
 
         if self.pack_small and isinstance(source, np.ndarray) and 0 < source.nbytes <= PACK_MAX_NBYTES:

@@ -60,6 +60,63 @@ def test_export_refuses_dataset_that_is_also_a_group(tmp_path: Path) -> None:
     assert not (tmp_path / "out.h5").exists()
 
 
+def test_the_advice_for_a_dataset_that_is_also_a_group_can_be_followed(tmp_path: Path) -> None:
+    # The refusal says to export the two to separate files with only='a' and only='a/'.
+    with mmstore.Store(tmp_path / "s") as store:
+        store.put("a", np.arange(2))
+        store.put("a/b", np.arange(3))
+        store.put("a/c/d", np.arange(4))
+        store.put("g/x", np.arange(5))
+        with pytest.raises(mmstore.MmstoreError, match=r"only='a' .* only='a/'"):
+            mmstore.export_hdf5(store, tmp_path / "all.h5")
+        assert mmstore.export_hdf5(store, tmp_path / "a.h5", only="a") == ["a"]
+        assert mmstore.export_hdf5(store, tmp_path / "group.h5", only="a/") == ["a/b", "a/c/d"]
+        assert mmstore.export_hdf5(store, tmp_path / "g.h5", only="g") == ["g/x"]  # a plain group, as before
+        assert mmstore.export_hdf5(store, tmp_path / "gx.h5", only="g/x") == ["g/x"]
+    with h5py.File(tmp_path / "a.h5") as h5:
+        assert list(h5) == ["a"] and h5["a"][...].tolist() == [0, 1]
+    with h5py.File(tmp_path / "group.h5") as h5:
+        assert h5["a/b"][...].tolist() == [0, 1, 2] and h5["a/c/d"].shape == (4,)
+
+
+def test_export_keeps_attrs_that_hdf5_cannot_hold_as_attributes(tmp_path: Path) -> None:
+    # Every attrs value is JSON, exact in mmstore.attrs; the one-attribute-per-key copy for
+    # other tools skips what HDF5 refuses (it failed the whole export, some with a traceback).
+    attrs = {
+        "": 1, "big": 2**70, "bigs": [2**70, 1], "low": -(2**63) - 1, "huge": [1e308, 2**64],
+        "nul": "a\x00b", "nuls": ["a\x00"], "surrogate": "\ud800", "ok": "fine", "n": 3,
+    }  # fmt: skip
+    with mmstore.Store(tmp_path / "s") as store:
+        store.put("x", np.arange(2), attrs=attrs)
+        assert mmstore.export_hdf5(store, tmp_path / "out.h5") == ["x"]
+    with h5py.File(tmp_path / "out.h5") as h5:
+        native = dict(h5["x"].attrs)
+        assert native["ok"] == "fine" and native["n"] == 3
+        assert not {"", "big", "bigs", "low", "nul", "nuls", "surrogate"} & set(native)
+    with mmstore.Store(tmp_path / "back") as back:
+        assert mmstore.import_hdf5(tmp_path / "out.h5", back) == (["x"], {})
+        assert back.attrs("x") == attrs
+
+
+def test_import_lists_links_and_null_dataspaces_as_skipped(tmp_path: Path) -> None:
+    with h5py.File(tmp_path / "other.h5", "w") as h5:
+        h5["there"] = np.arange(2)
+    with h5py.File(tmp_path / "in.h5", "w") as h5:
+        h5["plain"] = np.arange(3)
+        h5["g/soft"] = h5py.SoftLink("/plain")
+        h5["external"] = h5py.ExternalLink("other.h5", "/there")
+        h5.create_dataset("empty", data=h5py.Empty("f8"))
+    with mmstore.Store(tmp_path / "s") as store:
+        imported, skipped = mmstore.import_hdf5(tmp_path / "in.h5", store)
+        assert imported == ["plain"]
+        assert set(skipped) == {"g/soft", "external", "empty"}
+        assert "soft link to '/plain'" in skipped["g/soft"]
+        assert "external link" in skipped["external"] and "null dataspace" in skipped["empty"]
+        assert mmstore.import_hdf5(tmp_path / "in.h5", store, only="g")[1].keys() == {"g/soft"}
+        with h5py.File(tmp_path / "in.h5") as h5, pytest.raises(mmstore.InvalidArgumentError, match="'/empty'"):
+            store.put("e", h5["empty"])
+
+
 def test_import_skips_what_has_no_fixed_size(tmp_path: Path) -> None:
     with h5py.File(tmp_path / "in.h5", "w") as h5:
         h5["plain"] = np.arange(3)

@@ -1106,3 +1106,11 @@ def test_attrs_too_large_for_a_sidecar_are_refused_before_the_commit(store: mmst
     assert sorted(p.name for p in store_path.glob("x.*.dat")) == old_files
     with mmstore.Store(store_path, "r") as reader:  # committed would mean unreadable: it was not
         assert reader.get("x").tolist() == [0, 1, 2] and reader.attrs("x") == {"ok": 1}
+
+
+def test_record_dtype_with_fields_out_of_order_in_memory_is_refused_clearly(store: mmstore.Store) -> None:
+    # NumPy has no descr for it and raised its own ValueError from inside put.
+    dtype = np.dtype({"names": ["a", "b"], "formats": ["<i4", "<i4"], "offsets": [4, 0]})
+    with pytest.raises(mmstore.UnsupportedDtypeError, match=r"dataset 'r': dtype .*repack_fields"):
+        store.put("r", np.zeros(3, dtype))
+    assert "r" not in store
