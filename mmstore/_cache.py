@@ -52,6 +52,8 @@ _SLOTS = 65536  # access-time slots (u64 milliseconds); keys share a slot by has
 # set/delete/eviction bumps its key's slot before and after touching the entry,
 # so a hit whose slot still shows the (even) value seen when the entry was read
 # needs no system call at all. Odd means "a change is in progress": look again.
+# Every bump is made under the cache lock: a read-then-write by two processes at
+# once could lose one and bring the counter back to a value a reader has seen.
 _RESERVED, _HITS, _MISSES, _EVICTIONS, _VERSION_SLOT = 1, 2, 3, 4, 7  # u64 fields of the header
 _VERSION = 2
 _STRIPES = 4096
@@ -206,10 +208,11 @@ class Cache:
             if self._hits >= 1024 or now - self._published_at >= _PUBLISH_SECONDS:
                 self._publish_counts()
 
-    def _delete_entry(self, name: str) -> bool:
+    def _delete_entry(self, name: str, locked: bool = False) -> bool:
         """Delete entry ``name`` (its marker or array), bracketed by its change counter;
-        True if it was there. Parts and byte accounting are the caller's."""
-        change = self._changing(name)
+        True if it was there. Parts and byte accounting are the caller's. ``locked``:
+        the caller holds the cache lock."""
+        change = self._changing(name, locked)
         change.begin()
         try:
             self.store.delete(name)
@@ -219,9 +222,10 @@ class Cache:
             change.end()
         return True
 
-    def _changing(self, name: str) -> _Change:
-        """Bracket a change of entry ``name`` with two bumps of its change counter."""
-        return _Change(self._changes, _slot_of(name))
+    def _changing(self, name: str, locked: bool = False) -> _Change:
+        """Bracket a change of entry ``name`` with two bumps of its change counter, each
+        under the cache lock (``locked``: the caller holds it already)."""
+        return _Change(self._changes, _slot_of(name), None if locked else self._lock, self.store.timeout)
 
     def _count(self, hit: bool, count: bool = True) -> None:
         """Count one hit or miss (in this process; added to the shared counters in batches,
@@ -468,7 +472,7 @@ class Cache:
         for _used, name, nbytes, parts in self._entries():
             if freed >= needed:
                 break
-            if not self._delete_entry(name):
+            if not self._delete_entry(name, locked=True):
                 continue
             self._delete_parts(parts)
             freed += nbytes
@@ -613,19 +617,34 @@ def _slot_of(name: str) -> int:
 
 
 class _Change:
-    """Two bumps of a change counter around a change: odd while it is under way."""
+    """Two bumps of a change counter around a change: odd while it is under way.
 
-    __slots__ = ("counters", "slot")
+    A bump is a read and a write of shared memory, so it is made under the cache lock
+    (``lock``; None when the caller holds it): two processes bumping at once must not
+    lose one, or the counter could come back to a value a reader saw before a change."""
 
-    def __init__(self, counters: memoryview, slot: int) -> None:
+    __slots__ = ("counters", "lock", "slot", "timeout")
+
+    def __init__(self, counters: Any, slot: int, lock: DatasetLock | None, timeout: float) -> None:
         self.counters = counters
         self.slot = slot
+        self.lock = lock
+        self.timeout = timeout
+
+    def _bump(self) -> None:
+        if self.lock is not None:
+            self.lock.acquire(self.timeout)
+        try:
+            self.counters[self.slot] = (self.counters[self.slot] + 1) & 0xFFFFFFFFFFFFFFFF
+        finally:
+            if self.lock is not None:
+                self.lock.release()
 
     def begin(self) -> None:
-        self.counters[self.slot] = (self.counters[self.slot] + 1) & 0xFFFFFFFFFFFFFFFF
+        self._bump()
 
     def end(self) -> None:
-        self.counters[self.slot] = (self.counters[self.slot] + 1) & 0xFFFFFFFFFFFFFFFF
+        self._bump()
 
 
 def _check_ttl(ttl: Any) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -365,3 +366,80 @@ def test_another_processes_counts_show_after_it_exits(tmp_path: Path, spawn: Any
     with mmstore.Cache(path) as cache:
         stats = cache.stats()
     assert (stats["hits"], stats["misses"], stats["entries"]) == (2, 1, 1)
+
+
+# --- deterministic interleavings of two writers (children pause at the racy point) ---
+
+
+class _ReportingLock:
+    """A cache lock that reports a contended acquire (then waits for it as usual)."""
+
+    def __init__(self, lock: Any, contended: threading.Event) -> None:
+        self.lock = lock
+        self.contended = contended
+
+    def acquire(self, timeout: float) -> None:
+        if not self.lock.try_acquire():
+            self.contended.set()
+            self.lock.acquire(timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.lock, name)
+
+
+def _set_pausing_in_change(path: str, paused: Any, go: Any) -> None:
+    """Child: set "k", pausing between the read and the write of its first change-counter bump."""
+    cache = mmstore.Cache(path)
+    counters = cache._changes
+
+    class PausingCounters:
+        first = True
+
+        def __getitem__(self, slot: int) -> int:
+            value = counters[slot]
+            if self.first:
+                self.first = False
+                paused.set()
+                assert go.wait(PROCESS_TIMEOUT)
+            return value
+
+        def __setitem__(self, slot: int, value: int) -> None:
+            counters[slot] = value
+
+    cache._changes = PausingCounters()
+    cache.set("k", np.full(4, 2))
+    cache.close()
+
+
+def test_change_counter_bumps_are_atomic_across_processes(tmp_path: Path, spawn: Any) -> None:
+    """A writer paused between reading and writing the key's change counter while another
+    process completes a set must not bring the counter back to a value a reader has seen
+    (the reader would keep serving its stale in-memory value)."""
+    path = str(tmp_path / "cache")
+    with mmstore.Cache(path) as writer, mmstore.Cache(path) as reader:
+        writer.set("k", np.full(4, 0))
+        assert reader.get("k")[0] == 0
+        paused, go = spawn.Event(), spawn.Event()
+        child = spawn.Process(target=_set_pausing_in_change, args=(path, paused, go))
+        child.start()
+        assert paused.wait(PROCESS_TIMEOUT)  # the child has read the counter, not written it
+        progressed, done = threading.Event(), threading.Event()
+        writer._lock = _ReportingLock(writer._lock, progressed)
+
+        def set_in_thread() -> None:
+            writer.set("k", np.full(4, 1))
+            done.set()
+            progressed.set()
+
+        thread = threading.Thread(target=set_in_thread)
+        thread.start()
+        assert progressed.wait(PROCESS_TIMEOUT)  # our set is done, or waits for the child's lock
+        if done.is_set():
+            assert reader.get("k")[0] == 1  # hot again, with the counter our set left
+        go.set()
+        thread.join(PROCESS_TIMEOUT)
+        child.join(PROCESS_TIMEOUT)
+        assert child.exitcode == 0 and done.is_set()
+        with mmstore.Cache(path) as fresh:
+            committed = int(fresh.get("k")[0])
+        assert int(reader.get("k")[0]) == committed
