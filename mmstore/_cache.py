@@ -3,7 +3,8 @@
 Layout inside the cache directory (itself a store):
 
     e/<h2>/<h>                 one entry: the array, or an empty marker whose attrs
-                               list the parts of a tuple/list/dict result
+                               list the parts of a tuple/list/dict result or of an
+                               array larger than _DIRECT_MAX_BYTES (kind "large")
     p/<h2>/<h>/<token>/<i>     the parts of such a result (written before the marker)
     .mmstore-cache             shared control file: byte accounting, counters, and an
                                access-time table used to pick the least recently used
@@ -17,6 +18,12 @@ cache lock) before it writes, and a removal releases them after it deletes, so t
 committed entries never exceed ``max_bytes``. A process killed between the two
 steps leaves bytes reserved that nothing uses; that errs on the safe side, and
 ``Cache.resync()`` recounts when no other process is writing.
+
+Every commit, deletion and eviction of an entry is made under the cache lock, which
+also reads the attrs of the entry it replaces or removes and releases that entry's
+bytes: so each entry's bytes are released exactly once, however many processes
+replace or delete it at once. The bulk of a large value (its parts) is written
+before, outside the lock; only a small entry is committed under it.
 """
 
 from __future__ import annotations
@@ -57,6 +64,9 @@ _SLOTS = 65536  # access-time slots (u64 milliseconds); keys share a slot by has
 _RESERVED, _HITS, _MISSES, _EVICTIONS, _VERSION_SLOT = 1, 2, 3, 4, 7  # u64 fields of the header
 _VERSION = 2
 _STRIPES = 4096
+# Arrays up to this size are committed as the entry itself, under the cache lock; larger
+# ones are written as a part first (outside it) so the lock is never held for long.
+_DIRECT_MAX_BYTES = 1 << 20
 _MISSING = object()
 _SCALAR_KINDS = (bool, int, float, str, type(None))
 
@@ -208,11 +218,11 @@ class Cache:
             if self._hits >= 1024 or now - self._published_at >= _PUBLISH_SECONDS:
                 self._publish_counts()
 
-    def _delete_entry(self, name: str, locked: bool = False) -> bool:
+    def _delete_entry(self, name: str) -> bool:
         """Delete entry ``name`` (its marker or array), bracketed by its change counter;
-        True if it was there. Parts and byte accounting are the caller's. ``locked``:
-        the caller holds the cache lock."""
-        change = self._changing(name, locked)
+        True if it was there. The caller holds the cache lock; parts and byte accounting
+        are its own."""
+        change = self._changing(name)
         change.begin()
         try:
             self.store.delete(name)
@@ -222,10 +232,10 @@ class Cache:
             change.end()
         return True
 
-    def _changing(self, name: str, locked: bool = False) -> _Change:
-        """Bracket a change of entry ``name`` with two bumps of its change counter, each
-        under the cache lock (``locked``: the caller holds it already)."""
-        return _Change(self._changes, _slot_of(name), None if locked else self._lock, self.store.timeout)
+    def _changing(self, name: str) -> _Change:
+        """Bracket a change of entry ``name`` with two bumps of its change counter (the
+        caller holds the cache lock)."""
+        return _Change(self._changes, _slot_of(name))
 
     def _count(self, hit: bool, count: bool = True) -> None:
         """Count one hit or miss (in this process; added to the shared counters in batches,
@@ -259,7 +269,7 @@ class Cache:
             return float(array[()])
         if kind == "json":
             return attrs.get("value")
-        parts = []
+        parts: list[Any] = []
         for part in attrs.get("parts", ()):
             try:
                 parts.append(self.store.get(part))
@@ -267,6 +277,8 @@ class Cache:
                 return _MISSING  # evicted or replaced while we read it
         scalars = attrs.get("scalars") or [False] * len(parts)
         parts = [part[()] if scalar else part for part, scalar in zip(parts, scalars, strict=True)]
+        if kind == "large":
+            return parts[0]
         if kind == "tuple":
             return tuple(parts)
         if kind == "list":
@@ -292,14 +304,34 @@ class Cache:
     def _purge_expired(self) -> int:
         """Delete every expired entry, releasing its bytes; return how many live ones remain."""
         live = 0
-        for used, name, nbytes, parts in self._entries():
+        for used, name, _nbytes, _parts in self._entries():
             if used >= 0:
                 live += 1
                 continue
-            if self._delete_entry(name):
-                self._release(nbytes)
-                self._delete_parts(parts)
+            removed = self._remove_entry(name, expired_at=time.time())
+            if removed is not None:
+                self._delete_parts(removed.get("parts", ()))
         return live
+
+    def _remove_entry(self, name: str, expired_at: float | None = None) -> dict[str, Any] | None:
+        """Delete entry ``name`` and release its bytes, reading its attrs under the same
+        cache lock (so a concurrent set or delete cannot make us release another entry's
+        bytes, or the same ones twice); its attrs, or None if it was not there. With
+        ``expired_at``, only an entry expired by then is deleted. Parts are the caller's."""
+        self._lock.acquire(self.store.timeout)
+        try:
+            attrs = self._entry_attrs(name)
+            if expired_at is not None:
+                expires = None if attrs is None else attrs.get("expires")
+                if expires is None or expired_at < expires:
+                    return None  # replaced by a live entry since it was listed
+            if not self._delete_entry(name):
+                return None
+            attrs = attrs or {}
+            self._header[_RESERVED] = max(0, int(self._header[_RESERVED]) - int(attrs.get("nbytes", 0)))
+            return attrs
+        finally:
+            self._lock.release()
 
     # --- writing ----------------------------------------------------------------
 
@@ -316,30 +348,46 @@ class Cache:
         if isinstance(key, str) and len(key) <= 512:
             attrs["key"] = key
         attrs.update(extra)
-        old = self._entry_attrs(name)
+        if kind == "array" and nbytes > _DIRECT_MAX_BYTES:
+            attrs["kind"] = kind = "large"
         self._reserve(nbytes)
-        change = self._changing(name)
-        change.begin()
         try:
-            if kind in ("tuple", "list", "dict"):
+            if kind in ("tuple", "list", "dict", "large"):
                 base = f"p/{name[2:]}/{_names.new_token()}"
                 attrs["parts"] = [f"{base}/{index}" for index in range(len(arrays))]
                 for part, array in zip(attrs["parts"], arrays, strict=True):
-                    self.store.put(part, array)
-                self.store.put(name, np.zeros(0, np.uint8), attrs=attrs)
+                    self.store.put(part, array)  # (outside the cache lock: the bulk of the bytes)
+                old = self._commit_entry(name, np.zeros(0, np.uint8), attrs)
             else:
-                self.store.put(name, arrays[0] if arrays else np.zeros(0, np.uint8), attrs=attrs)
+                old = self._commit_entry(name, arrays[0] if arrays else np.zeros(0, np.uint8), attrs)
         except BaseException:
             self._release(nbytes)
             if "parts" in attrs:
                 self._delete_parts(attrs["parts"])
             raise
-        finally:
-            change.end()
         self._access_slots[slot] = int(time.time() * 1000)
         if old is not None:
-            self._release(int(old.get("nbytes", 0)))
             self._delete_parts(old.get("parts", ()))
+
+    def _commit_entry(self, name: str, array: np.ndarray, attrs: dict[str, Any]) -> dict[str, Any] | None:
+        """Commit entry ``name`` (its bytes reserved) and release the bytes of the entry it
+        replaces, whose attrs are read under the same cache lock: each replaced byte is
+        released exactly once, however many processes set the key at once. Returns the
+        replaced entry's attrs (its parts are the caller's to delete), or None."""
+        self._lock.acquire(self.store.timeout)
+        try:
+            old = self._entry_attrs(name)
+            change = self._changing(name)
+            change.begin()
+            try:
+                self.store.put(name, array, attrs=attrs)
+            finally:
+                change.end()
+            if old is not None:
+                self._header[_RESERVED] = max(0, int(self._header[_RESERVED]) - int(old.get("nbytes", 0)))
+            return old
+        finally:
+            self._lock.release()
 
     def get_or_compute(self, key: Any, compute: Callable[[], Any], ttl: float | None = None) -> Any:
         _check_ttl(ttl)  # (now: set() would refuse it only after the computation, which then goes uncached)
@@ -381,24 +429,18 @@ class Cache:
     def delete(self, key: Any) -> bool:
         """Remove ``key``; True if it was there."""
         name, _slot = self._locate(key)
-        attrs = self._entry_attrs(name)
-        if not self._delete_entry(name):
+        removed = self._remove_entry(name)
+        if removed is None:
             return False
-        if attrs is not None:
-            self._release(int(attrs.get("nbytes", 0)))
-            self._delete_parts(attrs.get("parts", ()))
+        self._delete_parts(removed.get("parts", ()))
         return True
 
     def clear(self) -> int:
         """Remove every entry; return how many there were."""
         count = 0
         for name in self.store.keys("e"):
-            attrs = self._entry_attrs(name)
-            if not self._delete_entry(name):
-                continue
-            count += 1
-            if attrs is not None:
-                self._release(int(attrs.get("nbytes", 0)))
+            if self._remove_entry(name) is not None:
+                count += 1
         for name in self.store.keys("p"):
             try:
                 self.store.delete(name)
@@ -472,7 +514,7 @@ class Cache:
         for _used, name, nbytes, parts in self._entries():
             if freed >= needed:
                 break
-            if not self._delete_entry(name, locked=True):
+            if not self._delete_entry(name):
                 continue
             self._delete_parts(parts)
             freed += nbytes
@@ -619,32 +661,21 @@ def _slot_of(name: str) -> int:
 class _Change:
     """Two bumps of a change counter around a change: odd while it is under way.
 
-    A bump is a read and a write of shared memory, so it is made under the cache lock
-    (``lock``; None when the caller holds it): two processes bumping at once must not
-    lose one, or the counter could come back to a value a reader saw before a change."""
+    A bump is a read and a write of shared memory: callers hold the cache lock, since
+    two processes bumping at once could lose one, and the counter come back to a value
+    a reader saw before a change."""
 
-    __slots__ = ("counters", "lock", "slot", "timeout")
+    __slots__ = ("counters", "slot")
 
-    def __init__(self, counters: Any, slot: int, lock: DatasetLock | None, timeout: float) -> None:
+    def __init__(self, counters: Any, slot: int) -> None:
         self.counters = counters
         self.slot = slot
-        self.lock = lock
-        self.timeout = timeout
-
-    def _bump(self) -> None:
-        if self.lock is not None:
-            self.lock.acquire(self.timeout)
-        try:
-            self.counters[self.slot] = (self.counters[self.slot] + 1) & 0xFFFFFFFFFFFFFFFF
-        finally:
-            if self.lock is not None:
-                self.lock.release()
 
     def begin(self) -> None:
-        self._bump()
+        self.counters[self.slot] = (self.counters[self.slot] + 1) & 0xFFFFFFFFFFFFFFFF
 
     def end(self) -> None:
-        self._bump()
+        self.counters[self.slot] = (self.counters[self.slot] + 1) & 0xFFFFFFFFFFFFFFFF
 
 
 def _check_ttl(ttl: Any) -> None:

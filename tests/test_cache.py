@@ -443,3 +443,64 @@ def test_change_counter_bumps_are_atomic_across_processes(tmp_path: Path, spawn:
         with mmstore.Cache(path) as fresh:
             committed = int(fresh.get("k")[0])
         assert int(reader.get("k")[0]) == committed
+
+
+def _set_pausing_before_reserve(path: str, max_bytes: int, paused: Any, go: Any) -> None:
+    """Child: set "K" small, pausing just before it reserves its bytes."""
+    from mmstore import _cache
+
+    reserve = _cache.Cache._reserve
+
+    def pausing(self: Any, nbytes: int) -> None:
+        paused.set()
+        assert go.wait(PROCESS_TIMEOUT)
+        reserve(self, nbytes)
+
+    _cache.Cache._reserve = pausing  # type: ignore[method-assign]
+    with mmstore.Cache(path, max_bytes=max_bytes) as cache:
+        cache.set("K", np.zeros(8, np.uint8))
+
+
+def _committed_bytes(path: str) -> int:
+    store = mmstore.Store(path, "r")
+    try:
+        return sum(int(store.attrs(name).get("nbytes", 0)) for name in store.keys("e"))
+    finally:
+        store.close()
+
+
+def test_two_processes_replacing_one_key_release_its_bytes_once(tmp_path: Path, spawn: Any) -> None:
+    """Two processes set the same key at once: the replaced entry's bytes are released once,
+    so the byte count matches the committed entries and the bound holds afterwards."""
+    path, max_bytes = str(tmp_path / "cache"), 2000
+    with mmstore.Cache(path, max_bytes=max_bytes) as cache:
+        cache.set("L", np.zeros(900, np.uint8))
+        cache.set("K", np.zeros(1000, np.uint8))
+        paused, go = spawn.Event(), spawn.Event()
+        child = spawn.Process(target=_set_pausing_before_reserve, args=(path, max_bytes, paused, go))
+        child.start()
+        assert paused.wait(PROCESS_TIMEOUT)  # the child has seen the 1000-byte "K"
+        cache.set("K", np.zeros(8, np.uint8))
+        go.set()
+        child.join(PROCESS_TIMEOUT)
+        assert child.exitcode == 0
+        assert cache.stats()["bytes"] == _committed_bytes(path) == 908
+        cache.set("M", np.zeros(1500, np.uint8))
+        assert _committed_bytes(path) <= max_bytes
+        assert cache.stats()["bytes"] == _committed_bytes(path)
+
+
+def test_large_arrays_are_committed_through_a_part(tmp_path: Path) -> None:
+    """An array over the direct-commit size is written as a part outside the cache lock;
+    it comes back the same, read-only, and its bytes are counted and released once."""
+    with mmstore.Cache(tmp_path / "c", max_bytes=8 << 20) as cache, mmstore.Cache(tmp_path / "c") as other:
+        big = np.arange((2 << 20) // 8, dtype=np.int64)
+        cache.set("big", big)
+        for handle in (cache, other, cache):
+            got = handle.get("big")
+            assert np.array_equal(got, big) and not got.flags.writeable
+        cache.set("big", big[:10])
+        assert cache.stats()["bytes"] == 80 and other.get("big").tolist() == list(range(10))
+        cache.set("big", big)
+        assert cache.delete("big") and cache.stats()["bytes"] == 0
+        assert list(cache.store.keys("p")) == []
