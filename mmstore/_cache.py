@@ -585,7 +585,9 @@ class Cache:
     ) -> Any:
         """Decorator: cache a function's results by its qualified name, ``version`` and arguments.
 
-        Arguments are keyed by value (arrays by dtype, shape and content); pass
+        Arguments are keyed by value (arrays by dtype, shape and content), bound to the
+        function's signature with defaults applied, so ``f(x)``, ``f(x, 3)`` and
+        ``f(x, k=3)`` share a result when 3 is ``k``'s default; pass
         ``key=`` (a function of the same arguments) for arguments that have no
         canonical value. Bump ``version`` when the function's code changes.
         Functions that share a qualified name share results: closures made by one
@@ -600,11 +602,12 @@ class Cache:
             # workers: key them alike so that workers hit what the parent computed.
             module = "__main__" if func.__module__ == "__mp_main__" else func.__module__
             prefix = f"memo:{module}.{func.__qualname__}:{version!r}:"
+            call_digest = _keys.call_digester(func)
 
             def key_for(*args: Any, **kwargs: Any) -> str:
                 if key is not None:
                     return prefix + _keys.digest(key(*args, **kwargs))
-                return prefix + _keys.digest((args, kwargs) if kwargs else args)
+                return prefix + call_digest(args, kwargs)
 
             @functools.wraps(func)
             def wrapper(*args: Any, **kwargs: Any) -> Any:

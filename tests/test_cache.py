@@ -157,9 +157,9 @@ def test_memoize_keys_by_value(cache: mmstore.Cache) -> None:
     f(a.reshape(2, 3))  # same bytes, other shape: a miss
     f(a.astype(np.float32))  # other dtype: a miss
     f(a, k=2)
-    f(a, 2)  # positional and keyword are different calls; both are cached
-    f(a, k=2)
-    assert len(calls) == 5
+    f(a, 2)  # the same call, bound to the signature: a hit
+    f(a, k=1)  # k's default, as f(a) above: a hit
+    assert len(calls) == 4
     assert not f(a).flags.writeable
     with pytest.raises(TypeError, match="cannot make a cache key"):
         f(object())
@@ -170,6 +170,46 @@ def test_memoize_keys_by_value(cache: mmstore.Cache) -> None:
 
     assert g(object(), "abc").tolist() == [3, 3]
     assert g.key_for(None, "abc") != f.key_for(a)
+
+
+def test_memoize_keys_of_keyword_and_positional_calls_never_collide(cache: mmstore.Cache) -> None:
+    """f(1, 2, k=3) and f((1, 2), {"k": 3}) are different calls: neither gets the other's
+    result. Calls that bind to the same arguments (defaults applied) share one."""
+    calls = []
+
+    @cache.memoize
+    def f(*args: Any, **kwargs: Any) -> np.ndarray:
+        calls.append((args, kwargs))
+        return np.array([len(args), len(kwargs)])
+
+    assert f(1, 2, k=3).tolist() == [2, 1]
+    assert f((1, 2), {"k": 3}).tolist() == [2, 0]
+    assert f(1, 2, k=3).tolist() == [2, 1] and len(calls) == 2
+
+    @cache.memoize
+    def g(x: int, k: int = 3, *, scale: float = 1.0) -> np.ndarray:
+        calls.append((x, k, scale))
+        return np.array([x, k, scale])
+
+    for call in (lambda: g(1), lambda: g(1, 3), lambda: g(1, k=3), lambda: g(x=1), lambda: g(1, scale=1.0)):
+        assert call().tolist() == [1, 3, 1.0]
+    assert g(1, 4).tolist() == [1, 4, 1.0] and g(1, scale=2.0).tolist() == [1, 3, 2.0]
+    assert len(calls) == 5
+    assert g.key_for(1, 3) != g.key_for((1, 3))
+    from mmstore import _keys
+
+    positional = cache.memoize(lambda x, k=3: np.array([x, k]))
+    assert positional.key_for(1, 3).endswith(":" + _keys.digest((1, 3)))  # by position: the key it always had
+    assert positional.key_for(1) == positional.key_for(x=1, k=3) == positional.key_for(1, 3)
+    sentinel = object()
+
+    @cache.memoize
+    def h(x: int, option: object = sentinel) -> np.ndarray:  # a default with no canonical value
+        return np.array([x])
+
+    assert h(2).tolist() == [2] and h(x=2).tolist() == [2]
+    with pytest.raises(TypeError, match="cannot make a cache key"):
+        h(2, sentinel)
 
 
 def test_memoize_returns_tuples_and_dicts(cache: mmstore.Cache) -> None:
