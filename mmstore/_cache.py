@@ -275,8 +275,12 @@ class Cache:
                 parts.append(self.store.get(part))
             except DatasetNotFoundError:
                 return _MISSING  # evicted or replaced while we read it
-        scalars = attrs.get("scalars") or [False] * len(parts)
-        parts = [part[()] if scalar else part for part, scalar in zip(parts, scalars, strict=True)]
+        items = attrs.get("items")
+        if items is not None:
+            parts = _items_of(items, parts)
+        else:  # (an entry written before "items": its scalars all come back as NumPy scalars)
+            scalars = attrs.get("scalars") or [False] * len(parts)
+            parts = [part[()] if scalar else part for part, scalar in zip(parts, scalars, strict=True)]
         if kind == "large":
             return parts[0]
         if kind == "tuple":
@@ -336,7 +340,7 @@ class Cache:
     # --- writing ----------------------------------------------------------------
 
     def set(self, key: Any, value: Any, ttl: float | None = None) -> None:
-        """Cache ``value``: an array, a NumPy or Python scalar, or a tuple/list/dict of arrays."""
+        """Cache ``value``: an array, a NumPy or Python scalar, or a tuple/list/dict of them."""
         _check_ttl(ttl)
         name, slot = self._locate(key)
         kind, arrays, extra = _split(value)
@@ -713,24 +717,62 @@ def _split(value: Any) -> tuple[str, list[np.ndarray], dict[str, Any]]:
     if isinstance(value, _SCALAR_KINDS):
         return "json", [], {"value": value}
     if isinstance(value, (tuple, list)):
-        arrays = [_as_part(item) for item in value]
-        scalars = [isinstance(item, (np.generic, *_SCALAR_KINDS)) for item in value]
-        return ("tuple" if isinstance(value, tuple) else "list"), arrays, {"scalars": scalars}
+        arrays, items = _split_items(value)
+        return ("tuple" if isinstance(value, tuple) else "list"), arrays, {"items": items}
     if isinstance(value, dict) and all(isinstance(k, str) for k in value):
-        arrays = [_as_part(item) for item in value.values()]
-        scalars = [isinstance(item, (np.generic, *_SCALAR_KINDS)) for item in value.values()]
-        return "dict", arrays, {"keys": list(value), "scalars": scalars}
+        arrays, items = _split_items(value.values())
+        return "dict", arrays, {"keys": list(value), "items": items}
     raise ArgumentTypeError(
         f"cannot cache a {type(value).__qualname__}: use an array, a scalar, or a tuple/list/dict (str keys) of them"
     )
 
 
-def _as_part(item: Any) -> np.ndarray:
-    if isinstance(item, np.ndarray):
-        return item
-    if isinstance(item, (np.generic, bool, int, float)):
-        return np.asarray(item)
-    raise ArgumentTypeError(f"cannot cache a {type(item).__qualname__} inside a result: use arrays or numbers")
+def _split_items(values: Any) -> tuple[list[np.ndarray], list[Any]]:
+    """(parts, items) of a tuple/list/dict result's values. An item is "a" (an array part),
+    "n" (a NumPy scalar, a 0-d part), "f" (a Python float JSON cannot hold, a 0-d part) or
+    [value] (a Python bool, int, float, str or None, kept in the attrs): each comes back
+    as the type it went in as."""
+    parts: list[np.ndarray] = []
+    items: list[Any] = []
+    for item in values:
+        if isinstance(item, np.ndarray):
+            parts.append(item)
+            items.append("a")
+        elif isinstance(item, np.generic):
+            parts.append(np.asarray(item))
+            items.append("n")
+        elif isinstance(item, float) and not math.isfinite(item):
+            parts.append(np.asarray(item, np.float64))
+            items.append("f")
+        elif item is None or isinstance(item, (bool, str)):
+            items.append([item if item is None or type(item) in (bool, str) else str(item)])
+        elif isinstance(item, int):
+            items.append([int(item)])
+        elif isinstance(item, float):
+            items.append([float(item)])
+        else:
+            raise ArgumentTypeError(
+                f"cannot cache a {type(item).__qualname__} inside a result: use arrays, numbers, str or None"
+            )
+    return parts, items
+
+
+def _items_of(items: list[Any], parts: list[Any]) -> list[Any]:
+    """The values of a tuple/list/dict result from its items and parts (see _split_items)."""
+    values: list[Any] = []
+    next_part = iter(parts).__next__
+    for item in items:
+        if isinstance(item, list):
+            values.append(item[0])
+        elif item == "a":
+            values.append(next_part())
+        elif item == "n":
+            values.append(next_part()[()])
+        elif item == "f":
+            values.append(float(next_part()[()]))
+        else:
+            raise FormatError(f"cache entry with an item of unknown kind {item!r}")
+    return values
 
 
 def _open_control(root: str, permissions: int | None) -> mmap.mmap:

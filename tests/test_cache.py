@@ -222,6 +222,31 @@ def test_memoize_returns_tuples_and_dicts(cache: mmstore.Cache) -> None:
         assert cumulative.tolist() == [0, 1, 3, 6] and total == 6
 
 
+def test_python_scalars_inside_results_keep_their_types(cache: mmstore.Cache) -> None:
+    """A result (arr, 3, 2.5, True ...) comes back with Python ints, floats, bools, str and
+    None on every path (the computing call, a hit, another handle), NumPy scalars as NumPy
+    scalars; an int too large for int64 is cached too."""
+    calls = []
+
+    @cache.memoize
+    def mixed(n: int) -> tuple[Any, ...]:
+        calls.append(n)
+        return (np.arange(n), n, 2.5, True, None, "text", 2**70, math.nan, np.float32(1.5))
+
+    expected_types = [np.ndarray, int, float, bool, type(None), str, int, float, np.float32]
+    with mmstore.Cache(cache.path) as other:
+        for value in (mixed(3), mixed(3), mixed(3), other.get(mixed.key_for(3))):
+            assert [type(item) for item in value] == expected_types
+            assert value[1:4] == (3, 2.5, True) and value[3] is True and value[6] == 2**70
+            assert math.isnan(value[7]) and value[8] == np.float32(1.5)
+    assert calls == [3]
+    cache.set("d", {"flag": False, "n": 7, "x": np.arange(2)})
+    got = cache.get("d")
+    assert got["flag"] is False and type(got["n"]) is int and got["x"].tolist() == [0, 1]
+    cache.set("l", [1, 2.0])
+    assert [type(item) for item in cache.get("l")] == [int, float]
+
+
 def test_lru_eviction_and_byte_bound(tmp_path: Path) -> None:
     with mmstore.Cache(tmp_path / "c", max_bytes=3000) as cache:
         cache.set("a", np.zeros(1000, np.uint8))
