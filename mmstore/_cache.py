@@ -47,6 +47,7 @@ import numpy as np
 
 from . import _durable, _keys, _mapping, _names
 from ._errors import ArgumentTypeError, DatasetNotFoundError, FormatError, InvalidArgumentError, MmstoreError
+from ._format import encode_dtype
 from ._locks import DatasetLock
 from ._store import Store, _as_timeout
 
@@ -71,6 +72,11 @@ _MISSING = object()
 _SCALAR_KINDS = (bool, int, float, str, type(None))
 
 _live_caches: weakref.WeakSet[Cache] = weakref.WeakSet()
+
+
+class _TooLargeError(InvalidArgumentError):
+    """A value larger than the whole cache: memoize hands such a result back uncached
+    (any other refusal of a result is raised, as set() raises it)."""
 
 
 def _after_fork_in_child() -> None:
@@ -344,9 +350,11 @@ class Cache:
         _check_ttl(ttl)
         name, slot = self._locate(key)
         kind, arrays, extra = _split(value)
+        for array in arrays:
+            encode_dtype(array.dtype)  # UnsupportedDtypeError (object arrays ...) before anything is written
         nbytes = sum(array.nbytes for array in arrays)
         if self.max_bytes is not None and nbytes > self.max_bytes:
-            raise InvalidArgumentError(f"a value of {nbytes} bytes cannot fit in a cache of max_bytes={self.max_bytes}")
+            raise _TooLargeError(f"a value of {nbytes} bytes cannot fit in a cache of max_bytes={self.max_bytes}")
         ttl = self.ttl if ttl is None else ttl
         attrs: dict[str, Any] = {"kind": kind, "nbytes": nbytes, "expires": time.time() + ttl if ttl else None}
         if isinstance(key, str) and len(key) <= 512:
@@ -425,7 +433,7 @@ class Cache:
         result = compute()
         try:
             self.set(key, result, ttl)
-        except ValueError:
+        except _TooLargeError:
             return result  # larger than the whole cache: hand it back uncached
         value = self._lookup(key, count=False)
         return result if value is _MISSING else value
@@ -594,6 +602,8 @@ class Cache:
         ``f(x, k=3)`` share a result when 3 is ``k``'s default; pass
         ``key=`` (a function of the same arguments) for arguments that have no
         canonical value. Bump ``version`` when the function's code changes.
+        A result larger than ``max_bytes`` is returned uncached; one that cannot be
+        cached at all (an object array, say) raises the error ``set`` would.
         Functions that share a qualified name share results: closures made by one
         factory (the values they close over are not part of the key) and lambdas
         need a ``version`` or ``key`` of their own.

@@ -247,6 +247,30 @@ def test_python_scalars_inside_results_keep_their_types(cache: mmstore.Cache) ->
     assert [type(item) for item in cache.get("l")] == [int, float]
 
 
+def test_memoize_raises_for_results_it_cannot_cache(tmp_path: Path) -> None:
+    """Only a result too large for the cache is handed back uncached; one that cannot be
+    stored (an object array, alone or in a tuple) raises as cache.set does, not silently."""
+    calls = []
+    with mmstore.Cache(tmp_path / "c", max_bytes=1000) as cache:
+
+        @cache.memoize
+        def result(kind: str) -> Any:
+            calls.append(kind)
+            if kind == "large":
+                return np.zeros(2000, np.uint8)
+            objects = np.array([1, "a"], dtype=object)
+            return objects if kind == "objects" else (np.zeros(2), objects)
+
+        for kind in ("objects", "tuple"):
+            with pytest.raises(mmstore.UnsupportedDtypeError, match="holds Python objects"):
+                result(kind)
+            with pytest.raises(mmstore.UnsupportedDtypeError):
+                cache.set("k", result.__wrapped__(kind))
+        assert len(result("large")) == 2000 and len(result("large")) == 2000
+        assert calls == ["objects", "objects", "tuple", "tuple", "large", "large"]  # (set got __wrapped__)
+        assert len(cache) == 0 and list(cache.store.keys("p")) == []
+
+
 def test_lru_eviction_and_byte_bound(tmp_path: Path) -> None:
     with mmstore.Cache(tmp_path / "c", max_bytes=3000) as cache:
         cache.set("a", np.zeros(1000, np.uint8))
