@@ -156,7 +156,7 @@ def _feed_array(hasher: Any, array: np.ndarray, where: tuple[Any, ...]) -> None:
     if header is None:
         if array.dtype.hasobject:
             raise UnhashableArgument(f"cannot make a cache key from {_describe(where)}: an object array")
-        text = f"{array.dtype.descr if array.dtype.fields else array.dtype.str}|{array.shape}".encode()
+        text = f"{_dtype_text(array.dtype)}|{array.shape}".encode()
         header = b"a" + _PACK_Q(len(text)) + text
         if len(_ARRAY_HEADERS) < 4096:
             _ARRAY_HEADERS[(array.dtype, array.shape)] = header
@@ -165,6 +165,26 @@ def _feed_array(hasher: Any, array: np.ndarray, where: tuple[Any, ...]) -> None:
     if not array.flags.c_contiguous:
         array = np.ascontiguousarray(array)
     hasher.update(header + xxhash.xxh3_128_digest(array))  # type: ignore[arg-type]  # an array is a buffer
+
+
+def _dtype_text(dtype: np.dtype[Any]) -> str:
+    """A canonical text of a dtype: its ``str``, a record's ``descr``, or, for a record that
+    has no descr (fields out of order in memory, or overlapping), every field's name,
+    dtype, offset and title and the itemsize, in braces (a descr text starts with '[')."""
+    if dtype.subdtype is not None:
+        base, shape = dtype.subdtype
+        return f"({_dtype_text(base)},{shape})"
+    if not dtype.fields:
+        return dtype.str
+    try:
+        return str(dtype.descr)
+    except ValueError:  # "dtype.descr is not defined for types with overlapping or out-of-order fields"
+        pass
+    fields = ",".join(
+        f"{name!r}:{_dtype_text(field[0])}@{field[1]}{'' if len(field) < 3 else f'#{field[2]!r}'}"
+        for name, field in dtype.fields.items()
+    )
+    return f"{{{fields};{dtype.itemsize}}}"
 
 
 def _describe(where: tuple[Any, ...]) -> str:

@@ -212,6 +212,29 @@ def test_memoize_keys_of_keyword_and_positional_calls_never_collide(cache: mmsto
         h(2, sentinel)
 
 
+def test_memoize_keys_records_whose_fields_are_out_of_order(cache: mmstore.Cache) -> None:
+    """A record dtype whose fields lie out of order in memory (offsets [4, 0]) has no
+    NumPy descr: such an argument is keyed all the same, apart from the in-order layout."""
+    reordered = np.dtype({"names": ["a", "b"], "formats": ["<i4", "<i4"], "offsets": [4, 0]})
+    in_order = np.dtype({"names": ["a", "b"], "formats": ["<i4", "<i4"], "offsets": [0, 4]})
+    calls = []
+
+    @cache.memoize
+    def total(x: np.ndarray) -> np.ndarray:
+        calls.append(x.dtype)
+        return np.asarray(x["a"].sum() * 10 + x["b"].sum())
+
+    values = np.zeros(3, reordered)
+    values["a"], values["b"] = 1, 2
+    assert int(total(values)) == 36 and int(total(values.copy())) == 36
+    assert int(total(values.view(in_order))) == 63  # the same bytes, other fields: another key
+    assert len(calls) == 2
+    nested = np.dtype([("r", reordered), ("c", "<f8")])
+    length = cache.memoize(lambda x: np.asarray(len(x)), version="nested")
+    assert int(length(np.zeros(2, [("a", nested), ("b", "<i2")]))) == 2
+    assert length.key_for(np.zeros(1, nested)) != length.key_for(np.zeros(1, [("r", in_order), ("c", "<f8")]))
+
+
 def test_memoize_returns_tuples_and_dicts(cache: mmstore.Cache) -> None:
     @cache.memoize
     def stats(x: np.ndarray) -> tuple[np.ndarray, np.float64]:
