@@ -3,7 +3,8 @@
 Layout inside the cache directory (itself a store):
 
     e/<h2>/<h>                 one entry: the array, or an empty marker whose attrs
-                               list the parts of a tuple/list/dict result
+                               list the parts of a tuple/list/dict result or of an
+                               array larger than _DIRECT_MAX_BYTES (kind "large")
     p/<h2>/<h>/<token>/<i>     the parts of such a result (written before the marker)
     .mmstore-cache             shared control file: byte accounting, counters, and an
                                access-time table used to pick the least recently used
@@ -17,6 +18,12 @@ cache lock) before it writes, and a removal releases them after it deletes, so t
 committed entries never exceed ``max_bytes``. A process killed between the two
 steps leaves bytes reserved that nothing uses; that errs on the safe side, and
 ``Cache.resync()`` recounts when no other process is writing.
+
+Every commit, deletion and eviction of an entry is made under the cache lock, which
+also reads the attrs of the entry it replaces or removes and releases that entry's
+bytes: so each entry's bytes are released exactly once, however many processes
+replace or delete it at once. The bulk of a large value (its parts) is written
+before, outside the lock; only a small entry is committed under it.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import numpy as np
 
 from . import _durable, _keys, _mapping, _names
 from ._errors import ArgumentTypeError, DatasetNotFoundError, FormatError, InvalidArgumentError, MmstoreError
+from ._format import encode_dtype
 from ._locks import DatasetLock
 from ._store import Store, _as_timeout
 
@@ -52,13 +60,23 @@ _SLOTS = 65536  # access-time slots (u64 milliseconds); keys share a slot by has
 # set/delete/eviction bumps its key's slot before and after touching the entry,
 # so a hit whose slot still shows the (even) value seen when the entry was read
 # needs no system call at all. Odd means "a change is in progress": look again.
+# Every bump is made under the cache lock: a read-then-write by two processes at
+# once could lose one and bring the counter back to a value a reader has seen.
 _RESERVED, _HITS, _MISSES, _EVICTIONS, _VERSION_SLOT = 1, 2, 3, 4, 7  # u64 fields of the header
 _VERSION = 2
 _STRIPES = 4096
+# Arrays up to this size are committed as the entry itself, under the cache lock; larger
+# ones are written as a part first (outside it) so the lock is never held for long.
+_DIRECT_MAX_BYTES = 1 << 20
 _MISSING = object()
 _SCALAR_KINDS = (bool, int, float, str, type(None))
 
 _live_caches: weakref.WeakSet[Cache] = weakref.WeakSet()
+
+
+class _TooLargeError(InvalidArgumentError):
+    """A value larger than the whole cache: memoize hands such a result back uncached
+    (any other refusal of a result is raised, as set() raises it)."""
 
 
 def _after_fork_in_child() -> None:
@@ -208,7 +226,8 @@ class Cache:
 
     def _delete_entry(self, name: str) -> bool:
         """Delete entry ``name`` (its marker or array), bracketed by its change counter;
-        True if it was there. Parts and byte accounting are the caller's."""
+        True if it was there. The caller holds the cache lock; parts and byte accounting
+        are its own."""
         change = self._changing(name)
         change.begin()
         try:
@@ -220,7 +239,8 @@ class Cache:
         return True
 
     def _changing(self, name: str) -> _Change:
-        """Bracket a change of entry ``name`` with two bumps of its change counter."""
+        """Bracket a change of entry ``name`` with two bumps of its change counter (the
+        caller holds the cache lock)."""
         return _Change(self._changes, _slot_of(name))
 
     def _count(self, hit: bool, count: bool = True) -> None:
@@ -255,14 +275,20 @@ class Cache:
             return float(array[()])
         if kind == "json":
             return attrs.get("value")
-        parts = []
+        parts: list[Any] = []
         for part in attrs.get("parts", ()):
             try:
                 parts.append(self.store.get(part))
             except DatasetNotFoundError:
                 return _MISSING  # evicted or replaced while we read it
-        scalars = attrs.get("scalars") or [False] * len(parts)
-        parts = [part[()] if scalar else part for part, scalar in zip(parts, scalars, strict=True)]
+        items = attrs.get("items")
+        if items is not None:
+            parts = _items_of(items, parts)
+        else:  # (an entry written before "items": its scalars all come back as NumPy scalars)
+            scalars = attrs.get("scalars") or [False] * len(parts)
+            parts = [part[()] if scalar else part for part, scalar in zip(parts, scalars, strict=True)]
+        if kind == "large":
+            return parts[0]
         if kind == "tuple":
             return tuple(parts)
         if kind == "list":
@@ -288,54 +314,92 @@ class Cache:
     def _purge_expired(self) -> int:
         """Delete every expired entry, releasing its bytes; return how many live ones remain."""
         live = 0
-        for used, name, nbytes, parts in self._entries():
+        for used, name, _nbytes, _parts in self._entries():
             if used >= 0:
                 live += 1
                 continue
-            if self._delete_entry(name):
-                self._release(nbytes)
-                self._delete_parts(parts)
+            removed = self._remove_entry(name, expired_at=time.time())
+            if removed is not None:
+                self._delete_parts(removed.get("parts", ()))
         return live
+
+    def _remove_entry(self, name: str, expired_at: float | None = None) -> dict[str, Any] | None:
+        """Delete entry ``name`` and release its bytes, reading its attrs under the same
+        cache lock (so a concurrent set or delete cannot make us release another entry's
+        bytes, or the same ones twice); its attrs, or None if it was not there. With
+        ``expired_at``, only an entry expired by then is deleted. Parts are the caller's."""
+        self._lock.acquire(self.store.timeout)
+        try:
+            attrs = self._entry_attrs(name)
+            if expired_at is not None:
+                expires = None if attrs is None else attrs.get("expires")
+                if expires is None or expired_at < expires:
+                    return None  # replaced by a live entry since it was listed
+            if not self._delete_entry(name):
+                return None
+            attrs = attrs or {}
+            self._header[_RESERVED] = max(0, int(self._header[_RESERVED]) - int(attrs.get("nbytes", 0)))
+            return attrs
+        finally:
+            self._lock.release()
 
     # --- writing ----------------------------------------------------------------
 
     def set(self, key: Any, value: Any, ttl: float | None = None) -> None:
-        """Cache ``value``: an array, a NumPy or Python scalar, or a tuple/list/dict of arrays."""
+        """Cache ``value``: an array, a NumPy or Python scalar, or a tuple/list/dict of them."""
         _check_ttl(ttl)
         name, slot = self._locate(key)
         kind, arrays, extra = _split(value)
+        for array in arrays:
+            encode_dtype(array.dtype)  # UnsupportedDtypeError (object arrays ...) before anything is written
         nbytes = sum(array.nbytes for array in arrays)
         if self.max_bytes is not None and nbytes > self.max_bytes:
-            raise InvalidArgumentError(f"a value of {nbytes} bytes cannot fit in a cache of max_bytes={self.max_bytes}")
+            raise _TooLargeError(f"a value of {nbytes} bytes cannot fit in a cache of max_bytes={self.max_bytes}")
         ttl = self.ttl if ttl is None else ttl
         attrs: dict[str, Any] = {"kind": kind, "nbytes": nbytes, "expires": time.time() + ttl if ttl else None}
         if isinstance(key, str) and len(key) <= 512:
             attrs["key"] = key
         attrs.update(extra)
-        old = self._entry_attrs(name)
+        if kind == "array" and nbytes > _DIRECT_MAX_BYTES:
+            attrs["kind"] = kind = "large"
         self._reserve(nbytes)
-        change = self._changing(name)
-        change.begin()
         try:
-            if kind in ("tuple", "list", "dict"):
+            if kind in ("tuple", "list", "dict", "large"):
                 base = f"p/{name[2:]}/{_names.new_token()}"
                 attrs["parts"] = [f"{base}/{index}" for index in range(len(arrays))]
                 for part, array in zip(attrs["parts"], arrays, strict=True):
-                    self.store.put(part, array)
-                self.store.put(name, np.zeros(0, np.uint8), attrs=attrs)
+                    self.store.put(part, array)  # (outside the cache lock: the bulk of the bytes)
+                old = self._commit_entry(name, np.zeros(0, np.uint8), attrs)
             else:
-                self.store.put(name, arrays[0] if arrays else np.zeros(0, np.uint8), attrs=attrs)
+                old = self._commit_entry(name, arrays[0] if arrays else np.zeros(0, np.uint8), attrs)
         except BaseException:
             self._release(nbytes)
             if "parts" in attrs:
                 self._delete_parts(attrs["parts"])
             raise
-        finally:
-            change.end()
         self._access_slots[slot] = int(time.time() * 1000)
         if old is not None:
-            self._release(int(old.get("nbytes", 0)))
             self._delete_parts(old.get("parts", ()))
+
+    def _commit_entry(self, name: str, array: np.ndarray, attrs: dict[str, Any]) -> dict[str, Any] | None:
+        """Commit entry ``name`` (its bytes reserved) and release the bytes of the entry it
+        replaces, whose attrs are read under the same cache lock: each replaced byte is
+        released exactly once, however many processes set the key at once. Returns the
+        replaced entry's attrs (its parts are the caller's to delete), or None."""
+        self._lock.acquire(self.store.timeout)
+        try:
+            old = self._entry_attrs(name)
+            change = self._changing(name)
+            change.begin()
+            try:
+                self.store.put(name, array, attrs=attrs)
+            finally:
+                change.end()
+            if old is not None:
+                self._header[_RESERVED] = max(0, int(self._header[_RESERVED]) - int(old.get("nbytes", 0)))
+            return old
+        finally:
+            self._lock.release()
 
     def get_or_compute(self, key: Any, compute: Callable[[], Any], ttl: float | None = None) -> Any:
         _check_ttl(ttl)  # (now: set() would refuse it only after the computation, which then goes uncached)
@@ -369,7 +433,7 @@ class Cache:
         result = compute()
         try:
             self.set(key, result, ttl)
-        except ValueError:
+        except _TooLargeError:
             return result  # larger than the whole cache: hand it back uncached
         value = self._lookup(key, count=False)
         return result if value is _MISSING else value
@@ -377,24 +441,18 @@ class Cache:
     def delete(self, key: Any) -> bool:
         """Remove ``key``; True if it was there."""
         name, _slot = self._locate(key)
-        attrs = self._entry_attrs(name)
-        if not self._delete_entry(name):
+        removed = self._remove_entry(name)
+        if removed is None:
             return False
-        if attrs is not None:
-            self._release(int(attrs.get("nbytes", 0)))
-            self._delete_parts(attrs.get("parts", ()))
+        self._delete_parts(removed.get("parts", ()))
         return True
 
     def clear(self) -> int:
         """Remove every entry; return how many there were."""
         count = 0
         for name in self.store.keys("e"):
-            attrs = self._entry_attrs(name)
-            if not self._delete_entry(name):
-                continue
-            count += 1
-            if attrs is not None:
-                self._release(int(attrs.get("nbytes", 0)))
+            if self._remove_entry(name) is not None:
+                count += 1
         for name in self.store.keys("p"):
             try:
                 self.store.delete(name)
@@ -539,9 +597,13 @@ class Cache:
     ) -> Any:
         """Decorator: cache a function's results by its qualified name, ``version`` and arguments.
 
-        Arguments are keyed by value (arrays by dtype, shape and content); pass
+        Arguments are keyed by value (arrays by dtype, shape and content), bound to the
+        function's signature with defaults applied, so ``f(x)``, ``f(x, 3)`` and
+        ``f(x, k=3)`` share a result when 3 is ``k``'s default; pass
         ``key=`` (a function of the same arguments) for arguments that have no
         canonical value. Bump ``version`` when the function's code changes.
+        A result larger than ``max_bytes`` is returned uncached; one that cannot be
+        cached at all (an object array, say) raises the error ``set`` would.
         Functions that share a qualified name share results: closures made by one
         factory (the values they close over are not part of the key) and lambdas
         need a ``version`` or ``key`` of their own.
@@ -554,11 +616,12 @@ class Cache:
             # workers: key them alike so that workers hit what the parent computed.
             module = "__main__" if func.__module__ == "__mp_main__" else func.__module__
             prefix = f"memo:{module}.{func.__qualname__}:{version!r}:"
+            call_digest = _keys.call_digester(func)
 
             def key_for(*args: Any, **kwargs: Any) -> str:
                 if key is not None:
                     return prefix + _keys.digest(key(*args, **kwargs))
-                return prefix + _keys.digest((args, kwargs) if kwargs else args)
+                return prefix + call_digest(args, kwargs)
 
             @functools.wraps(func)
             def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -613,11 +676,15 @@ def _slot_of(name: str) -> int:
 
 
 class _Change:
-    """Two bumps of a change counter around a change: odd while it is under way."""
+    """Two bumps of a change counter around a change: odd while it is under way.
+
+    A bump is a read and a write of shared memory: callers hold the cache lock, since
+    two processes bumping at once could lose one, and the counter come back to a value
+    a reader saw before a change."""
 
     __slots__ = ("counters", "slot")
 
-    def __init__(self, counters: memoryview, slot: int) -> None:
+    def __init__(self, counters: Any, slot: int) -> None:
         self.counters = counters
         self.slot = slot
 
@@ -660,24 +727,62 @@ def _split(value: Any) -> tuple[str, list[np.ndarray], dict[str, Any]]:
     if isinstance(value, _SCALAR_KINDS):
         return "json", [], {"value": value}
     if isinstance(value, (tuple, list)):
-        arrays = [_as_part(item) for item in value]
-        scalars = [isinstance(item, (np.generic, *_SCALAR_KINDS)) for item in value]
-        return ("tuple" if isinstance(value, tuple) else "list"), arrays, {"scalars": scalars}
+        arrays, items = _split_items(value)
+        return ("tuple" if isinstance(value, tuple) else "list"), arrays, {"items": items}
     if isinstance(value, dict) and all(isinstance(k, str) for k in value):
-        arrays = [_as_part(item) for item in value.values()]
-        scalars = [isinstance(item, (np.generic, *_SCALAR_KINDS)) for item in value.values()]
-        return "dict", arrays, {"keys": list(value), "scalars": scalars}
+        arrays, items = _split_items(value.values())
+        return "dict", arrays, {"keys": list(value), "items": items}
     raise ArgumentTypeError(
         f"cannot cache a {type(value).__qualname__}: use an array, a scalar, or a tuple/list/dict (str keys) of them"
     )
 
 
-def _as_part(item: Any) -> np.ndarray:
-    if isinstance(item, np.ndarray):
-        return item
-    if isinstance(item, (np.generic, bool, int, float)):
-        return np.asarray(item)
-    raise ArgumentTypeError(f"cannot cache a {type(item).__qualname__} inside a result: use arrays or numbers")
+def _split_items(values: Any) -> tuple[list[np.ndarray], list[Any]]:
+    """(parts, items) of a tuple/list/dict result's values. An item is "a" (an array part),
+    "n" (a NumPy scalar, a 0-d part), "f" (a Python float JSON cannot hold, a 0-d part) or
+    [value] (a Python bool, int, float, str or None, kept in the attrs): each comes back
+    as the type it went in as."""
+    parts: list[np.ndarray] = []
+    items: list[Any] = []
+    for item in values:
+        if isinstance(item, np.ndarray):
+            parts.append(item)
+            items.append("a")
+        elif isinstance(item, np.generic):
+            parts.append(np.asarray(item))
+            items.append("n")
+        elif isinstance(item, float) and not math.isfinite(item):
+            parts.append(np.asarray(item, np.float64))
+            items.append("f")
+        elif item is None or isinstance(item, (bool, str)):
+            items.append([item if item is None or type(item) in (bool, str) else str(item)])
+        elif isinstance(item, int):
+            items.append([int(item)])
+        elif isinstance(item, float):
+            items.append([float(item)])
+        else:
+            raise ArgumentTypeError(
+                f"cannot cache a {type(item).__qualname__} inside a result: use arrays, numbers, str or None"
+            )
+    return parts, items
+
+
+def _items_of(items: list[Any], parts: list[Any]) -> list[Any]:
+    """The values of a tuple/list/dict result from its items and parts (see _split_items)."""
+    values: list[Any] = []
+    next_part = iter(parts).__next__
+    for item in items:
+        if isinstance(item, list):
+            values.append(item[0])
+        elif item == "a":
+            values.append(next_part())
+        elif item == "n":
+            values.append(next_part()[()])
+        elif item == "f":
+            values.append(float(next_part()[()]))
+        else:
+            raise FormatError(f"cache entry with an item of unknown kind {item!r}")
+    return values
 
 
 def _open_control(root: str, permissions: int | None) -> mmap.mmap:

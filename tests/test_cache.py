@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -156,9 +157,9 @@ def test_memoize_keys_by_value(cache: mmstore.Cache) -> None:
     f(a.reshape(2, 3))  # same bytes, other shape: a miss
     f(a.astype(np.float32))  # other dtype: a miss
     f(a, k=2)
-    f(a, 2)  # positional and keyword are different calls; both are cached
-    f(a, k=2)
-    assert len(calls) == 5
+    f(a, 2)  # the same call, bound to the signature: a hit
+    f(a, k=1)  # k's default, as f(a) above: a hit
+    assert len(calls) == 4
     assert not f(a).flags.writeable
     with pytest.raises(TypeError, match="cannot make a cache key"):
         f(object())
@@ -171,6 +172,69 @@ def test_memoize_keys_by_value(cache: mmstore.Cache) -> None:
     assert g.key_for(None, "abc") != f.key_for(a)
 
 
+def test_memoize_keys_of_keyword_and_positional_calls_never_collide(cache: mmstore.Cache) -> None:
+    """f(1, 2, k=3) and f((1, 2), {"k": 3}) are different calls: neither gets the other's
+    result. Calls that bind to the same arguments (defaults applied) share one."""
+    calls = []
+
+    @cache.memoize
+    def f(*args: Any, **kwargs: Any) -> np.ndarray:
+        calls.append((args, kwargs))
+        return np.array([len(args), len(kwargs)])
+
+    assert f(1, 2, k=3).tolist() == [2, 1]
+    assert f((1, 2), {"k": 3}).tolist() == [2, 0]
+    assert f(1, 2, k=3).tolist() == [2, 1] and len(calls) == 2
+
+    @cache.memoize
+    def g(x: int, k: int = 3, *, scale: float = 1.0) -> np.ndarray:
+        calls.append((x, k, scale))
+        return np.array([x, k, scale])
+
+    for call in (lambda: g(1), lambda: g(1, 3), lambda: g(1, k=3), lambda: g(x=1), lambda: g(1, scale=1.0)):
+        assert call().tolist() == [1, 3, 1.0]
+    assert g(1, 4).tolist() == [1, 4, 1.0] and g(1, scale=2.0).tolist() == [1, 3, 2.0]
+    assert len(calls) == 5
+    assert g.key_for(1, 3) != g.key_for((1, 3))
+    from mmstore import _keys
+
+    positional = cache.memoize(lambda x, k=3: np.array([x, k]))
+    assert positional.key_for(1, 3).endswith(":" + _keys.digest((1, 3)))  # by position: the key it always had
+    assert positional.key_for(1) == positional.key_for(x=1, k=3) == positional.key_for(1, 3)
+    sentinel = object()
+
+    @cache.memoize
+    def h(x: int, option: object = sentinel) -> np.ndarray:  # a default with no canonical value
+        return np.array([x])
+
+    assert h(2).tolist() == [2] and h(x=2).tolist() == [2]
+    with pytest.raises(TypeError, match="cannot make a cache key"):
+        h(2, sentinel)
+
+
+def test_memoize_keys_records_whose_fields_are_out_of_order(cache: mmstore.Cache) -> None:
+    """A record dtype whose fields lie out of order in memory (offsets [4, 0]) has no
+    NumPy descr: such an argument is keyed all the same, apart from the in-order layout."""
+    reordered = np.dtype({"names": ["a", "b"], "formats": ["<i4", "<i4"], "offsets": [4, 0]})
+    in_order = np.dtype({"names": ["a", "b"], "formats": ["<i4", "<i4"], "offsets": [0, 4]})
+    calls = []
+
+    @cache.memoize
+    def total(x: np.ndarray) -> np.ndarray:
+        calls.append(x.dtype)
+        return np.asarray(x["a"].sum() * 10 + x["b"].sum())
+
+    values = np.zeros(3, reordered)
+    values["a"], values["b"] = 1, 2
+    assert int(total(values)) == 36 and int(total(values.copy())) == 36
+    assert int(total(values.view(in_order))) == 63  # the same bytes, other fields: another key
+    assert len(calls) == 2
+    nested = np.dtype([("r", reordered), ("c", "<f8")])
+    length = cache.memoize(lambda x: np.asarray(len(x)), version="nested")
+    assert int(length(np.zeros(2, [("a", nested), ("b", "<i2")]))) == 2
+    assert length.key_for(np.zeros(1, nested)) != length.key_for(np.zeros(1, [("r", in_order), ("c", "<f8")]))
+
+
 def test_memoize_returns_tuples_and_dicts(cache: mmstore.Cache) -> None:
     @cache.memoize
     def stats(x: np.ndarray) -> tuple[np.ndarray, np.float64]:
@@ -179,6 +243,55 @@ def test_memoize_returns_tuples_and_dicts(cache: mmstore.Cache) -> None:
     for _ in range(2):
         cumulative, total = stats(np.arange(4))
         assert cumulative.tolist() == [0, 1, 3, 6] and total == 6
+
+
+def test_python_scalars_inside_results_keep_their_types(cache: mmstore.Cache) -> None:
+    """A result (arr, 3, 2.5, True ...) comes back with Python ints, floats, bools, str and
+    None on every path (the computing call, a hit, another handle), NumPy scalars as NumPy
+    scalars; an int too large for int64 is cached too."""
+    calls = []
+
+    @cache.memoize
+    def mixed(n: int) -> tuple[Any, ...]:
+        calls.append(n)
+        return (np.arange(n), n, 2.5, True, None, "text", 2**70, math.nan, np.float32(1.5))
+
+    expected_types = [np.ndarray, int, float, bool, type(None), str, int, float, np.float32]
+    with mmstore.Cache(cache.path) as other:
+        for value in (mixed(3), mixed(3), mixed(3), other.get(mixed.key_for(3))):
+            assert [type(item) for item in value] == expected_types
+            assert value[1:4] == (3, 2.5, True) and value[3] is True and value[6] == 2**70
+            assert math.isnan(value[7]) and value[8] == np.float32(1.5)
+    assert calls == [3]
+    cache.set("d", {"flag": False, "n": 7, "x": np.arange(2)})
+    got = cache.get("d")
+    assert got["flag"] is False and type(got["n"]) is int and got["x"].tolist() == [0, 1]
+    cache.set("l", [1, 2.0])
+    assert [type(item) for item in cache.get("l")] == [int, float]
+
+
+def test_memoize_raises_for_results_it_cannot_cache(tmp_path: Path) -> None:
+    """Only a result too large for the cache is handed back uncached; one that cannot be
+    stored (an object array, alone or in a tuple) raises as cache.set does, not silently."""
+    calls = []
+    with mmstore.Cache(tmp_path / "c", max_bytes=1000) as cache:
+
+        @cache.memoize
+        def result(kind: str) -> Any:
+            calls.append(kind)
+            if kind == "large":
+                return np.zeros(2000, np.uint8)
+            objects = np.array([1, "a"], dtype=object)
+            return objects if kind == "objects" else (np.zeros(2), objects)
+
+        for kind in ("objects", "tuple"):
+            with pytest.raises(mmstore.UnsupportedDtypeError, match="holds Python objects"):
+                result(kind)
+            with pytest.raises(mmstore.UnsupportedDtypeError):
+                cache.set("k", result.__wrapped__(kind))
+        assert len(result("large")) == 2000 and len(result("large")) == 2000
+        assert calls == ["objects", "objects", "tuple", "tuple", "large", "large"]  # (set got __wrapped__)
+        assert len(cache) == 0 and list(cache.store.keys("p")) == []
 
 
 def test_lru_eviction_and_byte_bound(tmp_path: Path) -> None:
@@ -365,3 +478,141 @@ def test_another_processes_counts_show_after_it_exits(tmp_path: Path, spawn: Any
     with mmstore.Cache(path) as cache:
         stats = cache.stats()
     assert (stats["hits"], stats["misses"], stats["entries"]) == (2, 1, 1)
+
+
+# --- deterministic interleavings of two writers (children pause at the racy point) ---
+
+
+class _ReportingLock:
+    """A cache lock that reports a contended acquire (then waits for it as usual)."""
+
+    def __init__(self, lock: Any, contended: threading.Event) -> None:
+        self.lock = lock
+        self.contended = contended
+
+    def acquire(self, timeout: float) -> None:
+        if not self.lock.try_acquire():
+            self.contended.set()
+            self.lock.acquire(timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.lock, name)
+
+
+def _set_pausing_in_change(path: str, paused: Any, go: Any) -> None:
+    """Child: set "k", pausing between the read and the write of its first change-counter bump."""
+    cache = mmstore.Cache(path)
+    counters = cache._changes
+
+    class PausingCounters:
+        first = True
+
+        def __getitem__(self, slot: int) -> int:
+            value = counters[slot]
+            if self.first:
+                self.first = False
+                paused.set()
+                assert go.wait(PROCESS_TIMEOUT)
+            return value
+
+        def __setitem__(self, slot: int, value: int) -> None:
+            counters[slot] = value
+
+    cache._changes = PausingCounters()
+    cache.set("k", np.full(4, 2))
+    cache.close()
+
+
+def test_change_counter_bumps_are_atomic_across_processes(tmp_path: Path, spawn: Any) -> None:
+    """A writer paused between reading and writing the key's change counter while another
+    process completes a set must not bring the counter back to a value a reader has seen
+    (the reader would keep serving its stale in-memory value)."""
+    path = str(tmp_path / "cache")
+    with mmstore.Cache(path) as writer, mmstore.Cache(path) as reader:
+        writer.set("k", np.full(4, 0))
+        assert reader.get("k")[0] == 0
+        paused, go = spawn.Event(), spawn.Event()
+        child = spawn.Process(target=_set_pausing_in_change, args=(path, paused, go))
+        child.start()
+        assert paused.wait(PROCESS_TIMEOUT)  # the child has read the counter, not written it
+        progressed, done = threading.Event(), threading.Event()
+        writer._lock = _ReportingLock(writer._lock, progressed)
+
+        def set_in_thread() -> None:
+            writer.set("k", np.full(4, 1))
+            done.set()
+            progressed.set()
+
+        thread = threading.Thread(target=set_in_thread)
+        thread.start()
+        assert progressed.wait(PROCESS_TIMEOUT)  # our set is done, or waits for the child's lock
+        if done.is_set():
+            assert reader.get("k")[0] == 1  # hot again, with the counter our set left
+        go.set()
+        thread.join(PROCESS_TIMEOUT)
+        child.join(PROCESS_TIMEOUT)
+        assert child.exitcode == 0 and done.is_set()
+        with mmstore.Cache(path) as fresh:
+            committed = int(fresh.get("k")[0])
+        assert int(reader.get("k")[0]) == committed
+
+
+def _set_pausing_before_reserve(path: str, max_bytes: int, paused: Any, go: Any) -> None:
+    """Child: set "K" small, pausing just before it reserves its bytes."""
+    from mmstore import _cache
+
+    reserve = _cache.Cache._reserve
+
+    def pausing(self: Any, nbytes: int) -> None:
+        paused.set()
+        assert go.wait(PROCESS_TIMEOUT)
+        reserve(self, nbytes)
+
+    _cache.Cache._reserve = pausing  # type: ignore[method-assign]
+    with mmstore.Cache(path, max_bytes=max_bytes) as cache:
+        cache.set("K", np.zeros(8, np.uint8))
+
+
+def _committed_bytes(path: str) -> int:
+    store = mmstore.Store(path, "r")
+    try:
+        return sum(int(store.attrs(name).get("nbytes", 0)) for name in store.keys("e"))
+    finally:
+        store.close()
+
+
+def test_two_processes_replacing_one_key_release_its_bytes_once(tmp_path: Path, spawn: Any) -> None:
+    """Two processes set the same key at once: the replaced entry's bytes are released once,
+    so the byte count matches the committed entries and the bound holds afterwards."""
+    path, max_bytes = str(tmp_path / "cache"), 2000
+    with mmstore.Cache(path, max_bytes=max_bytes) as cache:
+        cache.set("L", np.zeros(900, np.uint8))
+        cache.set("K", np.zeros(1000, np.uint8))
+        paused, go = spawn.Event(), spawn.Event()
+        child = spawn.Process(target=_set_pausing_before_reserve, args=(path, max_bytes, paused, go))
+        child.start()
+        assert paused.wait(PROCESS_TIMEOUT)  # the child has seen the 1000-byte "K"
+        cache.set("K", np.zeros(8, np.uint8))
+        go.set()
+        child.join(PROCESS_TIMEOUT)
+        assert child.exitcode == 0
+        assert cache.stats()["bytes"] == _committed_bytes(path) == 908
+        cache.set("M", np.zeros(1500, np.uint8))
+        assert _committed_bytes(path) <= max_bytes
+        assert cache.stats()["bytes"] == _committed_bytes(path)
+
+
+def test_large_arrays_are_committed_through_a_part(tmp_path: Path) -> None:
+    """An array over the direct-commit size is written as a part outside the cache lock;
+    it comes back the same, read-only, and its bytes are counted and released once."""
+    with mmstore.Cache(tmp_path / "c", max_bytes=8 << 20) as cache, mmstore.Cache(tmp_path / "c") as other:
+        big = np.arange((2 << 20) // 8, dtype=np.int64)
+        cache.set("big", big)
+        for handle in (cache, other, cache):
+            got = handle.get("big")
+            assert np.array_equal(got, big) and not got.flags.writeable
+        cache.set("big", big[:10])
+        assert cache.stats()["bytes"] == 80 and other.get("big").tolist() == list(range(10))
+        cache.set("big", big)
+        assert cache.delete("big") and cache.stats()["bytes"] == 0
+        assert list(cache.store.keys("p")) == []
