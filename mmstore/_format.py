@@ -118,7 +118,8 @@ def timestamp_now() -> float:
     the text gets this very float."""
     micros = time.time_ns() // 1000
     seconds = micros / 1e6
-    _remember_time_text(seconds, f"{micros // 1_000_000}.{micros % 1_000_000:06d}")
+    whole, fraction = divmod(abs(micros), 1_000_000)
+    _remember_time_text(seconds, f"{'-' if micros < 0 else ''}{whole}.{fraction:06d}")
     return seconds
 
 

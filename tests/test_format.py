@@ -331,12 +331,18 @@ def test_timestamp_text_reads_back_as_the_same_float(seconds: float) -> None:
     assert _format.parse_header("x", header.to_json())[6:8] == (seconds, seconds)
 
 
-def test_commit_timestamps_are_whole_microseconds_that_read_back_exactly() -> None:
+def test_commit_timestamps_are_whole_microseconds_that_read_back_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
     for _ in range(2000):
         now = _format.timestamp_now()
         text = _format.time_text(now)
         assert float(text) == now
         assert len(text.partition(".")[2]) == 6  # written from integers, not a float repr
+    # A clock before 1970 (or a test's fake one): the text keeps the sign apart from the digits.
+    for nanoseconds in (-1_500_000_000, -1_000, -999_999_999_999, 1_500_000_000):
+        monkeypatch.setattr(_format.time, "time_ns", lambda value=nanoseconds: value)
+        now = _format.timestamp_now()
+        assert now == nanoseconds // 1000 / 1e6
+        assert float(_format.time_text(now)) == now
 
 
 def test_names_of_store_files_match_whole_names_only() -> None:
