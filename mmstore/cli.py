@@ -352,17 +352,32 @@ def _write_output(array: np.ndarray, output: Path) -> None:
     suffix = output.suffix.lower()
     if suffix not in (".npy", ".csv", ".txt", ".tsv"):
         raise UsageError(f"unknown output type {suffix!r}: use .npy, .csv or .txt")
-    temp = output.with_name(f".{output.name}.partial")
+    # A temp file of our own (random name, created exclusively) beside the output, renamed
+    # over it when complete: two gets to one output never write into each other's file.
+    temp, fd = _new_partial_file(output)
     with _progress(f"writing {output}", array.nbytes) as update:
         if suffix == ".npy":
-            with open(temp, "wb") as stream:
+            with os.fdopen(fd, "wb") as stream:
                 _textio.write_npy(stream, array)
         else:
             delimiter = {".csv": ",", ".tsv": "\t"}.get(suffix, " ")
-            with open(temp, "w", encoding="utf-8") as stream:
+            with os.fdopen(fd, "w", encoding="utf-8") as stream:
                 _textio.write_text(stream, array, delimiter)
         update(array.nbytes)
     os.replace(temp, output)
+
+
+_PARTIAL_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _new_partial_file(output: Path) -> tuple[Path, int]:
+    """A new ``.{name}.{token}.partial`` beside ``output``, created exclusively: (path, fd)."""
+    while True:
+        temp = output.with_name(f".{output.name}.{_names.new_token()}.partial")
+        try:
+            return temp, os.open(temp, _PARTIAL_FLAGS, 0o666)
+        except FileExistsError:
+            continue  # (a token collision: draw another)
 
 
 def _preview(name: str, array: np.ndarray) -> None:

@@ -407,3 +407,36 @@ def test_npz_members_and_npy_streams_keep_their_shapes(tmp_path: Path) -> None:
         assert opened.get("scalar").shape == () and opened.get("scalar") == 7
         np.testing.assert_array_equal(opened.get("big"), np.arange(9_000_000, dtype="<f8").reshape(-1, 9))
         assert opened.verify().ok
+
+
+def test_get_output_never_uses_a_fixed_temp_name(tmp_path: Path) -> None:
+    """A leftover (or another get's) `.out.npy.partial` is neither truncated nor renamed."""
+    store = str(tmp_path / "s")
+    with mmstore.Store(store) as opened:
+        opened.put("x", np.arange(1000.0))
+    other = tmp_path / ".out.npy.partial"
+    other.write_bytes(b"another writer's bytes")
+    mmstore_cli("get", store, "x", "-o", str(tmp_path / "out.npy"))
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), np.arange(1000.0))
+    assert other.read_bytes() == b"another writer's bytes"
+    assert sorted(p for p in os.listdir(tmp_path) if p.startswith(".")) == [".out.npy.partial"]
+
+
+def test_concurrent_gets_to_one_output_each_write_a_whole_file(tmp_path: Path) -> None:
+    store = str(tmp_path / "s")
+    arrays = {"a": np.arange(2_000_000, dtype=np.int64), "b": -np.arange(2_000_000, dtype=np.int64)}
+    with mmstore.Store(store) as opened:
+        for name, array in arrays.items():
+            opened.put(name, array)
+    out = tmp_path / "out.npy"
+    command = [str(BIN / "mmstore")] if (BIN / "mmstore").exists() else [sys.executable, "-m", "mmstore.cli"]
+    for _round in range(3):
+        processes = [
+            subprocess.Popen([*command, "get", store, name, "-o", str(out)], stderr=subprocess.PIPE) for name in arrays
+        ]
+        for process in processes:
+            _, stderr = process.communicate(timeout=PROCESS_TIMEOUT)
+            assert process.returncode == 0, stderr.decode()
+        got = np.load(out)
+        assert any(np.array_equal(got, array) for array in arrays.values())
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
