@@ -182,8 +182,11 @@ def write_npy(stream: IO[bytes], array: np.ndarray) -> None:
         stream.write(np.ascontiguousarray(array[start : start + rows]).tobytes())
 
 
-def write_text(stream: IO[str], array: np.ndarray, delimiter: str) -> None:
-    """Write rows as delimited text; bytes fields are decoded, floats keep full precision."""
+def write_text(stream: IO[str], array: np.ndarray, delimiter: str, label: str = "output") -> None:
+    """Write rows as delimited text; bytes fields are decoded, floats keep full precision.
+
+    Text the stream cannot encode (a lone surrogate in a 'U' value) raises TextFormatError
+    naming ``label`` and the line."""
     if array.ndim == 0:
         array = array.reshape(1)
     for start in range(0, array.shape[0], BLOCK_LINES):
@@ -192,7 +195,24 @@ def write_text(stream: IO[str], array: np.ndarray, delimiter: str) -> None:
         for row in block.tolist():
             cells = row if isinstance(row, (tuple, list)) else (row,)
             lines.append(delimiter.join(_text_cell(cell, delimiter) for cell in _flatten(cells)))
-        stream.write("\n".join(lines) + "\n")
+        try:
+            stream.write("\n".join(lines) + "\n")
+        except UnicodeEncodeError as exc:
+            raise _encoding_error(lines, start, label, exc) from None
+
+
+def _encoding_error(lines: list[str], start: int, label: str, exc: UnicodeEncodeError) -> TextFormatError:
+    """Name the line that could not be encoded (lines hold no line breaks of their own, but
+    a quoted text field may: so each line is encoded again rather than counted)."""
+    bad = exc.object[exc.start : exc.end]
+    for offset, line in enumerate(lines):
+        try:
+            line.encode(exc.encoding)
+        except UnicodeEncodeError:
+            return TextFormatError(
+                f"{label} line {start + offset + 1}: cannot write {bad!r} as {exc.encoding} ({exc.reason})"
+            )
+    return TextFormatError(f"{label}: cannot write {bad!r} as {exc.encoding} ({exc.reason})")
 
 
 def _text_cell(value: Any, delimiter: str) -> str:

@@ -354,30 +354,62 @@ def _write_output(array: np.ndarray, output: Path) -> None:
         raise UsageError(f"unknown output type {suffix!r}: use .npy, .csv or .txt")
     # A temp file of our own (random name, created exclusively) beside the output, renamed
     # over it when complete: two gets to one output never write into each other's file.
-    temp, fd = _new_partial_file(output)
-    with _progress(f"writing {output}", array.nbytes) as update:
-        if suffix == ".npy":
-            with os.fdopen(fd, "wb") as stream:
-                _textio.write_npy(stream, array)
-        else:
-            delimiter = {".csv": ",", ".tsv": "\t"}.get(suffix, " ")
-            with os.fdopen(fd, "w", encoding="utf-8") as stream:
-                _textio.write_text(stream, array, delimiter)
-        update(array.nbytes)
-    os.replace(temp, output)
+    # Whatever stops the write (an error, Ctrl-C, SIGTERM) removes the temp file.
+    with _sigterm_raises():
+        temp = _partial_name(output)
+        try:  # (from before the file exists: a signal may come the moment it does)
+            while True:
+                try:
+                    fd = os.open(temp, _PARTIAL_FLAGS, 0o666)
+                    break
+                except FileExistsError:  # (a token collision: draw another)
+                    temp = _partial_name(output)
+            with _progress(f"writing {output}", array.nbytes) as update:
+                if suffix == ".npy":
+                    with os.fdopen(fd, "wb") as stream:
+                        _textio.write_npy(stream, array)
+                else:
+                    delimiter = {".csv": ",", ".tsv": "\t"}.get(suffix, " ")
+                    with os.fdopen(fd, "w", encoding="utf-8") as stream:
+                        _textio.write_text(stream, array, delimiter, label=str(output))
+                update(array.nbytes)
+            os.replace(temp, output)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):  # (gone if the signal came after the rename)
+                os.unlink(temp)
+            raise
+
+
+class _Terminated(SystemExit):
+    """SIGTERM during a write, raised so that cleanup runs (exit status 128 + 15, as if killed)."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into an exception for a while: Python's default dies without cleanup."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # (only the main thread may set handlers)
+        yield
+        return
+
+    def terminate(signum: int, _frame: Any) -> None:
+        raise _Terminated(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 _PARTIAL_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def _new_partial_file(output: Path) -> tuple[Path, int]:
-    """A new ``.{name}.{token}.partial`` beside ``output``, created exclusively: (path, fd)."""
-    while True:
-        temp = output.with_name(f".{output.name}.{_names.new_token()}.partial")
-        try:
-            return temp, os.open(temp, _PARTIAL_FLAGS, 0o666)
-        except FileExistsError:
-            continue  # (a token collision: draw another)
+def _partial_name(output: Path) -> Path:
+    """``.{name}.{token}.partial`` beside ``output``, to be created exclusively."""
+    return output.with_name(f".{output.name}.{_names.new_token()}.partial")
 
 
 def _preview(name: str, array: np.ndarray) -> None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import h5py
@@ -440,3 +442,32 @@ def test_concurrent_gets_to_one_output_each_write_a_whole_file(tmp_path: Path) -
         got = np.load(out)
         assert any(np.array_equal(got, array) for array in arrays.values())
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+
+
+def test_a_failed_get_output_leaves_no_temp_file_and_names_the_output(tmp_path: Path) -> None:
+    store = str(tmp_path / "s")
+    with mmstore.Store(store) as opened:
+        opened.put("u", np.array(["fine", "a\ud800b"]))  # a lone surrogate: not UTF-8
+    result = mmstore_cli("get", store, "u", "-o", str(tmp_path / "u.csv"), check=False)
+    message = one_line_error(result)
+    assert result.returncode == 1 and "u.csv line 2" in message and "'\\ud800'" in message, message
+    assert os.listdir(tmp_path) == ["s"]
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_an_interrupted_get_output_leaves_no_temp_file(tmp_path: Path, signum: int, code: int) -> None:
+    store = str(tmp_path / "s")
+    with mmstore.Store(store) as opened:
+        opened.put("big", np.random.default_rng(0).random((300_000, 2)))  # seconds of CSV formatting
+    out = tmp_path / "out" / "big.csv"
+    out.parent.mkdir()
+    command = [str(BIN / "mmstore")] if (BIN / "mmstore").exists() else [sys.executable, "-m", "mmstore.cli"]
+    process = subprocess.Popen([*command, "get", store, "big", "-o", str(out)], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + PROCESS_TIMEOUT
+    while not os.listdir(out.parent):  # the temp file appears: the write has begun
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.001)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=PROCESS_TIMEOUT)
+    assert process.returncode == code, stderr.decode()
+    assert os.listdir(out.parent) == [], "neither the output nor a temp file"
