@@ -26,12 +26,13 @@ class TextFormatError(MmstoreError, ValueError):
 
 
 def parse_dtype(text: str) -> np.dtype[Any]:
-    """A dtype from the command line: ``f8``, ``<i4``, ``S10,i4,f4`` or ``chr:S10,pos:i4``."""
+    """A dtype from the command line: ``f8``, ``<i4``, ``S10,i4,f4`` or ``chr:S10,pos:i4``
+    (a sub-array field as ``v:(3,)f8``)."""
     text = text.strip()
     try:
         if "," in text or ":" in text:
             fields = []
-            for index, part in enumerate(p.strip() for p in text.split(",")):
+            for index, part in enumerate(p.strip() for p in _top_level_parts(text)):
                 name, _, kind = part.rpartition(":")
                 fields.append((name.strip() or f"f{index}", np.dtype(kind.strip())))
             dtype = np.dtype(fields)
@@ -43,16 +44,29 @@ def parse_dtype(text: str) -> np.dtype[Any]:
     return dtype
 
 
+def _top_level_parts(text: str) -> list[str]:
+    """``text`` split at the commas outside parentheses (those of ``(2,3)f8`` stay)."""
+    parts, depth, start = [], 0, 0
+    for position, character in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(character, 0)
+        if character == "," and depth == 0:
+            parts.append(text[start:position])
+            start = position + 1
+    return [*parts, text[start:]]
+
+
 def dtype_text(dtype: np.dtype[Any]) -> str:
-    """A short dtype string, in the --dtype syntax where it can be (``chr:S10,pos:i4``)."""
+    """A short dtype string, in the --dtype syntax where it can be (``chr:S10,pos:i4,v:(3,)f8``)."""
     if dtype.names is None:
         return dtype.str.lstrip("|") if dtype.subdtype is None else str(dtype)
     parts = []
     for name in dtype.names:
         field = dtype.fields[name][0]  # type: ignore[index]
-        if field.names is not None or field.subdtype is not None or ":" in name or "," in name:
+        base, shape = field.subdtype if field.subdtype is not None else (field, ())
+        if base.names is not None or base.subdtype is not None or ":" in name or "," in name or "(" in name:
             return str(dtype)
-        parts.append(f"{name}:{field.str.lstrip('|')}")
+        prefix = f"({','.join(map(str, shape))}{',' if len(shape) == 1 else ''})" if shape else ""
+        parts.append(f"{name}:{prefix}{base.str.lstrip('|')}")
     return ",".join(parts)
 
 
@@ -89,7 +103,8 @@ def _locate_error(
     lines: list[str], first: int, label: str, dtype: np.dtype[Any], delimiter: str | None, exc: Exception
 ) -> TextFormatError:
     """Find the line and column that numpy refused, and say so."""
-    names = dtype.names or ()
+    leaves = column_leaves(dtype) if dtype.names else []  # (a sub-array field is a column per element)
+    names = [label for label, _path, _kind in leaves]
     expected: tuple[int, int] | None = None  # (columns, line) of the first row, for plain dtypes
     for offset, line in enumerate(lines):
         stripped = line.split("#", 1)[0].strip()
@@ -114,7 +129,7 @@ def _locate_error(
                     f"{label} line {first + offset}: {where} ({len(cells)} columns, {count} on line {seen_on})"
                 )
         for column, cell in enumerate(cells, start=1):
-            kind = dtype[names[column - 1]] if names else dtype
+            kind = leaves[column - 1][2] if names else dtype
             try:
                 np.loadtxt([cell], dtype=kind, ndmin=1, encoding=None)
             except (ValueError, TypeError):
@@ -190,15 +205,71 @@ def write_text(stream: IO[str], array: np.ndarray, delimiter: str, label: str = 
     if array.ndim == 0:
         array = array.reshape(1)
     for start in range(0, array.shape[0], BLOCK_LINES):
-        block = array[start : start + BLOCK_LINES]
-        lines = []
-        for row in block.tolist():
-            cells = row if isinstance(row, (tuple, list)) else (row,)
-            lines.append(delimiter.join(_text_cell(cell, delimiter) for cell in _flatten(cells)))
+        lines = text_lines(array[start : start + BLOCK_LINES], delimiter)
         try:
             stream.write("\n".join(lines) + "\n")
         except UnicodeEncodeError as exc:
             raise _encoding_error(lines, start, label, exc) from None
+
+
+def text_lines(rows: np.ndarray, delimiter: str) -> list[str]:
+    """One line of text per row: one column per scalar (a record's fields in order, each
+    element of a sub-array field or of a row that is an array), as text_blocks reads them."""
+    columns = [_column_cells(_leaf_column(rows, path), delimiter) for _label, path, _kind in column_leaves(rows)]
+    if len(columns) == 1:
+        return columns[0]
+    return [delimiter.join(cells) for cells in zip(*columns, strict=True)] if columns else [""] * len(rows)
+
+
+# A scalar column of a table: its label ("v[1]", "pos.x"), the steps that select it from an
+# array of rows (a field name, or the index of an element of a sub-array), and its dtype.
+_Leaf = tuple[str, tuple[str | tuple[int, ...], ...], np.dtype[Any]]
+
+
+def column_leaves(rows: np.ndarray | np.dtype[Any]) -> list[_Leaf]:
+    """The scalar columns of a table of ``rows`` (an array of rows, or a row dtype)."""
+    if isinstance(rows, np.ndarray):
+        kind = np.dtype((rows.dtype, rows.shape[1:])) if rows.ndim > 1 else rows.dtype
+    else:
+        kind = rows
+    leaves: list[_Leaf] = []
+
+    def walk(kind: np.dtype[Any], label: str, path: tuple[str | tuple[int, ...], ...]) -> None:
+        if kind.subdtype is not None:
+            base, shape = kind.subdtype
+            for index in np.ndindex(*shape):
+                walk(base, f"{label}[{','.join(map(str, index))}]", (*path, index))
+        elif kind.names is not None:
+            for name in kind.names:
+                walk(kind.fields[name][0], f"{label}.{name}" if label else name, (*path, name))  # type: ignore[index]
+        else:
+            leaves.append((label, path, kind))
+
+    walk(kind, "", ())
+    return leaves
+
+
+def _leaf_column(rows: np.ndarray, path: tuple[str | tuple[int, ...], ...]) -> np.ndarray:
+    column = rows
+    for step in path:
+        if isinstance(step, str):
+            column = column[step]
+        else:
+            element: tuple[slice | int, ...] = (slice(None), *step)
+            column = column[element]
+    return column
+
+
+def _column_cells(column: np.ndarray, delimiter: str) -> list[str]:
+    """The cells of one scalar column: numbers as they are (they never need quotes), text
+    quoted where needed."""
+    kind = column.dtype.kind
+    values = column.tolist()
+    if kind in "iu":
+        return list(map(str, values))
+    if kind == "f" and column.dtype.itemsize <= 8:  # (tolist() gives float; a longdouble stays itself)
+        return list(map(repr, values))  # full precision: the text reads back as the same float
+    return [_text_cell(value, delimiter) for value in values]
 
 
 def _encoding_error(lines: list[str], start: int, label: str, exc: UnicodeEncodeError) -> TextFormatError:
@@ -237,14 +308,6 @@ def _quoted(text: str, delimiter: str) -> str:
     ):
         return text
     return '"' + text.replace('"', '""') + '"'
-
-
-def _flatten(cells: Any) -> Iterator[Any]:
-    for cell in cells:
-        if isinstance(cell, (tuple, list)):
-            yield from _flatten(cell)
-        else:
-            yield cell
 
 
 def format_cell(value: Any) -> str:

@@ -530,9 +530,7 @@ def tail(
         initial_end = position = len(reader)
         position = start
         for block in reader.follow(start=start, idle_timeout=idle_timeout):
-            for row in block.tolist():
-                print("  ".join(map(_textio.format_cell, row)) if isinstance(row, tuple) else row)
-            sys.stdout.flush()
+            print("\n".join(_textio.text_lines(block, " ")), flush=True)  # (the lines of `get -o x.txt`)
             position += len(block)
             if count is not None and position - initial_end >= count:
                 return

@@ -471,3 +471,35 @@ def test_an_interrupted_get_output_leaves_no_temp_file(tmp_path: Path, signum: i
     _, stderr = process.communicate(timeout=PROCESS_TIMEOUT)
     assert process.returncode == code, stderr.decode()
     assert os.listdir(out.parent) == [], "neither the output nor a temp file"
+
+
+SUBARRAY_DTYPE = np.dtype([("id", "<i4"), ("v", "<f8", (3,)), ("tag", "S2", (2,)), ("long", "<f4", (12,))])
+
+
+def test_sub_array_fields_are_written_one_column_per_element(tmp_path: Path) -> None:
+    store = str(tmp_path / "s")
+    rows = np.zeros(2, SUBARRAY_DTYPE)
+    rows[0] = (1, [1 / 3, 2 / 3, 1.0], [b"ab", b"cd"], np.arange(12) / 7)
+    rows[1] = (-2, [1e-300, -0.0, 2.5], [b"x", b""], np.full(12, 0.1))
+    with mmstore.Store(store) as opened:
+        opened.put("r", rows)
+        with opened.create("g", SUBARRAY_DTYPE, (0,), growable=True) as writer:
+            writer.append(rows)
+    dtype_text = json.loads(mmstore_cli("info", store, "r", "--json").stdout)["dtype"]
+    assert dtype_text == "id:<i4,v:(3,)<f8,tag:(2,)S2,long:(12,)<f4"
+    mmstore_cli("get", store, "r", "-o", str(tmp_path / "r.csv"))
+    first = (tmp_path / "r.csv").read_text().splitlines()[0].split(",")
+    assert first[:6] == ["1", repr(1 / 3), repr(2 / 3), "1.0", "ab", "cd"] and len(first) == 18
+    assert "[" not in (tmp_path / "r.csv").read_text() and "..." not in (tmp_path / "r.csv").read_text()
+    for suffix in (".csv", ".txt"):
+        mmstore_cli("get", store, "r", "-o", str(tmp_path / f"r{suffix}"))
+        mmstore_cli("put", store, f"back{suffix}", str(tmp_path / f"r{suffix}"), "--dtype", dtype_text)
+        with mmstore.Store(store, "r") as opened:
+            assert opened.get(f"back{suffix}").tobytes() == rows.tobytes()
+    tailed = mmstore_cli("tail", store, "g", "--idle-timeout", "0.05").stdout.decode()
+    assert tailed == (tmp_path / "r.txt").read_text()
+    (tmp_path / "short.csv").write_text("1,0.5,0.5,ab,cd\n")
+    result = mmstore_cli(
+        "put", store, "x", str(tmp_path / "short.csv"), "--dtype", "id:i4,v:(3,)f8,t:(2,)S2", check=False
+    )
+    assert "5 columns, expected 6 (id, v[0], v[1], v[2], t[0], t[1])" in one_line_error(result)
