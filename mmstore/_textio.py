@@ -74,6 +74,7 @@ def text_blocks(
     stream: IO[str], label: str, dtype: np.dtype[Any], delimiter: str | None, skip_rows: int
 ) -> Iterator[np.ndarray]:
     """Parse a text table in blocks of lines; a bad line raises TextFormatError naming it."""
+    converters = _bool_converters(dtype)
     line_number = 0
     for _ in range(skip_rows):
         if not stream.readline():
@@ -91,12 +92,39 @@ def text_blocks(
             return
         try:
             block = np.loadtxt(
-                lines, dtype=dtype, delimiter=delimiter, ndmin=1, comments="#", encoding=None, quotechar='"'
+                lines,
+                dtype=dtype,
+                delimiter=delimiter,
+                ndmin=1,
+                comments="#",
+                encoding=None,
+                quotechar='"',
+                converters=converters,
             )
         except (ValueError, TypeError) as exc:
             raise _locate_error(lines, first, label, dtype, delimiter, exc) from None
         if block.size or block.shape[0]:
             yield block
+
+
+def _bool_converters(dtype: np.dtype[Any]) -> Any:
+    """loadtxt converters for the bool columns of ``dtype`` (None if it has none)."""
+    if dtype.names is None:
+        base = dtype.subdtype[0] if dtype.subdtype is not None else dtype
+        return _parse_bool if base.kind == "b" else None
+    columns = {index: _parse_bool for index, (_, _, kind) in enumerate(column_leaves(dtype)) if kind.kind == "b"}
+    return columns or None
+
+
+def _parse_bool(text: str) -> bool:
+    """A bool cell: True/False (as write_text writes them, in any case) or an integer (as numpy reads them)."""
+    word = text.strip().lower()
+    if word in ("true", "false"):
+        return word == "true"
+    try:
+        return int(word) != 0
+    except ValueError:
+        raise ValueError(f"could not convert string {text!r} to bool") from None
 
 
 def _locate_error(
@@ -131,7 +159,7 @@ def _locate_error(
         for column, cell in enumerate(cells, start=1):
             kind = leaves[column - 1][2] if names else dtype
             try:
-                np.loadtxt([cell], dtype=kind, ndmin=1, encoding=None)
+                np.loadtxt([cell], dtype=kind, ndmin=1, encoding=None, converters=_bool_converters(kind))
             except (ValueError, TypeError):
                 field = f" ({names[column - 1]!r})" if names else ""
                 return TextFormatError(
@@ -261,11 +289,18 @@ def _leaf_column(rows: np.ndarray, path: tuple[str | tuple[int, ...], ...]) -> n
 
 
 def _column_cells(column: np.ndarray, delimiter: str) -> list[str]:
-    """The cells of one scalar column: numbers as they are (they never need quotes), text
-    quoted where needed."""
+    """The cells of one scalar column, each in a form text_blocks reads back as the same
+    value: numbers as they are (they never need quotes), text quoted where needed."""
     kind = column.dtype.kind
+    if kind == "M":  # ISO 8601 in the dtype's own unit ('2020-01-01T00:00:01', 'NaT')
+        native = column.astype(column.dtype.newbyteorder("="))  # (numpy misreads swapped bytes here)
+        return list(np.datetime_as_string(native).tolist())
+    if kind == "m":  # a count of the dtype's unit (tolist() gives timedelta objects or bare integers)
+        counts = column.astype(np.int64).tolist()
+        missing = np.isnat(column).tolist()
+        return ["NaT" if nat else str(count) for count, nat in zip(counts, missing, strict=True)]
     values = column.tolist()
-    if kind in "iu":
+    if kind in "biu":  # (bools as True and False)
         return list(map(str, values))
     if kind == "f" and column.dtype.itemsize <= 8:  # (tolist() gives float; a longdouble stays itself)
         return list(map(repr, values))  # full precision: the text reads back as the same float

@@ -503,3 +503,48 @@ def test_sub_array_fields_are_written_one_column_per_element(tmp_path: Path) -> 
         "put", store, "x", str(tmp_path / "short.csv"), "--dtype", "id:i4,v:(3,)f8,t:(2,)S2", check=False
     )
     assert "5 columns, expected 6 (id, v[0], v[1], v[2], t[0], t[1])" in one_line_error(result)
+
+
+def test_bool_and_time_values_round_trip_through_text(tmp_path: Path) -> None:
+    """get -o x.csv then put --dtype gives the same array: bools, datetimes (with NaT) in
+    ISO 8601 at their unit's precision, timedeltas as counts of their unit."""
+    from mmstore._textio import dtype_text
+
+    kinds = ["?", "M8[s]", ">M8[s]", "M8[ns]", "M8[D]", "M8[10s]", "m8[s]", ">m8[ns]"]
+    record = np.zeros(4, [*((f"f{index}", kind) for index, kind in enumerate(kinds)), ("f8", "?", (2,))])
+    seconds = np.array(["2020-01-01T00:00:01", "NaT", "1969-12-31T23:59:59", "1677-09-22T00:12:43"], "M8[s]")
+    record["f0"] = [True, False, True, False]
+    record["f1"] = record["f2"] = seconds
+    record["f3"] = np.array(["2020-01-01T00:00:01.123456789", "NaT", "1970-01-01", "1969-12-31T23:59:59.5"], "M8[ns]")
+    record["f4"] = np.array(["2020-02-29", "NaT", "1970-01-01", "0001-01-01"], "M8[D]")
+    record["f5"] = np.array([1, -1, 157783680, -(2**40)], "i8").view("M8[10s]")
+    record["f6"] = np.array([1, -3, 0, "NaT"], "m8[s]")
+    record["f7"] = np.array([1_500_000_000_000_000_000, -1, "NaT", 0], "m8[ns]")
+    record["f8"] = [[True, False], [False, False], [True, True], [False, True]]
+    cases = {
+        "record": record,
+        "bool": record["f0"],
+        "seconds": seconds,
+        "nanoseconds": record["f3"],
+        "td": record["f6"],
+    }
+    store = str(tmp_path / "s")
+    with mmstore.Store(store) as opened:
+        for name, array in cases.items():
+            opened.put(name, array)
+    for name, array in cases.items():
+        for suffix in (".csv", ".txt") if name == "record" else (".csv",):
+            out = str(tmp_path / f"{name}{suffix}")
+            mmstore_cli("get", store, name, "-o", out)
+            mmstore_cli("put", store, f"back/{name}{suffix}", out, "--dtype", dtype_text(array.dtype))
+            with mmstore.Store(store, "r") as opened:
+                back = opened.get(f"back/{name}{suffix}")
+                assert back.dtype == array.dtype and back.tobytes() == array.tobytes(), (name, suffix)
+    assert (
+        tmp_path / "seconds.csv"
+    ).read_text() == "2020-01-01T00:00:01\nNaT\n1969-12-31T23:59:59\n1677-09-22T00:12:43\n"
+    assert (tmp_path / "bool.csv").read_text() == "True\nFalse\nTrue\nFalse\n"
+    assert (tmp_path / "td.csv").read_text() == "1\n-3\n0\nNaT\n"
+    (tmp_path / "bad.csv").write_text("1,True\n2,maybe\n")
+    result = mmstore_cli("put", store, "x", str(tmp_path / "bad.csv"), "--dtype", "i:i4,ok:?", check=False)
+    assert "line 2, column 2 ('ok'): cannot parse 'maybe' as bool" in one_line_error(result)
