@@ -479,6 +479,7 @@ def rm(
     names: Annotated[list[str], typer.Argument(help="Dataset names.", show_default=False)],
 ) -> None:
     """Delete datasets (readers that hold them keep their arrays)."""
+    names = list(dict.fromkeys(names))  # (a name given twice is deleted once)
     with _errors_to_exit(), _open(store, "r+") as opened:
         for name in names:  # all or nothing: a missing name deletes none of them
             if name not in opened:

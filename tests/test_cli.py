@@ -548,3 +548,13 @@ def test_bool_and_time_values_round_trip_through_text(tmp_path: Path) -> None:
     (tmp_path / "bad.csv").write_text("1,True\n2,maybe\n")
     result = mmstore_cli("put", store, "x", str(tmp_path / "bad.csv"), "--dtype", "i:i4,ok:?", check=False)
     assert "line 2, column 2 ('ok'): cannot parse 'maybe' as bool" in one_line_error(result)
+
+
+def test_rm_of_a_name_given_twice_deletes_it_once(tmp_path: Path) -> None:
+    store = str(tmp_path / "s")
+    with mmstore.Store(store) as opened:
+        opened.put("a", np.arange(3))
+        opened.put("b", np.arange(3))
+    mmstore_cli("rm", store, "a", "b", "a")
+    with mmstore.Store(store, "r") as opened:
+        assert opened.keys() == []
