@@ -449,13 +449,22 @@ def list_datasets(
             for column in table.columns:
                 column.no_wrap = True
             for info in infos:
-                modified = datetime.datetime.fromtimestamp(info["modified"]).isoformat(sep=" ", timespec="seconds")
+                modified = _local_time(info["modified"], "seconds")
                 shape = str(info["shape"]) + (" +" if info["growable"] else "")
                 cells = (info["name"], _textio.dtype_text(info["dtype"]), shape, _human(info["nbytes"]), modified)
                 table.add_row(*map(Text, cells))  # (not markup: "<M8[s]" must keep its "[s]")
             _out.print(table)
         for message in broken:
             print(f"mmstore: warning: {message}", file=sys.stderr)
+
+
+def _local_time(timestamp: Any, timespec: str) -> str:
+    """A sidecar's timestamp as local time, or as the number itself if it is no date
+    datetime can show (1e300 or -1e13 are finite floats, so the library keeps them)."""
+    try:
+        return datetime.datetime.fromtimestamp(timestamp).isoformat(sep=" ", timespec=timespec)
+    except (OverflowError, OSError, ValueError, TypeError):
+        return str(timestamp)
 
 
 @app.command()
@@ -468,7 +477,7 @@ def info(store: StoreArg, name: NameArg, as_json: JsonOpt = False) -> None:
             return
         for key, value in record.items():
             if key in ("created", "modified"):
-                value = datetime.datetime.fromtimestamp(value).isoformat(sep=" ", timespec="microseconds")
+                value = _local_time(value, "microseconds")
             _out.print(f"[bold]{key}[/bold]: ", end="")
             _out.print(str(value), markup=False, soft_wrap=True)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import io
 import json
 import os
@@ -558,3 +559,21 @@ def test_rm_of_a_name_given_twice_deletes_it_once(tmp_path: Path) -> None:
     mmstore_cli("rm", store, "a", "b", "a")
     with mmstore.Store(store, "r") as opened:
         assert opened.keys() == []
+
+
+@pytest.mark.parametrize("timestamp", [1e300, -1e13, 1e11])
+def test_a_timestamp_out_of_range_is_shown_as_a_number(tmp_path: Path, timestamp: float) -> None:
+    store = str(tmp_path / "s")
+    with mmstore.Store(store) as opened:
+        opened.put("a", np.arange(3))
+        opened.put("b", np.arange(3))
+    sidecar = tmp_path / "s" / "a.json"
+    header = json.loads(sidecar.read_text())
+    header["created"] = header["modified"] = timestamp
+    sidecar.write_text(json.dumps(header))
+    with mmstore.Store(store, "r") as opened:
+        assert opened.info("a")["modified"] == timestamp  # (the library accepts it)
+    listing = mmstore_cli("ls", store).stdout.decode()
+    assert [line.split()[0] for line in listing.splitlines()[1:]] == ["a", "b"]
+    shown = mmstore_cli("info", store, "a").stdout.decode()
+    assert f"modified: {timestamp}" in shown or f"modified: {datetime.datetime.fromtimestamp(timestamp)}" in shown
