@@ -320,6 +320,8 @@ def _parse_slice(text: str) -> slice:
         return slice(parts[0], parts[0] + 1 if parts[0] != -1 else None)
     if not 2 <= len(parts) <= 3:
         raise UsageError(f"--slice takes START:STOP[:STEP], got {text!r}")
+    if len(parts) == 3 and parts[2] == 0:
+        raise UsageError(f"--slice STEP cannot be zero, got {text!r}")
     return slice(*parts)
 
 

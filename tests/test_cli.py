@@ -262,6 +262,7 @@ def test_verify_recover_exit_codes(tmp_path: Path) -> None:
         (["put", "{store}", "x", "{badtxt2}", "--dtype", GENOMIC], 1, "line 2: 4 columns, expected 5"),
         (["put", "{store}", "x", "{badcsv}", "--dtype", "f8"], 1, "line 3: column 3 is missing"),
         (["get", "{store}", "y", "--slice", "a:b"], 2, "--slice"),
+        (["get", "{store}", "y", "--slice", "1:2:0"], 2, "--slice STEP cannot be zero"),
         (["compact", "{store}", "{tmp}/o.h5", "--compression", "zip"], 2, "--compression"),
         (["put", "{store}", "x", "{tmp}/data.xyz"], 2, "unknown source type"),
         (["nosuchcommand"], 2, ""),
