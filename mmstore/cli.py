@@ -534,11 +534,16 @@ def tail(
     count: Annotated[int | None, typer.Option(help="Stop after this many new rows.", min=1)] = None,
     idle_timeout: Annotated[float | None, typer.Option(help="Stop after this many seconds without new rows.")] = None,
 ) -> None:
-    """Print a growable dataset's last rows, then new rows as they are flushed (Ctrl-C stops)."""
+    """Print a growable dataset's last rows, then new rows as they are flushed (Ctrl-C stops).
+    A fixed-size dataset gets no new rows: its last rows are printed and tail exits."""
     with _errors_to_exit(), _open(store) as opened, opened.open_reader(name) as reader:
         if reader.array.ndim == 0:
             raise mmstore.InvalidArgumentError(f"dataset {name!r} is a 0-d value, which has no rows to follow: use get")
         start = max(0, len(reader) - last)
+        if not opened.info(name)["growable"]:
+            if len(reader) > start:
+                print("\n".join(_textio.text_lines(reader.array[start:], " ")), flush=True)
+            return
         initial_end = position = len(reader)
         position = start
         for block in reader.follow(start=start, idle_timeout=idle_timeout):

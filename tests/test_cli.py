@@ -578,3 +578,15 @@ def test_a_timestamp_out_of_range_is_shown_as_a_number(tmp_path: Path, timestamp
     assert [line.split()[0] for line in listing.splitlines()[1:]] == ["a", "b"]
     shown = mmstore_cli("info", store, "a").stdout.decode()
     assert f"modified: {timestamp}" in shown or f"modified: {datetime.datetime.fromtimestamp(timestamp)}" in shown
+
+
+def test_tail_of_a_fixed_size_dataset_prints_its_last_rows_and_exits(tmp_path: Path) -> None:
+    store = str(tmp_path / "s")
+    with mmstore.Store(store) as opened:
+        opened.put("fixed", np.arange(25))
+        opened.put("empty", np.zeros((0, 2)))
+    command = [str(BIN / "mmstore")] if (BIN / "mmstore").exists() else [sys.executable, "-m", "mmstore.cli"]
+    result = subprocess.run([*command, "tail", store, "fixed", "-n", "3"], capture_output=True, timeout=30)
+    assert result.returncode == 0 and result.stdout.decode().split() == ["22", "23", "24"]
+    result = subprocess.run([*command, "tail", store, "empty"], capture_output=True, timeout=30)
+    assert result.returncode == 0 and result.stdout == b""
