@@ -26,7 +26,7 @@ from rich.text import Text
 import mmstore
 
 from . import _names, _textio
-from ._format import encode_dtype
+from ._format import MANIFEST_NAME, encode_dtype
 
 app = typer.Typer(
     name="mmstore",
@@ -182,8 +182,61 @@ def put(
             _check_exists(source_file)
             if Path(source).suffix.lower() == ".npz":
                 _npz_members(source, name)
-        with _open(store, "a") as opened:
-            _put(opened, name, source, parsed_dtype, delimiter, skip_rows, attrs)
+        created = _missing_directories(store)
+        try:
+            with _open(store, "a") as opened:
+                _put(opened, name, source, parsed_dtype, delimiter, skip_rows, attrs)
+        except BaseException:
+            if created:
+                _remove_unused_store(store, created)
+            raise
+
+
+def _missing_directories(path: Path) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet, deepest first."""
+    missing = []
+    for directory in (path.absolute(), *path.absolute().parents):
+        if os.path.lexists(directory):
+            break
+        missing.append(directory)
+    return missing
+
+
+def _remove_unused_store(store: Path, created: list[Path]) -> None:
+    """Undo the store a failed put created, if it still holds nothing but its manifest and
+    empty group directories. Anything else (another process's dataset, temp or lock file)
+    keeps it; so does a file that appears while it goes: the manifest is put back when the
+    directory turns out not to be empty. (A process that opened the store before the
+    removal and creates its first file after it would find the directory gone.)"""
+    with contextlib.suppress(OSError):
+        for group, _dirs, _files in os.walk(store, topdown=False):
+            if group != str(store):
+                os.rmdir(group)  # (refused if it holds anything)
+        if os.listdir(store) != [MANIFEST_NAME]:
+            return
+        manifest = store / MANIFEST_NAME
+        saved = manifest.read_bytes()
+        os.unlink(manifest)
+        try:
+            os.rmdir(store)
+        except OSError:
+            _restore_manifest(store, saved)
+            return
+        for directory in created[1:]:
+            os.rmdir(directory)
+
+
+def _restore_manifest(store: Path, saved: bytes) -> None:
+    """Put the manifest back the way the store creates it: a temp file linked into place
+    (never over a manifest another process has made meanwhile)."""
+    temp = store / _names.temp_file_name("mmstore", _names.new_token())
+    with open(temp, "xb") as stream:
+        stream.write(saved)
+    try:
+        with contextlib.suppress(FileExistsError):
+            os.link(temp, store / MANIFEST_NAME)
+    finally:
+        os.unlink(temp)
 
 
 _TEXT_SUFFIXES = frozenset({".csv", ".txt", ".tsv", ".dat", ""})

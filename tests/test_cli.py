@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -590,3 +591,46 @@ def test_tail_of_a_fixed_size_dataset_prints_its_last_rows_and_exits(tmp_path: P
     assert result.returncode == 0 and result.stdout.decode().split() == ["22", "23", "24"]
     result = subprocess.run([*command, "tail", store, "empty"], capture_output=True, timeout=30)
     assert result.returncode == 0 and result.stdout == b""
+
+
+def test_a_failed_put_removes_the_store_it_created(tmp_path: Path) -> None:
+    """Empty stdin, a ragged CSV (past the first parse block, too), a missing HDF5 path:
+    a store the put created is removed again; one that existed, or holds datasets, stays."""
+    (tmp_path / "ragged.csv").write_text("1,2\n3\n")
+    (tmp_path / "late.csv").write_text("1,2\n" * 70_000 + "3\n")
+    with h5py.File(tmp_path / "foreign.h5", "w") as h5:
+        h5["present"] = np.arange(3)
+    sources = ["-", str(tmp_path / "ragged.csv"), str(tmp_path / "late.csv"), f"{tmp_path / 'foreign.h5'}:/missing"]
+    for source in sources:
+        store = tmp_path / "new" / "store"
+        result = mmstore_cli("put", str(store), "g/x", source, stdin=b"", check=False)
+        assert result.returncode == 1 and "Traceback" not in result.stderr.decode(), source
+        assert not (tmp_path / "new").exists(), (source, os.listdir(tmp_path / "new"))
+    empty = tmp_path / "empty"
+    mmstore.Store(empty).close()  # an existing store with no datasets
+    result = mmstore_cli("put", str(empty), "x", str(tmp_path / "ragged.csv"), check=False)
+    assert result.returncode == 1 and os.listdir(empty) == ["mmstore.json"]
+    with mmstore.Store(tmp_path / "used") as opened:
+        opened.put("kept", np.arange(3))
+    result = mmstore_cli("put", str(tmp_path / "used"), "x", "-", stdin=b"", check=False)
+    assert result.returncode == 1 and mmstore.Store(tmp_path / "used", "r").keys() == ["kept"]
+
+
+def test_a_store_that_gains_a_file_while_it_is_removed_keeps_its_manifest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mmstore import cli
+
+    store = tmp_path / "s"
+    mmstore.Store(store).close()
+    manifest = (store / "mmstore.json").read_bytes()
+    real_rmdir = os.rmdir
+
+    def rmdir_after_another_process_writes(path: Any) -> None:
+        (store / "x.0123456789abcdef.dat").write_bytes(b"another writer")  # (it opened the store just before)
+        real_rmdir(path)
+
+    monkeypatch.setattr(os, "rmdir", rmdir_after_another_process_writes)
+    cli._remove_unused_store(store, [store])
+    assert (store / "mmstore.json").read_bytes() == manifest
+    assert sorted(os.listdir(store)) == ["mmstore.json", "x.0123456789abcdef.dat"]
