@@ -249,13 +249,30 @@ def _unknown_source(suffix: str) -> str:
 
 def _npz_members(source: str, name: str) -> list[str]:
     """The .npy members of an .npz archive, each checked to make a valid dataset name under ``name``."""
-    import zipfile
-
-    with zipfile.ZipFile(source) as archive:
+    with _npz_errors(source), _open_npz(source) as archive:
         members = [entry for entry in archive.namelist() if entry.endswith(".npy")]
     for entry in members:
         _names.validate_name(f"{name}/{entry[:-4]}")
     return members
+
+
+def _open_npz(source: str) -> Any:
+    import zipfile
+
+    with _npz_errors(source):
+        return zipfile.ZipFile(source)
+
+
+@contextlib.contextmanager
+def _npz_errors(label: str) -> Iterator[None]:
+    """A damaged archive (zipfile.BadZipFile: a bad CRC, no central directory) is an input
+    error with one line naming it, not a traceback."""
+    import zipfile
+
+    try:
+        yield
+    except zipfile.BadZipFile as exc:
+        raise _textio.TextFormatError(f"{label}: not a readable .npz archive ({exc})") from None
 
 
 def _split_source(source: str) -> tuple[str, str | None]:
@@ -305,13 +322,12 @@ def _put(
             counted = _counting(row_blocks, f"reading {source}", array.nbytes)
             store.put_blocks(name, counted, dtype=array.dtype, attrs=attrs)
     elif suffix == ".npz":
-        import zipfile
-
         members = _npz_members(source, name)  # every name checked before the first commit
-        with zipfile.ZipFile(source) as archive:  # each member streamed, never loaded whole
+        with _open_npz(source) as archive:  # each member streamed, never loaded whole
             for entry in members:
-                with archive.open(entry) as stream:
-                    _put_npy_stream(store, f"{name}/{entry[:-4]}", stream, f"{source}:{entry[:-4]}", attrs)
+                label = f"{source}:{entry[:-4]}"
+                with _npz_errors(label), archive.open(entry) as stream:
+                    _put_npy_stream(store, f"{name}/{entry[:-4]}", stream, label, attrs)
     elif suffix in _TEXT_SUFFIXES:
         if delimiter is None:
             delimiter = {".csv": ",", ".tsv": "\t"}.get(suffix)

@@ -634,3 +634,21 @@ def test_a_store_that_gains_a_file_while_it_is_removed_keeps_its_manifest(
     cli._remove_unused_store(store, [store])
     assert (store / "mmstore.json").read_bytes() == manifest
     assert sorted(os.listdir(store)) == ["mmstore.json", "x.0123456789abcdef.dat"]
+
+
+def test_a_damaged_npz_gives_one_line(tmp_path: Path) -> None:
+    import zipfile
+
+    np.savez(tmp_path / "cut.npz", a=np.arange(2))
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "cut.npz").read_bytes()[:-40])  # no central directory
+    np.savez(tmp_path / "crc.npz", a=np.arange(2000), b=np.arange(5))
+    data = bytearray((tmp_path / "crc.npz").read_bytes())
+    offset = zipfile.ZipFile(tmp_path / "crc.npz").getinfo("b.npy").header_offset + 60
+    data[offset : offset + 30] = b"x" * 30  # b's bytes: a bad CRC-32
+    (tmp_path / "crc.npz").write_bytes(bytes(data))
+    store = str(tmp_path / "s")
+    result = mmstore_cli("put", store, "cut", str(tmp_path / "cut.npz"), check=False)
+    assert result.returncode == 1 and "cut.npz: not a readable .npz archive" in one_line_error(result)
+    result = mmstore_cli("put", store, "crc", str(tmp_path / "crc.npz"), check=False)
+    assert result.returncode == 1 and "crc.npz:b: not a readable .npz archive (Bad CRC-32" in one_line_error(result)
+    assert mmstore.Store(store, "r").keys() == ["crc/a"]  # (members commit one by one, as README says)
