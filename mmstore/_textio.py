@@ -26,12 +26,13 @@ class TextFormatError(MmstoreError, ValueError):
 
 
 def parse_dtype(text: str) -> np.dtype[Any]:
-    """A dtype from the command line: ``f8``, ``<i4``, ``S10,i4,f4`` or ``chr:S10,pos:i4``."""
+    """A dtype from the command line: ``f8``, ``<i4``, ``S10,i4,f4`` or ``chr:S10,pos:i4``
+    (a sub-array field as ``v:(3,)f8``)."""
     text = text.strip()
     try:
         if "," in text or ":" in text:
             fields = []
-            for index, part in enumerate(p.strip() for p in text.split(",")):
+            for index, part in enumerate(p.strip() for p in _top_level_parts(text)):
                 name, _, kind = part.rpartition(":")
                 fields.append((name.strip() or f"f{index}", np.dtype(kind.strip())))
             dtype = np.dtype(fields)
@@ -43,16 +44,29 @@ def parse_dtype(text: str) -> np.dtype[Any]:
     return dtype
 
 
+def _top_level_parts(text: str) -> list[str]:
+    """``text`` split at the commas outside parentheses (those of ``(2,3)f8`` stay)."""
+    parts, depth, start = [], 0, 0
+    for position, character in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(character, 0)
+        if character == "," and depth == 0:
+            parts.append(text[start:position])
+            start = position + 1
+    return [*parts, text[start:]]
+
+
 def dtype_text(dtype: np.dtype[Any]) -> str:
-    """A short dtype string, in the --dtype syntax where it can be (``chr:S10,pos:i4``)."""
+    """A short dtype string, in the --dtype syntax where it can be (``chr:S10,pos:i4,v:(3,)f8``)."""
     if dtype.names is None:
         return dtype.str.lstrip("|") if dtype.subdtype is None else str(dtype)
     parts = []
     for name in dtype.names:
         field = dtype.fields[name][0]  # type: ignore[index]
-        if field.names is not None or field.subdtype is not None or ":" in name or "," in name:
+        base, shape = field.subdtype if field.subdtype is not None else (field, ())
+        if base.names is not None or base.subdtype is not None or ":" in name or "," in name or "(" in name:
             return str(dtype)
-        parts.append(f"{name}:{field.str.lstrip('|')}")
+        prefix = f"({','.join(map(str, shape))}{',' if len(shape) == 1 else ''})" if shape else ""
+        parts.append(f"{name}:{prefix}{base.str.lstrip('|')}")
     return ",".join(parts)
 
 
@@ -60,6 +74,7 @@ def text_blocks(
     stream: IO[str], label: str, dtype: np.dtype[Any], delimiter: str | None, skip_rows: int
 ) -> Iterator[np.ndarray]:
     """Parse a text table in blocks of lines; a bad line raises TextFormatError naming it."""
+    converters = _bool_converters(dtype)
     line_number = 0
     for _ in range(skip_rows):
         if not stream.readline():
@@ -77,7 +92,14 @@ def text_blocks(
             return
         try:
             block = np.loadtxt(
-                lines, dtype=dtype, delimiter=delimiter, ndmin=1, comments="#", encoding=None, quotechar='"'
+                lines,
+                dtype=dtype,
+                delimiter=delimiter,
+                ndmin=1,
+                comments="#",
+                encoding=None,
+                quotechar='"',
+                converters=converters,
             )
         except (ValueError, TypeError) as exc:
             raise _locate_error(lines, first, label, dtype, delimiter, exc) from None
@@ -85,11 +107,32 @@ def text_blocks(
             yield block
 
 
+def _bool_converters(dtype: np.dtype[Any]) -> Any:
+    """loadtxt converters for the bool columns of ``dtype`` (None if it has none)."""
+    if dtype.names is None:
+        base = dtype.subdtype[0] if dtype.subdtype is not None else dtype
+        return _parse_bool if base.kind == "b" else None
+    columns = {index: _parse_bool for index, (_, _, kind) in enumerate(column_leaves(dtype)) if kind.kind == "b"}
+    return columns or None
+
+
+def _parse_bool(text: str) -> bool:
+    """A bool cell: True/False (as write_text writes them, in any case) or an integer (as numpy reads them)."""
+    word = text.strip().lower()
+    if word in ("true", "false"):
+        return word == "true"
+    try:
+        return int(word) != 0
+    except ValueError:
+        raise ValueError(f"could not convert string {text!r} to bool") from None
+
+
 def _locate_error(
     lines: list[str], first: int, label: str, dtype: np.dtype[Any], delimiter: str | None, exc: Exception
 ) -> TextFormatError:
     """Find the line and column that numpy refused, and say so."""
-    names = dtype.names or ()
+    leaves = column_leaves(dtype) if dtype.names else []  # (a sub-array field is a column per element)
+    names = [label for label, _path, _kind in leaves]
     expected: tuple[int, int] | None = None  # (columns, line) of the first row, for plain dtypes
     for offset, line in enumerate(lines):
         stripped = line.split("#", 1)[0].strip()
@@ -114,9 +157,9 @@ def _locate_error(
                     f"{label} line {first + offset}: {where} ({len(cells)} columns, {count} on line {seen_on})"
                 )
         for column, cell in enumerate(cells, start=1):
-            kind = dtype[names[column - 1]] if names else dtype
+            kind = leaves[column - 1][2] if names else dtype
             try:
-                np.loadtxt([cell], dtype=kind, ndmin=1, encoding=None)
+                np.loadtxt([cell], dtype=kind, ndmin=1, encoding=None, converters=_bool_converters(kind))
             except (ValueError, TypeError):
                 field = f" ({names[column - 1]!r})" if names else ""
                 return TextFormatError(
@@ -182,17 +225,100 @@ def write_npy(stream: IO[bytes], array: np.ndarray) -> None:
         stream.write(np.ascontiguousarray(array[start : start + rows]).tobytes())
 
 
-def write_text(stream: IO[str], array: np.ndarray, delimiter: str) -> None:
-    """Write rows as delimited text; bytes fields are decoded, floats keep full precision."""
+def write_text(stream: IO[str], array: np.ndarray, delimiter: str, label: str = "output") -> None:
+    """Write rows as delimited text; bytes fields are decoded, floats keep full precision.
+
+    Text the stream cannot encode (a lone surrogate in a 'U' value) raises TextFormatError
+    naming ``label`` and the line."""
     if array.ndim == 0:
         array = array.reshape(1)
     for start in range(0, array.shape[0], BLOCK_LINES):
-        block = array[start : start + BLOCK_LINES]
-        lines = []
-        for row in block.tolist():
-            cells = row if isinstance(row, (tuple, list)) else (row,)
-            lines.append(delimiter.join(_text_cell(cell, delimiter) for cell in _flatten(cells)))
-        stream.write("\n".join(lines) + "\n")
+        lines = text_lines(array[start : start + BLOCK_LINES], delimiter)
+        try:
+            stream.write("\n".join(lines) + "\n")
+        except UnicodeEncodeError as exc:
+            raise _encoding_error(lines, start, label, exc) from None
+
+
+def text_lines(rows: np.ndarray, delimiter: str) -> list[str]:
+    """One line of text per row: one column per scalar (a record's fields in order, each
+    element of a sub-array field or of a row that is an array), as text_blocks reads them."""
+    columns = [_column_cells(_leaf_column(rows, path), delimiter) for _label, path, _kind in column_leaves(rows)]
+    if len(columns) == 1:
+        return columns[0]
+    return [delimiter.join(cells) for cells in zip(*columns, strict=True)] if columns else [""] * len(rows)
+
+
+# A scalar column of a table: its label ("v[1]", "pos.x"), the steps that select it from an
+# array of rows (a field name, or the index of an element of a sub-array), and its dtype.
+_Leaf = tuple[str, tuple[str | tuple[int, ...], ...], np.dtype[Any]]
+
+
+def column_leaves(rows: np.ndarray | np.dtype[Any]) -> list[_Leaf]:
+    """The scalar columns of a table of ``rows`` (an array of rows, or a row dtype)."""
+    if isinstance(rows, np.ndarray):
+        kind = np.dtype((rows.dtype, rows.shape[1:])) if rows.ndim > 1 else rows.dtype
+    else:
+        kind = rows
+    leaves: list[_Leaf] = []
+
+    def walk(kind: np.dtype[Any], label: str, path: tuple[str | tuple[int, ...], ...]) -> None:
+        if kind.subdtype is not None:
+            base, shape = kind.subdtype
+            for index in np.ndindex(*shape):
+                walk(base, f"{label}[{','.join(map(str, index))}]", (*path, index))
+        elif kind.names is not None:
+            for name in kind.names:
+                walk(kind.fields[name][0], f"{label}.{name}" if label else name, (*path, name))  # type: ignore[index]
+        else:
+            leaves.append((label, path, kind))
+
+    walk(kind, "", ())
+    return leaves
+
+
+def _leaf_column(rows: np.ndarray, path: tuple[str | tuple[int, ...], ...]) -> np.ndarray:
+    column = rows
+    for step in path:
+        if isinstance(step, str):
+            column = column[step]
+        else:
+            element: tuple[slice | int, ...] = (slice(None), *step)
+            column = column[element]
+    return column
+
+
+def _column_cells(column: np.ndarray, delimiter: str) -> list[str]:
+    """The cells of one scalar column, each in a form text_blocks reads back as the same
+    value: numbers as they are (they never need quotes), text quoted where needed."""
+    kind = column.dtype.kind
+    if kind == "M":  # ISO 8601 in the dtype's own unit ('2020-01-01T00:00:01', 'NaT')
+        native = column.astype(column.dtype.newbyteorder("="))  # (numpy misreads swapped bytes here)
+        return list(np.datetime_as_string(native).tolist())
+    if kind == "m":  # a count of the dtype's unit (tolist() gives timedelta objects or bare integers)
+        counts = column.astype(np.int64).tolist()
+        missing = np.isnat(column).tolist()
+        return ["NaT" if nat else str(count) for count, nat in zip(counts, missing, strict=True)]
+    values = column.tolist()
+    if kind in "biu":  # (bools as True and False)
+        return list(map(str, values))
+    if kind == "f" and column.dtype.itemsize <= 8:  # (tolist() gives float; a longdouble stays itself)
+        return list(map(repr, values))  # full precision: the text reads back as the same float
+    return [_text_cell(value, delimiter) for value in values]
+
+
+def _encoding_error(lines: list[str], start: int, label: str, exc: UnicodeEncodeError) -> TextFormatError:
+    """Name the line that could not be encoded (lines hold no line breaks of their own, but
+    a quoted text field may: so each line is encoded again rather than counted)."""
+    bad = exc.object[exc.start : exc.end]
+    for offset, line in enumerate(lines):
+        try:
+            line.encode(exc.encoding)
+        except UnicodeEncodeError:
+            return TextFormatError(
+                f"{label} line {start + offset + 1}: cannot write {bad!r} as {exc.encoding} ({exc.reason})"
+            )
+    return TextFormatError(f"{label}: cannot write {bad!r} as {exc.encoding} ({exc.reason})")
 
 
 def _text_cell(value: Any, delimiter: str) -> str:
@@ -217,14 +343,6 @@ def _quoted(text: str, delimiter: str) -> str:
     ):
         return text
     return '"' + text.replace('"', '""') + '"'
-
-
-def _flatten(cells: Any) -> Iterator[Any]:
-    for cell in cells:
-        if isinstance(cell, (tuple, list)):
-            yield from _flatten(cell)
-        else:
-            yield cell
 
 
 def format_cell(value: Any) -> str:

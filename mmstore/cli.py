@@ -26,7 +26,7 @@ from rich.text import Text
 import mmstore
 
 from . import _names, _textio
-from ._format import encode_dtype
+from ._format import MANIFEST_NAME, encode_dtype
 
 app = typer.Typer(
     name="mmstore",
@@ -182,8 +182,61 @@ def put(
             _check_exists(source_file)
             if Path(source).suffix.lower() == ".npz":
                 _npz_members(source, name)
-        with _open(store, "a") as opened:
-            _put(opened, name, source, parsed_dtype, delimiter, skip_rows, attrs)
+        created = _missing_directories(store)
+        try:
+            with _open(store, "a") as opened:
+                _put(opened, name, source, parsed_dtype, delimiter, skip_rows, attrs)
+        except BaseException:
+            if created:
+                _remove_unused_store(store, created)
+            raise
+
+
+def _missing_directories(path: Path) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet, deepest first."""
+    missing = []
+    for directory in (path.absolute(), *path.absolute().parents):
+        if os.path.lexists(directory):
+            break
+        missing.append(directory)
+    return missing
+
+
+def _remove_unused_store(store: Path, created: list[Path]) -> None:
+    """Undo the store a failed put created, if it still holds nothing but its manifest and
+    empty group directories. Anything else (another process's dataset, temp or lock file)
+    keeps it; so does a file that appears while it goes: the manifest is put back when the
+    directory turns out not to be empty. (A process that opened the store before the
+    removal and creates its first file after it would find the directory gone.)"""
+    with contextlib.suppress(OSError):
+        for group, _dirs, _files in os.walk(store, topdown=False):
+            if group != str(store):
+                os.rmdir(group)  # (refused if it holds anything)
+        if os.listdir(store) != [MANIFEST_NAME]:
+            return
+        manifest = store / MANIFEST_NAME
+        saved = manifest.read_bytes()
+        os.unlink(manifest)
+        try:
+            os.rmdir(store)
+        except OSError:
+            _restore_manifest(store, saved)
+            return
+        for directory in created[1:]:
+            os.rmdir(directory)
+
+
+def _restore_manifest(store: Path, saved: bytes) -> None:
+    """Put the manifest back the way the store creates it: a temp file linked into place
+    (never over a manifest another process has made meanwhile)."""
+    temp = store / _names.temp_file_name("mmstore", _names.new_token())
+    with open(temp, "xb") as stream:
+        stream.write(saved)
+    try:
+        with contextlib.suppress(FileExistsError):
+            os.link(temp, store / MANIFEST_NAME)
+    finally:
+        os.unlink(temp)
 
 
 _TEXT_SUFFIXES = frozenset({".csv", ".txt", ".tsv", ".dat", ""})
@@ -196,13 +249,30 @@ def _unknown_source(suffix: str) -> str:
 
 def _npz_members(source: str, name: str) -> list[str]:
     """The .npy members of an .npz archive, each checked to make a valid dataset name under ``name``."""
-    import zipfile
-
-    with zipfile.ZipFile(source) as archive:
+    with _npz_errors(source), _open_npz(source) as archive:
         members = [entry for entry in archive.namelist() if entry.endswith(".npy")]
     for entry in members:
         _names.validate_name(f"{name}/{entry[:-4]}")
     return members
+
+
+def _open_npz(source: str) -> Any:
+    import zipfile
+
+    with _npz_errors(source):
+        return zipfile.ZipFile(source)
+
+
+@contextlib.contextmanager
+def _npz_errors(label: str) -> Iterator[None]:
+    """A damaged archive (zipfile.BadZipFile: a bad CRC, no central directory) is an input
+    error with one line naming it, not a traceback."""
+    import zipfile
+
+    try:
+        yield
+    except zipfile.BadZipFile as exc:
+        raise _textio.TextFormatError(f"{label}: not a readable .npz archive ({exc})") from None
 
 
 def _split_source(source: str) -> tuple[str, str | None]:
@@ -252,13 +322,12 @@ def _put(
             counted = _counting(row_blocks, f"reading {source}", array.nbytes)
             store.put_blocks(name, counted, dtype=array.dtype, attrs=attrs)
     elif suffix == ".npz":
-        import zipfile
-
         members = _npz_members(source, name)  # every name checked before the first commit
-        with zipfile.ZipFile(source) as archive:  # each member streamed, never loaded whole
+        with _open_npz(source) as archive:  # each member streamed, never loaded whole
             for entry in members:
-                with archive.open(entry) as stream:
-                    _put_npy_stream(store, f"{name}/{entry[:-4]}", stream, f"{source}:{entry[:-4]}", attrs)
+                label = f"{source}:{entry[:-4]}"
+                with _npz_errors(label), archive.open(entry) as stream:
+                    _put_npy_stream(store, f"{name}/{entry[:-4]}", stream, label, attrs)
     elif suffix in _TEXT_SUFFIXES:
         if delimiter is None:
             delimiter = {".csv": ",", ".tsv": "\t"}.get(suffix)
@@ -320,6 +389,8 @@ def _parse_slice(text: str) -> slice:
         return slice(parts[0], parts[0] + 1 if parts[0] != -1 else None)
     if not 2 <= len(parts) <= 3:
         raise UsageError(f"--slice takes START:STOP[:STEP], got {text!r}")
+    if len(parts) == 3 and parts[2] == 0:
+        raise UsageError(f"--slice STEP cannot be zero, got {text!r}")
     return slice(*parts)
 
 
@@ -352,17 +423,64 @@ def _write_output(array: np.ndarray, output: Path) -> None:
     suffix = output.suffix.lower()
     if suffix not in (".npy", ".csv", ".txt", ".tsv"):
         raise UsageError(f"unknown output type {suffix!r}: use .npy, .csv or .txt")
-    temp = output.with_name(f".{output.name}.partial")
-    with _progress(f"writing {output}", array.nbytes) as update:
-        if suffix == ".npy":
-            with open(temp, "wb") as stream:
-                _textio.write_npy(stream, array)
-        else:
-            delimiter = {".csv": ",", ".tsv": "\t"}.get(suffix, " ")
-            with open(temp, "w", encoding="utf-8") as stream:
-                _textio.write_text(stream, array, delimiter)
-        update(array.nbytes)
-    os.replace(temp, output)
+    # A temp file of our own (random name, created exclusively) beside the output, renamed
+    # over it when complete: two gets to one output never write into each other's file.
+    # Whatever stops the write (an error, Ctrl-C, SIGTERM) removes the temp file.
+    with _sigterm_raises():
+        temp = _partial_name(output)
+        try:  # (from before the file exists: a signal may come the moment it does)
+            while True:
+                try:
+                    fd = os.open(temp, _PARTIAL_FLAGS, 0o666)
+                    break
+                except FileExistsError:  # (a token collision: draw another)
+                    temp = _partial_name(output)
+            with _progress(f"writing {output}", array.nbytes) as update:
+                if suffix == ".npy":
+                    with os.fdopen(fd, "wb") as stream:
+                        _textio.write_npy(stream, array)
+                else:
+                    delimiter = {".csv": ",", ".tsv": "\t"}.get(suffix, " ")
+                    with os.fdopen(fd, "w", encoding="utf-8") as stream:
+                        _textio.write_text(stream, array, delimiter, label=str(output))
+                update(array.nbytes)
+            os.replace(temp, output)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):  # (gone if the signal came after the rename)
+                os.unlink(temp)
+            raise
+
+
+class _Terminated(SystemExit):
+    """SIGTERM during a write, raised so that cleanup runs (exit status 128 + 15, as if killed)."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into an exception for a while: Python's default dies without cleanup."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # (only the main thread may set handlers)
+        yield
+        return
+
+    def terminate(signum: int, _frame: Any) -> None:
+        raise _Terminated(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+_PARTIAL_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _partial_name(output: Path) -> Path:
+    """``.{name}.{token}.partial`` beside ``output``, to be created exclusively."""
+    return output.with_name(f".{output.name}.{_names.new_token()}.partial")
 
 
 def _preview(name: str, array: np.ndarray) -> None:
@@ -402,13 +520,22 @@ def list_datasets(
             for column in table.columns:
                 column.no_wrap = True
             for info in infos:
-                modified = datetime.datetime.fromtimestamp(info["modified"]).isoformat(sep=" ", timespec="seconds")
+                modified = _local_time(info["modified"], "seconds")
                 shape = str(info["shape"]) + (" +" if info["growable"] else "")
                 cells = (info["name"], _textio.dtype_text(info["dtype"]), shape, _human(info["nbytes"]), modified)
                 table.add_row(*map(Text, cells))  # (not markup: "<M8[s]" must keep its "[s]")
             _out.print(table)
         for message in broken:
             print(f"mmstore: warning: {message}", file=sys.stderr)
+
+
+def _local_time(timestamp: Any, timespec: str) -> str:
+    """A sidecar's timestamp as local time, or as the number itself if it is no date
+    datetime can show (1e300 or -1e13 are finite floats, so the library keeps them)."""
+    try:
+        return datetime.datetime.fromtimestamp(timestamp).isoformat(sep=" ", timespec=timespec)
+    except (OverflowError, OSError, ValueError, TypeError):
+        return str(timestamp)
 
 
 @app.command()
@@ -421,7 +548,7 @@ def info(store: StoreArg, name: NameArg, as_json: JsonOpt = False) -> None:
             return
         for key, value in record.items():
             if key in ("created", "modified"):
-                value = datetime.datetime.fromtimestamp(value).isoformat(sep=" ", timespec="microseconds")
+                value = _local_time(value, "microseconds")
             _out.print(f"[bold]{key}[/bold]: ", end="")
             _out.print(str(value), markup=False, soft_wrap=True)
 
@@ -432,6 +559,7 @@ def rm(
     names: Annotated[list[str], typer.Argument(help="Dataset names.", show_default=False)],
 ) -> None:
     """Delete datasets (readers that hold them keep their arrays)."""
+    names = list(dict.fromkeys(names))  # (a name given twice is deleted once)
     with _errors_to_exit(), _open(store, "r+") as opened:
         for name in names:  # all or nothing: a missing name deletes none of them
             if name not in opened:
@@ -475,17 +603,20 @@ def tail(
     count: Annotated[int | None, typer.Option(help="Stop after this many new rows.", min=1)] = None,
     idle_timeout: Annotated[float | None, typer.Option(help="Stop after this many seconds without new rows.")] = None,
 ) -> None:
-    """Print a growable dataset's last rows, then new rows as they are flushed (Ctrl-C stops)."""
+    """Print a growable dataset's last rows, then new rows as they are flushed (Ctrl-C stops).
+    A fixed-size dataset gets no new rows: its last rows are printed and tail exits."""
     with _errors_to_exit(), _open(store) as opened, opened.open_reader(name) as reader:
         if reader.array.ndim == 0:
             raise mmstore.InvalidArgumentError(f"dataset {name!r} is a 0-d value, which has no rows to follow: use get")
         start = max(0, len(reader) - last)
+        if not opened.info(name)["growable"]:
+            if len(reader) > start:
+                print("\n".join(_textio.text_lines(reader.array[start:], " ")), flush=True)
+            return
         initial_end = position = len(reader)
         position = start
         for block in reader.follow(start=start, idle_timeout=idle_timeout):
-            for row in block.tolist():
-                print("  ".join(map(_textio.format_cell, row)) if isinstance(row, tuple) else row)
-            sys.stdout.flush()
+            print("\n".join(_textio.text_lines(block, " ")), flush=True)  # (the lines of `get -o x.txt`)
             position += len(block)
             if count is not None and position - initial_end >= count:
                 return

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import datetime
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -259,6 +263,7 @@ def test_verify_recover_exit_codes(tmp_path: Path) -> None:
         (["put", "{store}", "x", "{badtxt2}", "--dtype", GENOMIC], 1, "line 2: 4 columns, expected 5"),
         (["put", "{store}", "x", "{badcsv}", "--dtype", "f8"], 1, "line 3: column 3 is missing"),
         (["get", "{store}", "y", "--slice", "a:b"], 2, "--slice"),
+        (["get", "{store}", "y", "--slice", "1:2:0"], 2, "--slice STEP cannot be zero"),
         (["compact", "{store}", "{tmp}/o.h5", "--compression", "zip"], 2, "--compression"),
         (["put", "{store}", "x", "{tmp}/data.xyz"], 2, "unknown source type"),
         (["nosuchcommand"], 2, ""),
@@ -407,3 +412,243 @@ def test_npz_members_and_npy_streams_keep_their_shapes(tmp_path: Path) -> None:
         assert opened.get("scalar").shape == () and opened.get("scalar") == 7
         np.testing.assert_array_equal(opened.get("big"), np.arange(9_000_000, dtype="<f8").reshape(-1, 9))
         assert opened.verify().ok
+
+
+def test_get_output_never_uses_a_fixed_temp_name(tmp_path: Path) -> None:
+    """A leftover (or another get's) `.out.npy.partial` is neither truncated nor renamed."""
+    store = str(tmp_path / "s")
+    with mmstore.Store(store) as opened:
+        opened.put("x", np.arange(1000.0))
+    other = tmp_path / ".out.npy.partial"
+    other.write_bytes(b"another writer's bytes")
+    mmstore_cli("get", store, "x", "-o", str(tmp_path / "out.npy"))
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), np.arange(1000.0))
+    assert other.read_bytes() == b"another writer's bytes"
+    assert sorted(p for p in os.listdir(tmp_path) if p.startswith(".")) == [".out.npy.partial"]
+
+
+def test_concurrent_gets_to_one_output_each_write_a_whole_file(tmp_path: Path) -> None:
+    store = str(tmp_path / "s")
+    arrays = {"a": np.arange(2_000_000, dtype=np.int64), "b": -np.arange(2_000_000, dtype=np.int64)}
+    with mmstore.Store(store) as opened:
+        for name, array in arrays.items():
+            opened.put(name, array)
+    out = tmp_path / "out.npy"
+    command = [str(BIN / "mmstore")] if (BIN / "mmstore").exists() else [sys.executable, "-m", "mmstore.cli"]
+    for _round in range(3):
+        processes = [
+            subprocess.Popen([*command, "get", store, name, "-o", str(out)], stderr=subprocess.PIPE) for name in arrays
+        ]
+        for process in processes:
+            _, stderr = process.communicate(timeout=PROCESS_TIMEOUT)
+            assert process.returncode == 0, stderr.decode()
+        got = np.load(out)
+        assert any(np.array_equal(got, array) for array in arrays.values())
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+
+
+def test_a_failed_get_output_leaves_no_temp_file_and_names_the_output(tmp_path: Path) -> None:
+    store = str(tmp_path / "s")
+    with mmstore.Store(store) as opened:
+        opened.put("u", np.array(["fine", "a\ud800b"]))  # a lone surrogate: not UTF-8
+    result = mmstore_cli("get", store, "u", "-o", str(tmp_path / "u.csv"), check=False)
+    message = one_line_error(result)
+    assert result.returncode == 1 and "u.csv line 2" in message and "'\\ud800'" in message, message
+    assert os.listdir(tmp_path) == ["s"]
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_an_interrupted_get_output_leaves_no_temp_file(tmp_path: Path, signum: int, code: int) -> None:
+    store = str(tmp_path / "s")
+    with mmstore.Store(store) as opened:
+        opened.put("big", np.random.default_rng(0).random((300_000, 2)))  # seconds of CSV formatting
+    out = tmp_path / "out" / "big.csv"
+    out.parent.mkdir()
+    command = [str(BIN / "mmstore")] if (BIN / "mmstore").exists() else [sys.executable, "-m", "mmstore.cli"]
+    process = subprocess.Popen([*command, "get", store, "big", "-o", str(out)], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + PROCESS_TIMEOUT
+    while not os.listdir(out.parent):  # the temp file appears: the write has begun
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.001)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=PROCESS_TIMEOUT)
+    assert process.returncode == code, stderr.decode()
+    assert os.listdir(out.parent) == [], "neither the output nor a temp file"
+
+
+SUBARRAY_DTYPE = np.dtype([("id", "<i4"), ("v", "<f8", (3,)), ("tag", "S2", (2,)), ("long", "<f4", (12,))])
+
+
+def test_sub_array_fields_are_written_one_column_per_element(tmp_path: Path) -> None:
+    store = str(tmp_path / "s")
+    rows = np.zeros(2, SUBARRAY_DTYPE)
+    rows[0] = (1, [1 / 3, 2 / 3, 1.0], [b"ab", b"cd"], np.arange(12) / 7)
+    rows[1] = (-2, [1e-300, -0.0, 2.5], [b"x", b""], np.full(12, 0.1))
+    with mmstore.Store(store) as opened:
+        opened.put("r", rows)
+        with opened.create("g", SUBARRAY_DTYPE, (0,), growable=True) as writer:
+            writer.append(rows)
+    dtype_text = json.loads(mmstore_cli("info", store, "r", "--json").stdout)["dtype"]
+    assert dtype_text == "id:<i4,v:(3,)<f8,tag:(2,)S2,long:(12,)<f4"
+    mmstore_cli("get", store, "r", "-o", str(tmp_path / "r.csv"))
+    first = (tmp_path / "r.csv").read_text().splitlines()[0].split(",")
+    assert first[:6] == ["1", repr(1 / 3), repr(2 / 3), "1.0", "ab", "cd"] and len(first) == 18
+    assert "[" not in (tmp_path / "r.csv").read_text() and "..." not in (tmp_path / "r.csv").read_text()
+    for suffix in (".csv", ".txt"):
+        mmstore_cli("get", store, "r", "-o", str(tmp_path / f"r{suffix}"))
+        mmstore_cli("put", store, f"back{suffix}", str(tmp_path / f"r{suffix}"), "--dtype", dtype_text)
+        with mmstore.Store(store, "r") as opened:
+            assert opened.get(f"back{suffix}").tobytes() == rows.tobytes()
+    tailed = mmstore_cli("tail", store, "g", "--idle-timeout", "0.05").stdout.decode()
+    assert tailed == (tmp_path / "r.txt").read_text()
+    (tmp_path / "short.csv").write_text("1,0.5,0.5,ab,cd\n")
+    result = mmstore_cli(
+        "put", store, "x", str(tmp_path / "short.csv"), "--dtype", "id:i4,v:(3,)f8,t:(2,)S2", check=False
+    )
+    assert "5 columns, expected 6 (id, v[0], v[1], v[2], t[0], t[1])" in one_line_error(result)
+
+
+def test_bool_and_time_values_round_trip_through_text(tmp_path: Path) -> None:
+    """get -o x.csv then put --dtype gives the same array: bools, datetimes (with NaT) in
+    ISO 8601 at their unit's precision, timedeltas as counts of their unit."""
+    from mmstore._textio import dtype_text
+
+    kinds = ["?", "M8[s]", ">M8[s]", "M8[ns]", "M8[D]", "M8[10s]", "m8[s]", ">m8[ns]"]
+    record = np.zeros(4, [*((f"f{index}", kind) for index, kind in enumerate(kinds)), ("f8", "?", (2,))])
+    seconds = np.array(["2020-01-01T00:00:01", "NaT", "1969-12-31T23:59:59", "1677-09-22T00:12:43"], "M8[s]")
+    record["f0"] = [True, False, True, False]
+    record["f1"] = record["f2"] = seconds
+    record["f3"] = np.array(["2020-01-01T00:00:01.123456789", "NaT", "1970-01-01", "1969-12-31T23:59:59.5"], "M8[ns]")
+    record["f4"] = np.array(["2020-02-29", "NaT", "1970-01-01", "0001-01-01"], "M8[D]")
+    record["f5"] = np.array([1, -1, 157783680, -(2**40)], "i8").view("M8[10s]")
+    record["f6"] = np.array([1, -3, 0, "NaT"], "m8[s]")
+    record["f7"] = np.array([1_500_000_000_000_000_000, -1, "NaT", 0], "m8[ns]")
+    record["f8"] = [[True, False], [False, False], [True, True], [False, True]]
+    cases = {
+        "record": record,
+        "bool": record["f0"],
+        "seconds": seconds,
+        "nanoseconds": record["f3"],
+        "td": record["f6"],
+    }
+    store = str(tmp_path / "s")
+    with mmstore.Store(store) as opened:
+        for name, array in cases.items():
+            opened.put(name, array)
+    for name, array in cases.items():
+        for suffix in (".csv", ".txt") if name == "record" else (".csv",):
+            out = str(tmp_path / f"{name}{suffix}")
+            mmstore_cli("get", store, name, "-o", out)
+            mmstore_cli("put", store, f"back/{name}{suffix}", out, "--dtype", dtype_text(array.dtype))
+            with mmstore.Store(store, "r") as opened:
+                back = opened.get(f"back/{name}{suffix}")
+                assert back.dtype == array.dtype and back.tobytes() == array.tobytes(), (name, suffix)
+    assert (
+        tmp_path / "seconds.csv"
+    ).read_text() == "2020-01-01T00:00:01\nNaT\n1969-12-31T23:59:59\n1677-09-22T00:12:43\n"
+    assert (tmp_path / "bool.csv").read_text() == "True\nFalse\nTrue\nFalse\n"
+    assert (tmp_path / "td.csv").read_text() == "1\n-3\n0\nNaT\n"
+    (tmp_path / "bad.csv").write_text("1,True\n2,maybe\n")
+    result = mmstore_cli("put", store, "x", str(tmp_path / "bad.csv"), "--dtype", "i:i4,ok:?", check=False)
+    assert "line 2, column 2 ('ok'): cannot parse 'maybe' as bool" in one_line_error(result)
+
+
+def test_rm_of_a_name_given_twice_deletes_it_once(tmp_path: Path) -> None:
+    store = str(tmp_path / "s")
+    with mmstore.Store(store) as opened:
+        opened.put("a", np.arange(3))
+        opened.put("b", np.arange(3))
+    mmstore_cli("rm", store, "a", "b", "a")
+    with mmstore.Store(store, "r") as opened:
+        assert opened.keys() == []
+
+
+@pytest.mark.parametrize("timestamp", [1e300, -1e13, 1e11])
+def test_a_timestamp_out_of_range_is_shown_as_a_number(tmp_path: Path, timestamp: float) -> None:
+    store = str(tmp_path / "s")
+    with mmstore.Store(store) as opened:
+        opened.put("a", np.arange(3))
+        opened.put("b", np.arange(3))
+    sidecar = tmp_path / "s" / "a.json"
+    header = json.loads(sidecar.read_text())
+    header["created"] = header["modified"] = timestamp
+    sidecar.write_text(json.dumps(header))
+    with mmstore.Store(store, "r") as opened:
+        assert opened.info("a")["modified"] == timestamp  # (the library accepts it)
+    listing = mmstore_cli("ls", store).stdout.decode()
+    assert [line.split()[0] for line in listing.splitlines()[1:]] == ["a", "b"]
+    shown = mmstore_cli("info", store, "a").stdout.decode()
+    assert f"modified: {timestamp}" in shown or f"modified: {datetime.datetime.fromtimestamp(timestamp)}" in shown
+
+
+def test_tail_of_a_fixed_size_dataset_prints_its_last_rows_and_exits(tmp_path: Path) -> None:
+    store = str(tmp_path / "s")
+    with mmstore.Store(store) as opened:
+        opened.put("fixed", np.arange(25))
+        opened.put("empty", np.zeros((0, 2)))
+    command = [str(BIN / "mmstore")] if (BIN / "mmstore").exists() else [sys.executable, "-m", "mmstore.cli"]
+    result = subprocess.run([*command, "tail", store, "fixed", "-n", "3"], capture_output=True, timeout=30)
+    assert result.returncode == 0 and result.stdout.decode().split() == ["22", "23", "24"]
+    result = subprocess.run([*command, "tail", store, "empty"], capture_output=True, timeout=30)
+    assert result.returncode == 0 and result.stdout == b""
+
+
+def test_a_failed_put_removes_the_store_it_created(tmp_path: Path) -> None:
+    """Empty stdin, a ragged CSV (past the first parse block, too), a missing HDF5 path:
+    a store the put created is removed again; one that existed, or holds datasets, stays."""
+    (tmp_path / "ragged.csv").write_text("1,2\n3\n")
+    (tmp_path / "late.csv").write_text("1,2\n" * 70_000 + "3\n")
+    with h5py.File(tmp_path / "foreign.h5", "w") as h5:
+        h5["present"] = np.arange(3)
+    sources = ["-", str(tmp_path / "ragged.csv"), str(tmp_path / "late.csv"), f"{tmp_path / 'foreign.h5'}:/missing"]
+    for source in sources:
+        store = tmp_path / "new" / "store"
+        result = mmstore_cli("put", str(store), "g/x", source, stdin=b"", check=False)
+        assert result.returncode == 1 and "Traceback" not in result.stderr.decode(), source
+        assert not (tmp_path / "new").exists(), (source, os.listdir(tmp_path / "new"))
+    empty = tmp_path / "empty"
+    mmstore.Store(empty).close()  # an existing store with no datasets
+    result = mmstore_cli("put", str(empty), "x", str(tmp_path / "ragged.csv"), check=False)
+    assert result.returncode == 1 and os.listdir(empty) == ["mmstore.json"]
+    with mmstore.Store(tmp_path / "used") as opened:
+        opened.put("kept", np.arange(3))
+    result = mmstore_cli("put", str(tmp_path / "used"), "x", "-", stdin=b"", check=False)
+    assert result.returncode == 1 and mmstore.Store(tmp_path / "used", "r").keys() == ["kept"]
+
+
+def test_a_store_that_gains_a_file_while_it_is_removed_keeps_its_manifest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mmstore import cli
+
+    store = tmp_path / "s"
+    mmstore.Store(store).close()
+    manifest = (store / "mmstore.json").read_bytes()
+    real_rmdir = os.rmdir
+
+    def rmdir_after_another_process_writes(path: Any) -> None:
+        (store / "x.0123456789abcdef.dat").write_bytes(b"another writer")  # (it opened the store just before)
+        real_rmdir(path)
+
+    monkeypatch.setattr(os, "rmdir", rmdir_after_another_process_writes)
+    cli._remove_unused_store(store, [store])
+    assert (store / "mmstore.json").read_bytes() == manifest
+    assert sorted(os.listdir(store)) == ["mmstore.json", "x.0123456789abcdef.dat"]
+
+
+def test_a_damaged_npz_gives_one_line(tmp_path: Path) -> None:
+    import zipfile
+
+    np.savez(tmp_path / "cut.npz", a=np.arange(2))
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "cut.npz").read_bytes()[:-40])  # no central directory
+    np.savez(tmp_path / "crc.npz", a=np.arange(2000), b=np.arange(5))
+    data = bytearray((tmp_path / "crc.npz").read_bytes())
+    offset = zipfile.ZipFile(tmp_path / "crc.npz").getinfo("b.npy").header_offset + 60
+    data[offset : offset + 30] = b"x" * 30  # b's bytes: a bad CRC-32
+    (tmp_path / "crc.npz").write_bytes(bytes(data))
+    store = str(tmp_path / "s")
+    result = mmstore_cli("put", store, "cut", str(tmp_path / "cut.npz"), check=False)
+    assert result.returncode == 1 and "cut.npz: not a readable .npz archive" in one_line_error(result)
+    result = mmstore_cli("put", store, "crc", str(tmp_path / "crc.npz"), check=False)
+    assert result.returncode == 1 and "crc.npz:b: not a readable .npz archive (Bad CRC-32" in one_line_error(result)
+    assert mmstore.Store(store, "r").keys() == ["crc/a"]  # (members commit one by one, as README says)
