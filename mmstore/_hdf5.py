@@ -144,7 +144,7 @@ def _check_tree(names: list[str]) -> None:
                 )
 
 
-def _selected(store: Store, only: str) -> list[str]:
+def selected_names(store: Store, only: str) -> list[str]:
     """The names ``only`` selects: every dataset if empty; with a trailing slash, the
     datasets under that group; else the dataset of that name and the datasets under
     the group of that name, or only the dataset if there are both (HDF5 cannot hold
@@ -187,7 +187,7 @@ def export_hdf5(
     if compression not in (None, "gzip", "lzf"):
         raise InvalidArgumentError(f"compression must be 'gzip', 'lzf' or None, not {compression!r}")
     chunks = _check_chunks(chunks)
-    names = _selected(store, only)
+    names = selected_names(store, only)
     _check_tree(names)
     exported: list[str] = []
     target = os.path.abspath(os.fspath(path))

@@ -27,6 +27,7 @@ import mmstore
 
 from . import _names, _textio
 from ._format import MANIFEST_NAME, encode_dtype
+from ._hdf5 import selected_names
 
 app = typer.Typer(
     name="mmstore",
@@ -643,7 +644,12 @@ def _parse_chunks(text: str | None) -> bool | tuple[int, ...] | None:
 def compact(
     store: StoreArg,
     output: Annotated[Path, typer.Argument(help="HDF5 file to write.", show_default=False)],
-    only: Annotated[str, typer.Option(help="Only datasets under this group.")] = "",
+    only: Annotated[
+        str,
+        typer.Option(
+            help="Only the dataset NAME and the datasets under the group NAME; NAME/ for only those under the group."
+        ),
+    ] = "",
     compression: Annotated[str | None, typer.Option(help="gzip or lzf.")] = None,
     chunks: Annotated[
         str | None,
@@ -659,7 +665,7 @@ def compact(
             raise UsageError(f"--compression must be gzip or lzf, not {compression!r}")
         chunk_option = _parse_chunks(chunks)
         with _open(store) as opened:
-            total = sum(opened.info(name)["nbytes"] for name in opened.keys(only))
+            total = sum(opened.info(name)["nbytes"] for name in selected_names(opened, only))
             finished = 0
             with _progress(f"compacting into {output}", total) as update:
 

@@ -652,3 +652,24 @@ def test_a_damaged_npz_gives_one_line(tmp_path: Path) -> None:
     result = mmstore_cli("put", store, "crc", str(tmp_path / "crc.npz"), check=False)
     assert result.returncode == 1 and "crc.npz:b: not a readable .npz archive (Bad CRC-32" in one_line_error(result)
     assert mmstore.Store(store, "r").keys() == ["crc/a"]  # (members commit one by one, as README says)
+
+
+def test_compact_of_a_dataset_that_is_also_a_group_follows_its_own_advice(tmp_path: Path) -> None:
+    store = str(tmp_path / "s")
+    with mmstore.Store(store) as opened:
+        opened.put("a", np.arange(2))
+        opened.put("a/b", np.arange(3))
+    refused = mmstore_cli("compact", store, str(tmp_path / "all.h5"), check=False)
+    assert refused.returncode == 1 and "--only a/" in one_line_error(refused)
+    for only, expected in (("a", ["a"]), ("a/", ["a/b"])):
+        done = mmstore_cli("compact", store, str(tmp_path / "part.h5"), "--only", only)
+        assert b"wrote 1 datasets (" in done.stderr
+        with h5py.File(tmp_path / "part.h5", "r") as h5:
+            found = sorted(name for name in _h5_names(h5) if isinstance(h5[name], h5py.Dataset))
+        assert found == expected
+
+
+def _h5_names(h5: Any) -> list[str]:
+    names: list[str] = []
+    h5.visit(names.append)
+    return names
