@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
-import math
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,13 +18,28 @@ from typing import Annotated, Any
 
 import numpy as np
 import typer
-from rich.console import Console
 from rich.text import Text
 
 import mmstore
 
 from . import _names, _textio
-from ._format import MANIFEST_NAME, encode_dtype
+from ._cli_io import (
+    SOURCE_SUFFIXES,
+    UsageError,
+    check_exists,
+    err,
+    missing_directories,
+    npz_members,
+    options,
+    out,
+    progress,
+    put_source,
+    remove_unused_store,
+    split_source,
+    unknown_source,
+    write_output,
+)
+from ._format import encode_dtype
 from ._hdf5 import selected_names
 
 app = typer.Typer(
@@ -36,11 +49,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-# Piped output is for scripts: wide lines, never wrapped mid-value.
-# emoji=False: a dataset named ":smile:" (or such a value) prints as it is.
-_out = Console(highlight=False, emoji=False, width=None if sys.stdout.isatty() else 240)
-_err = Console(stderr=True, highlight=False, emoji=False)
-_options = {"debug": False, "quiet": False}
 
 StoreArg = Annotated[Path, typer.Argument(help="Store directory.", show_default=False)]
 NameArg = Annotated[str, typer.Argument(help="Dataset name (group/sub/name).", show_default=False)]
@@ -52,12 +60,8 @@ def _main(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or chatter.")] = False,
 ) -> None:
-    _options["debug"] = debug
-    _options["quiet"] = quiet
-
-
-class UsageError(Exception):
-    """A bad option value: exit status 2, like typer's own usage errors."""
+    options["debug"] = debug
+    options["quiet"] = quiet
 
 
 @contextlib.contextmanager
@@ -68,12 +72,12 @@ def _errors_to_exit() -> Iterator[None]:
     except (typer.Exit, typer.Abort):
         raise
     except UsageError as exc:
-        if _options["debug"]:
+        if options["debug"]:
             raise
         print(f"mmstore: usage error: {exc}", file=sys.stderr)
         raise typer.Exit(2) from None
     except (mmstore.MmstoreError, OSError, ValueError) as exc:
-        if _options["debug"]:
+        if options["debug"]:
             raise
         print(f"mmstore: error: {_one_line(exc)}", file=sys.stderr)
         raise typer.Exit(getattr(exc, "exit_code", 1)) from None
@@ -87,25 +91,6 @@ def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split("\n"))
     # (The library's advice names its API; at the shell, the reading commands need no mode.)
     return text.replace("open it with mode='r'", "ls, info, get and verify can still read it")
-
-
-@contextlib.contextmanager
-def _progress(description: str, total: int | None) -> Iterator[Any]:
-    """A progress bar on a terminal (stderr), nothing otherwise. Yields update(done)."""
-    if _options["quiet"] or not _err.is_terminal:
-        yield lambda done, total=None: None
-        return
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-
-    # markup=False: descriptions name files and datasets, which may hold brackets.
-    columns = (TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=_err, transient=True) as progress:
-        task = progress.add_task(description, total=total)
-
-        def update(done: int, new_total: int | None = None) -> None:
-            progress.update(task, completed=done, total=new_total if new_total is not None else total)
-
-        yield update
 
 
 def _jsonable(info: dict[str, Any]) -> dict[str, Any]:
@@ -177,205 +162,20 @@ def put(
         # leaves no new, empty store behind.
         _names.validate_name(name)
         if source != "-":
-            source_file, h5_path = _split_source(source)
-            if h5_path is None and Path(source).suffix.lower() not in _SOURCE_SUFFIXES:
-                raise UsageError(_unknown_source(Path(source).suffix.lower()))
-            _check_exists(source_file)
+            source_file, h5_path = split_source(source)
+            if h5_path is None and Path(source).suffix.lower() not in SOURCE_SUFFIXES:
+                raise UsageError(unknown_source(Path(source).suffix.lower()))
+            check_exists(source_file)
             if Path(source).suffix.lower() == ".npz":
-                _npz_members(source, name)
-        created = _missing_directories(store)
+                npz_members(source, name)
+        created = missing_directories(store)
         try:
             with _open(store, "a") as opened:
-                _put(opened, name, source, parsed_dtype, delimiter, skip_rows, attrs)
+                put_source(opened, name, source, parsed_dtype, delimiter, skip_rows, attrs)
         except BaseException:
             if created:
-                _remove_unused_store(store, created)
+                remove_unused_store(store, created)
             raise
-
-
-def _missing_directories(path: Path) -> list[Path]:
-    """``path`` and its ancestors that do not exist yet, deepest first."""
-    missing = []
-    for directory in (path.absolute(), *path.absolute().parents):
-        if os.path.lexists(directory):
-            break
-        missing.append(directory)
-    return missing
-
-
-def _remove_unused_store(store: Path, created: list[Path]) -> None:
-    """Undo the store a failed put created, if it still holds nothing but its manifest and
-    empty group directories. Anything else (another process's dataset, temp or lock file)
-    keeps it; so does a file that appears while it goes: the manifest is put back when the
-    directory turns out not to be empty. (A process that opened the store before the
-    removal and creates its first file after it would find the directory gone.)"""
-    with contextlib.suppress(OSError):
-        for group, _dirs, _files in os.walk(store, topdown=False):
-            if group != str(store):
-                os.rmdir(group)  # (refused if it holds anything)
-        if os.listdir(store) != [MANIFEST_NAME]:
-            return
-        manifest = store / MANIFEST_NAME
-        saved = manifest.read_bytes()
-        os.unlink(manifest)
-        try:
-            os.rmdir(store)
-        except OSError:
-            _restore_manifest(store, saved)
-            return
-        for directory in created[1:]:
-            os.rmdir(directory)
-
-
-def _restore_manifest(store: Path, saved: bytes) -> None:
-    """Put the manifest back the way the store creates it: a temp file linked into place
-    (never over a manifest another process has made meanwhile)."""
-    temp = store / _names.temp_file_name("mmstore", _names.new_token())
-    with open(temp, "xb") as stream:
-        stream.write(saved)
-    try:
-        with contextlib.suppress(FileExistsError):
-            os.link(temp, store / MANIFEST_NAME)
-    finally:
-        os.unlink(temp)
-
-
-_TEXT_SUFFIXES = frozenset({".csv", ".txt", ".tsv", ".dat", ""})
-_SOURCE_SUFFIXES = _TEXT_SUFFIXES | {".npy", ".npz"}
-
-
-def _unknown_source(suffix: str) -> str:
-    return f"unknown source type {suffix!r}: use .npy, .npz, .csv, .txt, file.h5:/path or -"
-
-
-def _npz_members(source: str, name: str) -> list[str]:
-    """The .npy members of an .npz archive, each checked to make a valid dataset name under ``name``."""
-    with _npz_errors(source), _open_npz(source) as archive:
-        members = [entry for entry in archive.namelist() if entry.endswith(".npy")]
-    for entry in members:
-        _names.validate_name(f"{name}/{entry[:-4]}")
-    return members
-
-
-def _open_npz(source: str) -> Any:
-    import zipfile
-
-    with _npz_errors(source):
-        return zipfile.ZipFile(source)
-
-
-@contextlib.contextmanager
-def _npz_errors(label: str) -> Iterator[None]:
-    """A damaged archive (zipfile.BadZipFile: a bad CRC, no central directory) is an input
-    error with one line naming it, not a traceback."""
-    import zipfile
-
-    try:
-        yield
-    except zipfile.BadZipFile as exc:
-        raise _textio.TextFormatError(f"{label}: not a readable .npz archive ({exc})") from None
-
-
-def _split_source(source: str) -> tuple[str, str | None]:
-    """(file, HDF5 dataset path) of a put source: ``file.h5:/path`` names a dataset in
-    ``file.h5``; anything else is a file (path None)."""
-    for marker in (".h5:", ".hdf5:"):
-        head, found, path = source.partition(marker)
-        if found:
-            return head + marker[:-1], path
-    return source, None
-
-
-def _check_exists(path: str) -> None:
-    """Fail now if ``path`` is missing (a stat, not an open: a FIFO must be opened only once)."""
-    os.stat(path)
-
-
-def _put(
-    store: mmstore.Store,
-    name: str,
-    source: str,
-    dtype: np.dtype[Any] | None,
-    delimiter: str | None,
-    skip_rows: int,
-    attrs: dict[str, Any],
-) -> None:
-    if source == "-":
-        _put_npy_stream(store, name, sys.stdin.buffer, "stdin", attrs)
-        return
-    h5_file, h5_path = _split_source(source)
-    if h5_path is not None:
-        import h5py
-
-        with h5py.File(h5_file, "r") as h5:
-            if h5_path not in h5 or not isinstance(h5[h5_path], h5py.Dataset):
-                raise mmstore.DatasetNotFoundError(f"no dataset {h5_path!r} in {h5_file}")
-            store.put(name, h5[h5_path], attrs=attrs)
-        return
-    suffix = Path(source).suffix.lower()
-    if suffix == ".npy":
-        array = _load_npy(source)
-        if array.ndim == 0 or array.shape[0] == 0 or array.nbytes < _PROGRESS_BYTES:
-            store.put(name, array, attrs=attrs)
-        else:  # the same bytes, in row blocks of the map, so that a progress bar can follow
-            rows = max(1, _PROGRESS_BYTES // 4 // max(array[:1].nbytes, 1))
-            row_blocks = (array[start : start + rows] for start in range(0, array.shape[0], rows))
-            counted = _counting(row_blocks, f"reading {source}", array.nbytes)
-            store.put_blocks(name, counted, dtype=array.dtype, attrs=attrs)
-    elif suffix == ".npz":
-        members = _npz_members(source, name)  # every name checked before the first commit
-        with _open_npz(source) as archive:  # each member streamed, never loaded whole
-            for entry in members:
-                label = f"{source}:{entry[:-4]}"
-                with _npz_errors(label), archive.open(entry) as stream:
-                    _put_npy_stream(store, f"{name}/{entry[:-4]}", stream, label, attrs)
-    elif suffix in _TEXT_SUFFIXES:
-        if delimiter is None:
-            delimiter = {".csv": ",", ".tsv": "\t"}.get(suffix)
-        with open(source, encoding="utf-8", newline="") as stream:
-            size = os.fstat(stream.fileno()).st_size
-            blocks = _textio.text_blocks(stream, source, dtype or np.dtype("f8"), delimiter, skip_rows)
-            store.put_blocks(
-                name, _counting(blocks, f"parsing {source}", size, stream), dtype=dtype or "f8", attrs=attrs
-            )
-    else:
-        raise UsageError(_unknown_source(suffix))
-
-
-_PROGRESS_BYTES = 64 * 2**20  # inputs at least this large are stored in blocks, with a progress bar
-
-
-def _load_npy(source: str) -> np.ndarray:
-    """An .npy file mapped read-only, after checking its header and size (np.load's own
-    errors speak of pickles for a text file and of mmap lengths for a truncated one)."""
-    with open(source, "rb") as stream:
-        kind, shape, _blocks = _textio.npy_stream(stream, source)
-        needed = stream.tell() + math.prod(shape) * kind.itemsize
-        size = os.fstat(stream.fileno()).st_size
-    if size < needed:
-        raise _textio.TextFormatError(f"{source}: truncated .npy file ({size} bytes, its header needs {needed})")
-    return np.load(source, mmap_mode="r", allow_pickle=False)  # type: ignore[no-any-return]
-
-
-def _put_npy_stream(store: mmstore.Store, name: str, stream: Any, label: str, attrs: dict[str, Any]) -> None:
-    """Store an .npy read from a stream in row blocks (0-d and empty arrays whole)."""
-    kind, shape, blocks = _textio.npy_stream(stream, label)
-    if not shape or shape[0] == 0:
-        whole = next(blocks).reshape(()) if shape == () else np.empty(shape, kind)
-        store.put(name, whole, attrs=attrs)
-        return
-    total = math.prod(shape) * kind.itemsize
-    store.put_blocks(name, _counting(blocks, f"reading {label}", total), dtype=kind, attrs=attrs)
-
-
-def _counting(blocks: Iterator[np.ndarray], label: str, total: int | None, stream: Any = None) -> Iterator[np.ndarray]:
-    """Pass blocks through, advancing a progress bar (by file position, or by bytes)."""
-    done = 0
-    with _progress(label, total) as update:
-        for block in blocks:
-            done = stream.buffer.tell() if stream is not None and hasattr(stream, "buffer") else done + block.nbytes
-            update(done)
-            yield block
 
 
 # --- get ------------------------------------------------------------------------
@@ -412,7 +212,7 @@ def get(
                     raise UsageError("--slice needs a dataset with at least one dimension")
                 array = array[selection]
             if output is not None:
-                _write_output(array, output)
+                write_output(array, output)
             elif not sys.stdout.isatty():
                 _textio.write_npy(sys.stdout.buffer, array)
                 sys.stdout.buffer.flush()
@@ -420,78 +220,14 @@ def get(
                 _preview(name, array)
 
 
-def _write_output(array: np.ndarray, output: Path) -> None:
-    suffix = output.suffix.lower()
-    if suffix not in (".npy", ".csv", ".txt", ".tsv"):
-        raise UsageError(f"unknown output type {suffix!r}: use .npy, .csv or .txt")
-    # A temp file of our own (random name, created exclusively) beside the output, renamed
-    # over it when complete: two gets to one output never write into each other's file.
-    # Whatever stops the write (an error, Ctrl-C, SIGTERM) removes the temp file.
-    with _sigterm_raises():
-        temp = _partial_name(output)
-        try:  # (from before the file exists: a signal may come the moment it does)
-            while True:
-                try:
-                    fd = os.open(temp, _PARTIAL_FLAGS, 0o666)
-                    break
-                except FileExistsError:  # (a token collision: draw another)
-                    temp = _partial_name(output)
-            with _progress(f"writing {output}", array.nbytes) as update:
-                if suffix == ".npy":
-                    with os.fdopen(fd, "wb") as stream:
-                        _textio.write_npy(stream, array)
-                else:
-                    delimiter = {".csv": ",", ".tsv": "\t"}.get(suffix, " ")
-                    with os.fdopen(fd, "w", encoding="utf-8") as stream:
-                        _textio.write_text(stream, array, delimiter, label=str(output))
-                update(array.nbytes)
-            os.replace(temp, output)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):  # (gone if the signal came after the rename)
-                os.unlink(temp)
-            raise
-
-
-class _Terminated(SystemExit):
-    """SIGTERM during a write, raised so that cleanup runs (exit status 128 + 15, as if killed)."""
-
-
-@contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """Turn SIGTERM into an exception for a while: Python's default dies without cleanup."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():  # (only the main thread may set handlers)
-        yield
-        return
-
-    def terminate(signum: int, _frame: Any) -> None:
-        raise _Terminated(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-_PARTIAL_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-def _partial_name(output: Path) -> Path:
-    """``.{name}.{token}.partial`` beside ``output``, to be created exclusively."""
-    return output.with_name(f".{output.name}.{_names.new_token()}.partial")
-
-
 def _preview(name: str, array: np.ndarray) -> None:
     # Text, not markup: names and dtypes hold brackets ("<M8[s]", "runs[2]").
-    _out.print(Text.assemble((name, "bold"), f"  dtype {array.dtype}  shape {array.shape}  {_human(array.nbytes)}"))
-    with np.printoptions(threshold=40, edgeitems=5, linewidth=_out.width):
+    out.print(Text.assemble((name, "bold"), f"  dtype {array.dtype}  shape {array.shape}  {_human(array.nbytes)}"))
+    with np.printoptions(threshold=40, edgeitems=5, linewidth=out.width):
         head = array[:10] if array.ndim else array
-        _out.print(str(head), markup=False)
+        out.print(str(head), markup=False)
     if array.ndim and len(array) > 10:
-        _out.print(f"... {len(array) - 10} more rows")
+        out.print(f"... {len(array) - 10} more rows")
 
 
 # --- looking at a store ------------------------------------------------------------
@@ -525,7 +261,7 @@ def list_datasets(
                 shape = str(info["shape"]) + (" +" if info["growable"] else "")
                 cells = (info["name"], _textio.dtype_text(info["dtype"]), shape, _human(info["nbytes"]), modified)
                 table.add_row(*map(Text, cells))  # (not markup: "<M8[s]" must keep its "[s]")
-            _out.print(table)
+            out.print(table)
         for message in broken:
             print(f"mmstore: warning: {message}", file=sys.stderr)
 
@@ -550,8 +286,8 @@ def info(store: StoreArg, name: NameArg, as_json: JsonOpt = False) -> None:
         for key, value in record.items():
             if key in ("created", "modified"):
                 value = _local_time(value, "microseconds")
-            _out.print(f"[bold]{key}[/bold]: ", end="")
-            _out.print(str(value), markup=False, soft_wrap=True)
+            out.print(f"[bold]{key}[/bold]: ", end="")
+            out.print(str(value), markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -575,7 +311,7 @@ def verify(store: StoreArg) -> None:
     with _errors_to_exit(), _open(store) as opened:
         total = len(opened.keys())
         done = 0
-        with _progress("verifying", total) as update:
+        with progress("verifying", total) as update:
 
             def step(_name: str) -> None:
                 nonlocal done
@@ -583,7 +319,7 @@ def verify(store: StoreArg) -> None:
                 update(done)
 
             report = opened.verify(progress=step)
-        _out.print(str(report), markup=False, soft_wrap=True)
+        out.print(str(report), markup=False, soft_wrap=True)
         if not report.ok:
             raise typer.Exit(1)
 
@@ -593,7 +329,7 @@ def recover(store: StoreArg) -> None:
     """Remove dead writers' leftovers; quarantine (never delete) unreadable datasets."""
     with _errors_to_exit(), _open(store, "r+") as opened:
         report = opened.recover()
-        _out.print(str(report), markup=False, soft_wrap=True)
+        out.print(str(report), markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -667,7 +403,7 @@ def compact(
         with _open(store) as opened:
             total = sum(opened.info(name)["nbytes"] for name in selected_names(opened, only))
             finished = 0
-            with _progress(f"compacting into {output}", total) as update:
+            with progress(f"compacting into {output}", total) as update:
 
                 def step(_name: str, done: int, size: int) -> None:
                     nonlocal finished
@@ -678,8 +414,8 @@ def compact(
                 names = mmstore.export_hdf5(
                     opened, output, only=only, compression=compression, chunks=chunk_option, progress=step
                 )
-        if not _options["quiet"]:
-            _err.print(Text(f"wrote {len(names)} datasets ({_human(total)}) to {output}"))
+        if not options["quiet"]:
+            err.print(Text(f"wrote {len(names)} datasets ({_human(total)}) to {output}"))
 
 
 @app.command("import")
@@ -690,14 +426,14 @@ def import_(
 ) -> None:
     """Put every dataset of an HDF5 file into the store (the reverse of compact)."""
     with _errors_to_exit():
-        _check_exists(str(source))  # (before the store is opened: it may be created)
+        check_exists(str(source))  # (before the store is opened: it may be created)
         import h5py
 
         if source.is_file() and not h5py.is_hdf5(source):
             raise mmstore.InvalidArgumentError(f"{source}: not an HDF5 file")
     with _errors_to_exit(), _open(store, "a") as opened:
         done = 0
-        with _progress(f"importing {source}", source.stat().st_size) as update:
+        with progress(f"importing {source}", source.stat().st_size) as update:
 
             def step(_name: str, size: int, _total: int) -> None:
                 nonlocal done
@@ -707,8 +443,8 @@ def import_(
             imported, skipped = mmstore.import_hdf5(source, opened, only=only, progress=step)
         for name, reason in skipped.items():
             print(f"mmstore: skipped {name}: {reason}", file=sys.stderr)
-        if not _options["quiet"]:
-            _err.print(f"imported {len(imported)} datasets")
+        if not options["quiet"]:
+            err.print(f"imported {len(imported)} datasets")
         if skipped:
             raise typer.Exit(1)
 
@@ -734,7 +470,7 @@ def cache_info(
         else:
             for key, value in stats.items():
                 shown = _human(value) if key == "bytes" else value
-                _out.print(Text.assemble((key, "bold"), f": {shown}"), highlight=False)
+                out.print(Text.assemble((key, "bold"), f": {shown}"), highlight=False)
 
 
 @cache_app.command("clear")
@@ -744,8 +480,8 @@ def cache_clear(path: Annotated[Path, typer.Argument(help="Cache directory.", sh
         _require_store(path)
         with mmstore.Cache(path) as cache:
             removed = cache.clear()
-        if not _options["quiet"]:
-            _err.print(f"removed {removed} entries")
+        if not options["quiet"]:
+            err.print(f"removed {removed} entries")
 
 
 def _require_store(path: Path) -> None:
@@ -768,7 +504,7 @@ def demo(
     from ._demo import run_demo
 
     with _errors_to_exit():
-        _out.print(
+        out.print(
             f"A writer process puts {arrays} arrays of {megabytes} MiB into a temporary store; "
             f"{readers} reader processes map and sum them.\nBaseline: the same arrays pickled "
             "through multiprocessing.Queue to each reader. Process start-up is excluded from both."
@@ -781,8 +517,8 @@ def demo(
         table.add_row(
             "multiprocessing.Queue (pickle per reader)", f"{result.queue_seconds:.3f} s", f"{result.speedup:.2f}x"
         )
-        _out.print(table)
-        _out.print("every reader saw identical data: " + ("yes" if result.checksums_match else "NO"))
+        out.print(table)
+        out.print("every reader saw identical data: " + ("yes" if result.checksums_match else "NO"))
         if not result.checksums_match:
             raise typer.Exit(1)
 

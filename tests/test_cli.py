@@ -140,10 +140,10 @@ def test_names_and_dtypes_with_brackets_are_shown_as_they_are(tmp_path: Path) ->
     assert "<M8[s]" in table and "a[b]/c" in table and "name[s]" in table
     from mmstore import cli
 
-    with cli._out.capture() as captured:
+    with cli.out.capture() as captured:
         cli._preview("name[s]", np.array(["2020-01-01"], "M8[s]"))
     assert captured.get().startswith("name[s]  dtype datetime64[s]")
-    with cli._out.capture() as captured:  # (nor emoji codes)
+    with cli.out.capture() as captured:  # (nor emoji codes)
         cli._preview(":smile:", np.array([":thumbs_up:"]))
     assert captured.get().startswith(":smile:  dtype") and ":thumbs_up:" in captured.get()
 
@@ -631,7 +631,7 @@ def test_a_store_that_gains_a_file_while_it_is_removed_keeps_its_manifest(
         real_rmdir(path)
 
     monkeypatch.setattr(os, "rmdir", rmdir_after_another_process_writes)
-    cli._remove_unused_store(store, [store])
+    cli.remove_unused_store(store, [store])
     assert (store / "mmstore.json").read_bytes() == manifest
     assert sorted(os.listdir(store)) == ["mmstore.json", "x.0123456789abcdef.dat"]
 
