@@ -314,6 +314,14 @@ class Writer:
         # with _closing, so a close from a signal handler during a close returns at once.
         self._close_guard = threading.RLock()
         self._closing = False
+        # Held across every use of the descriptor and of the writable map (append, an edit,
+        # flush, grow, close), so close() -- from Store.close() in another thread, say --
+        # cannot close the descriptor in the middle of one: its number could name another
+        # file by the time the write lands. Taken after any slow conversion of the values
+        # (a close waits for a write, not for a caller's array). Reentrant, as _close_guard:
+        # a close from a signal handler or a finalizer in the same thread must not deadlock
+        # (the interrupted write then finds the descriptor -1 and fails with ClosedError).
+        self._use_guard = threading.RLock()
         self._closed_reason = "closed"
         self._failed = False
         self.name = header.name
@@ -355,9 +363,10 @@ class Writer:
     def array(self) -> np.ndarray:
         """A writable view of every row written so far (flushed or not). Edits through it
         are in place: readers see them at once, and the data checksum becomes unknown."""
-        self._check_open()
-        self._note_edit()
-        return self._mapped.rows[: self._length] if self._header.shape else self._mapped.rows
+        with self._use_guard:
+            self._check_open()
+            self._note_edit()
+            return self._mapped.rows[: self._length] if self._header.shape else self._mapped.rows
 
     def __getitem__(self, index: Any) -> Any:
         self._check_open()
@@ -377,9 +386,11 @@ class Writer:
                 f"cannot store records with fields {value.dtype.names} in dataset {self.name!r} with fields {names} "
                 "(records match by field name, in order)"
             )
-        self._note_edit()
-        rows = self._mapped.rows[: self._length] if self._header.shape else self._mapped.rows
-        rows[index] = value
+        with self._use_guard:
+            self._check_open()  # (again: close() may have run while the value was converted)
+            self._note_edit()
+            rows = self._mapped.rows[: self._length] if self._header.shape else self._mapped.rows
+            rows[index] = value
 
     def _note_edit(self) -> None:
         """Before the first in-place edit: the sidecar's data checksum (a dataset made by
@@ -409,37 +420,45 @@ class Writer:
             raise InvalidArgumentError(f"dataset {self.name!r} is not growable; create it with growable=True to append")
         if type(rows) is np.ndarray and rows.shape == self._row_shape and rows.dtype == self.dtype:
             # One row of the right dtype: the hot path of a producer appending sample by sample.
-            start = self._length
-            if start >= self._mapped.capacity:
-                self._grow(start + 1)
-            mapped = self._mapped
-            mapped.rows[start] = rows
-            self._length = start + 1
+            with self._use_guard:
+                if self._closed:
+                    self._check_open()
+                start = self._length
+                if start >= self._mapped.capacity:
+                    self._grow(start + 1)
+                mapped = self._mapped
+                mapped.rows[start] = rows
+                self._length = start + 1
             return
         block = self._as_rows(rows)
         count = block.shape[0]
         if count == 0:
             return
-        start = self._length
-        end = start + count
-        if end > self._mapped.capacity:
-            self._grow(end)
         nbytes = count * self._mapped.row_bytes
-        if nbytes <= _MAPPED_APPEND_BYTES:
-            if block.dtype == self.dtype and block.flags.c_contiguous:
-                # Byte copy: NumPy's structured-dtype assignment costs ~2 us even for one row.
-                offset = CONTROL_BYTES + start * self._mapped.row_bytes
-                self._mapped.map[offset : offset + nbytes] = block.reshape(-1).view(np.uint8).data  # type: ignore[index]
-            else:
-                self._mapped.rows[start:end] = block
-        else:
+        mapped_copy = nbytes <= _MAPPED_APPEND_BYTES
+        if not mapped_copy:
             block = np.ascontiguousarray(block, dtype=self.dtype)
-            try:
-                position = CONTROL_BYTES + start * self._mapped.row_bytes
-                _durable.write_all(self._fd, block.reshape(-1).view(np.uint8), position)
-            except OSError as exc:
-                raise _durable.io_error(exc, f"dataset {self.name!r}: appending {count} rows") from None
-        self._length = end
+        with self._use_guard:
+            self._check_open()  # (again: close() may have run while the rows were converted)
+            start = self._length
+            end = start + count
+            if end > self._mapped.capacity:
+                self._grow(end)
+            if mapped_copy:
+                if block.dtype == self.dtype and block.flags.c_contiguous:
+                    # Byte copy: NumPy's structured-dtype assignment costs ~2 us even for one row.
+                    offset = CONTROL_BYTES + start * self._mapped.row_bytes
+                    self._mapped.map[offset : offset + nbytes] = block.reshape(-1).view(np.uint8).data  # type: ignore[index]
+                else:
+                    self._mapped.rows[start:end] = block
+            else:
+                try:
+                    position = CONTROL_BYTES + start * self._mapped.row_bytes
+                    _durable.write_all(self._fd, block.reshape(-1).view(np.uint8), position)
+                except OSError as exc:
+                    self._check_open()  # closed from a signal handler meanwhile: EBADF
+                    raise _durable.io_error(exc, f"dataset {self.name!r}: appending {count} rows") from None
+            self._length = end
 
     def _as_rows(self, rows: Any) -> np.ndarray:
         row_shape = self._mapped.row_shape
@@ -531,6 +550,7 @@ class Writer:
             ) from None
 
     def _grow(self, needed: int) -> None:
+        """Reserve room for ``needed`` rows and map the file again (under _use_guard)."""
         capacity = self._mapped.capacity
         minimum = max(1, _MIN_GROWTH_BYTES // max(self._mapped.row_bytes, 1))
         new_capacity = max(needed, capacity + capacity // 2, capacity + minimum)
@@ -542,6 +562,10 @@ class Writer:
 
     def flush(self, durable: bool = False) -> None:
         """Publish every appended row to readers; ``durable=True`` also fsyncs first and after."""
+        with self._use_guard:
+            self._flush(durable)
+
+    def _flush(self, durable: bool) -> None:
         if self._closed or self._failed:
             raise ClosedError(f"writer of dataset {self.name!r} is {self._closed_reason}")
         control = self._mapped.control
@@ -595,7 +619,8 @@ class Writer:
                 return
             self._closing = True
             try:
-                self._close()
+                with self._use_guard:  # (waits for a write under way in another thread)
+                    self._close()
             finally:
                 self._closing = False  # (an interrupt before _close ran: a retry can close)
 
@@ -614,8 +639,9 @@ class Writer:
             self._mark_unsynced_dirty()
         finally:
             self._closed = True
+            fd, self._fd = self._fd, -1  # a late use fails with EBADF, never reaches a reused number
             try:
-                os.close(self._fd)
+                os.close(fd)
             finally:
                 self._location.lock.release()
                 self._store._writers.discard(self)
@@ -652,7 +678,7 @@ class Writer:
         the idle locks) and commits no sidecar: the sidecar keeps its older recorded
         length, readers take the committed length from the control block, and the next
         writer's close() records it."""
-        with self._close_guard:  # (nobody else can hold it: the writer is unreachable)
+        with self._close_guard, self._use_guard:  # (nobody else can hold them: the writer is unreachable)
             if self._closed or self._closing:
                 return
             self._closing = True
@@ -665,8 +691,9 @@ class Writer:
             finally:
                 self._closed = True
                 self._closing = False
+                fd, self._fd = self._fd, -1
                 try:
-                    os.close(self._fd)
+                    os.close(fd)
                 finally:
                     self._location.lock.release()
 
@@ -691,9 +718,21 @@ class Writer:
         self._sidecar_durable = True
 
     def _sync_committed(self) -> None:
-        """Make the flushed rows durable (Store.flush); pending rows stay unpublished."""
-        if not self._closed:
-            self._fsync()
+        """Make the flushed rows durable (Store.flush); pending rows stay unpublished.
+
+        Called from whichever thread flushes the store, while the owner may close the
+        writer: the fsync goes through a duplicate of the descriptor, taken under
+        _use_guard, so it never reaches a closed (perhaps reused) number, and close()
+        need not wait for it. A writer closed first is left to Store.flush(): its close
+        marked its unsynced data file dirty (_mark_unsynced_dirty)."""
+        with self._use_guard:
+            if self._closed or self._failed:
+                return
+            fd = os.dup(self._fd)
+        try:
+            self._fsync(lambda: _durable.fsync(fd, f"dataset {self.name!r}"))
+        finally:
+            os.close(fd)
 
     def _fsync(self, sync: Callable[[], None] | None = None) -> None:
         """fsync the data file (or run ``sync``, another fsync); after a failure this writer
@@ -712,11 +751,13 @@ class Writer:
         """In a forked child: this handle is the parent's. Close our copy of the
         descriptor (the parent's lock stays held) and refuse further use."""
         self._close_guard = threading.RLock()  # (another thread may have held it at the fork)
+        self._use_guard = threading.RLock()
         if not self._closed:
             self._closed = True
             self._closed_reason = "owned by the parent process (writers are not inherited across fork)"
+            fd, self._fd = self._fd, -1
             try:
-                os.close(self._fd)
+                os.close(fd)
             except OSError:
                 pass
 
@@ -984,8 +1025,9 @@ def _abandon(writer: Writer | None, lock: Any) -> None:
             if writer._closed or writer._closing:
                 return  # a concurrent Store.close() closed it, releasing the lock: once is all
             writer._closed = True
+        fd, writer._fd = writer._fd, -1
         try:
-            os.close(writer._fd)
+            os.close(fd)
         except OSError:
             pass
     lock.release()

@@ -754,3 +754,82 @@ def test_a_fork_while_the_store_closes_still_protects_its_open_writers(
     monkeypatch.setattr(mmstore.Writer, "flush", flush_then_fork)
     store.close()
     assert codes == [0]  # in the child, the writer still open in the parent is not usable
+
+
+def test_append_racing_store_close_never_writes_through_a_reused_descriptor(
+    store: mmstore.Store, tmp_path: Path
+) -> None:
+    writer = store.create("x", np.int64, (0,), growable=True, capacity=200_000)
+    entered, go = threading.Event(), threading.Event()
+    outcome: list[BaseException | None] = []
+
+    class SlowRows:  # stands in for a block whose conversion takes a while
+        def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+            entered.set()
+            assert go.wait(PROCESS_TIMEOUT)
+            return np.full(100_000, -1, np.int64)
+
+    def append() -> None:
+        try:
+            writer.append(SlowRows())
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=append)
+    thread.start()
+    assert entered.wait(PROCESS_TIMEOUT)
+    old_number = writer._fd
+    store.close()  # another thread closes the store (and the writer) mid-append
+    user_file = tmp_path / "precious.bin"
+    user_file.write_bytes(b"precious user data\n" * 1000)
+    user_fd = os.open(user_file, os.O_RDWR)
+    try:
+        if user_fd != old_number:
+            os.dup2(user_fd, old_number)  # the closed number now names the user's file
+        go.set()
+        thread.join(PROCESS_TIMEOUT)
+    finally:
+        if user_fd != old_number:
+            os.close(old_number)
+        os.close(user_fd)
+    assert len(outcome) == 1 and isinstance(outcome[0], mmstore.ClosedError), outcome
+    assert user_file.read_bytes() == b"precious user data\n" * 1000
+    assert writer._fd == -1
+
+
+def test_store_flush_racing_a_writer_close_fsyncs_no_closed_descriptor(
+    store: mmstore.Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer = store.create("x", np.int64, (0,), growable=True)
+    writer.append(np.arange(10))
+    writer.flush()
+    at_fsync, go = threading.Event(), threading.Event()
+    real_fsync = mmstore._durable.fsync
+
+    def paused(fd: int, what: str) -> None:
+        if threading.current_thread().name == "flusher" and not at_fsync.is_set():
+            at_fsync.set()
+            assert go.wait(PROCESS_TIMEOUT)
+        real_fsync(fd, what)
+
+    monkeypatch.setattr(mmstore._durable, "fsync", paused)
+    outcome: list[BaseException | None] = []
+
+    def flush() -> None:
+        try:
+            store.flush()
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=flush, name="flusher")
+    thread.start()
+    assert at_fsync.wait(PROCESS_TIMEOUT)  # Store.flush is about to fsync the writer's data file
+    writer.close()  # its owner closes it as usual
+    go.set()
+    thread.join(PROCESS_TIMEOUT)
+    assert outcome == [None]
+    store.put("z", np.arange(3))  # the store is still usable (no fsync failure recorded)
+    store.flush()
+    np.testing.assert_array_equal(store.get("x"), np.arange(10))
