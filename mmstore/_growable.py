@@ -606,10 +606,17 @@ class Writer:
             for chunk_start in range(start, end, 1 << 26):
                 self._crc = zlib.crc32(view[chunk_start : min(end, chunk_start + (1 << 26))], self._crc)
             self._crc_rows = self._length
-        # The CRC fields change before the length that would make them matter.
-        halves[_CRC] = self._crc & 0xFFFFFFFF
-        halves[_CRC_KNOWN] = self._crc_known
-        control[_CRC_ROWS] = self._crc_rows
+        crc, known, rows = self._crc & 0xFFFFFFFF, int(self._crc_known), self._crc_rows
+        if halves[_CRC] == crc and halves[_CRC_KNOWN] == known and control[_CRC_ROWS] == rows:
+            return
+        # A kill between any two of these stores leaves fields that verify() accepts: the
+        # CRC is marked unknown before it and the rows it covers change, and marked known
+        # only after both. (Checksummed rows past the committed length, left by a kill
+        # before flush() stores the length, read as "CRC unknown" too.)
+        halves[_CRC_KNOWN] = 0
+        halves[_CRC] = crc
+        control[_CRC_ROWS] = rows
+        halves[_CRC_KNOWN] = known
 
     def close(self) -> None:
         """Flush, record the committed length in the sidecar, release the writer lock.

@@ -833,3 +833,75 @@ def test_store_flush_racing_a_writer_close_fsyncs_no_closed_descriptor(
     store.put("z", np.arange(3))  # the store is still usable (no fsync failure recorded)
     store.flush()
     np.testing.assert_array_equal(store.get("x"), np.arange(10))
+
+
+class _StoreThenPause:
+    """Stands in for a control-block array: after the ``target``-th store through any of
+    them, reports on ``report_fd`` and waits to be SIGKILLed."""
+
+    def __init__(self, array: np.ndarray, state: dict[str, int]) -> None:
+        self.array, self.state = array, state
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.array[index]
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        self.array[index] = value
+        self.state["stores"] += 1
+        if self.state["stores"] == self.state["target"]:
+            os.write(self.state["report_fd"], b"p")
+            signal.pause()
+
+
+@pytest.mark.parametrize("scenario", ["durable flush", "durable flush after a flush", "close"])
+def test_sigkill_between_any_two_control_block_stores_leaves_a_dataset_verify_accepts(
+    store: mmstore.Store, scenario: str
+) -> None:
+    for target in range(1, 50):
+        with store.create("g", np.int64, (0,), growable=True, exist_ok=True, capacity=1000) as writer:
+            writer.append(np.arange(100))
+            writer.flush(durable=True)  # CRC known over the 100 rows
+        read_fd, write_fd = os.pipe()
+        with warnings.catch_warnings():  # Python 3.12+ warns about fork() in a threaded process
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child writes and is killed at the target store
+            try:
+                os.close(read_fd)
+                child = mmstore.Store(store.path)
+                edited = child.open_writer("g")
+                edited.append(np.arange(100, 200))
+                state = {"stores": 0, "target": target, "report_fd": write_fd}
+                mapped = edited._mapped
+                mapped.control = _StoreThenPause(mapped.control, state)  # type: ignore[assignment]
+                mapped.control_u32 = _StoreThenPause(mapped.control_u32, state)  # type: ignore[assignment]
+                if scenario == "durable flush":
+                    edited.flush(durable=True)
+                elif scenario == "close":
+                    edited.close()
+                else:
+                    edited.flush()
+                    edited.flush(durable=True)
+                os.write(write_fd, b"d")
+            finally:
+                os._exit(0)
+        os.close(write_fd)
+        reported = os.read(read_fd, 1)
+        os.close(read_fd)
+        if reported == b"p":
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        assert reported in (b"p", b"d")
+        assert store.verify().ok, (scenario, target, store.verify())
+        committed = store.get("g")
+        assert len(committed) in (100, 200)
+        np.testing.assert_array_equal(committed, np.arange(len(committed)))
+        with store.open_writer("g") as writer:  # the next writer takes the fields as they are
+            writer.flush(durable=True)
+        assert store.verify().ok, (scenario, target, store.verify())
+        if reported == b"d":
+            assert target > 2  # (the kills above landed inside the update)
+            break
+    else:
+        raise AssertionError("the scenario never finished")
+    assert store.recover().quarantined == {}
