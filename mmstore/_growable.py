@@ -59,7 +59,7 @@ from ._mapping import buffer_digest, refuse_masked
 from ._notify import Waiter
 
 if TYPE_CHECKING:
-    from ._entries import _Location
+    from ._entries import _Entry, _Location
     from ._store import Store
 
 CONTROL_BYTES = 4096
@@ -783,8 +783,18 @@ class Writer:
         return f"<mmstore.Writer {self.name!r} {state}>"
 
 
+def _generation_of(header: Any) -> tuple[str, int, int]:
+    """What tells one generation of a dataset from every other: its generation number
+    restarts at 1 after a delete and a create, but its data file's name (a fresh token)
+    is never reused; generations packed into one data file differ in number and offset."""
+    return header.data_file, header.generation, header.offset
+
+
 class Reader:
     """Follows one dataset: ``array`` is its committed prefix as of the last refresh."""
+
+    _header: Header
+    _mapped: _Mapped
 
     def __init__(self, store: Store, location: _Location) -> None:
         self._store = store
@@ -793,16 +803,34 @@ class Reader:
         self._waiter_pid = os.getpid()
         self._closed = False
         self.name = location.name
-        self._load()
+        self._load(store._current_entry(location), first=True)
 
-    def _load(self) -> None:
-        entry, self._mapped = self._store._map_entry(self._location, self._store._current_entry(self._location))
-        self._header = entry.header
-        self._length = validate_length(self._header, self._mapped, self._mapped.committed_length(self._header))
-        self._published = self._mapped.published()
-        if self._waiter is not None:
-            self._waiter.close()
+    def _load(self, entry: _Entry, first: bool = False) -> None:
+        """Follow ``entry`` (the current one): map its data file (again) and take the
+        committed length from the map actually used, as Store._read does. That map may
+        belong to a newer entry than ``entry`` (a replacement between our reading the
+        sidecar and mapping), or be too small for the length read from it (the writer
+        grew the file and flushed since the map was made: map again)."""
+        mapped = entry.mapped  # (read once: another thread may replace the entry's map)
+        mapped_before: tuple[_Entry, int] | None = None
+        for _attempt in range(1000):
+            if mapped is None:
+                entry, mapped = self._store._map_entry(self._location, entry)
+            length = mapped.committed_length(entry.header)
+            if length <= mapped.capacity or mapped_before == (entry, mapped.size):
+                break  # it fits; or a new map of the same, unchanged file does not: corrupt
+            mapped_before = (entry, mapped.size)
+            mapped = None
+        if mapped is None:
+            raise FormatError(f"dataset {self.name!r}: its data file grew too often to read a consistent length")
+        header = entry.header
+        length = validate_length(header, mapped, length)
+        waiter = self._waiter
+        if not first and waiter is not None and _generation_of(header) != _generation_of(self._header):
+            waiter.close()  # it watches the old generation's data file
             self._waiter = None
+        self._header, self._mapped, self._length = header, mapped, length
+        self._published = mapped.published()
 
     @property
     def generation(self) -> int:
@@ -826,16 +854,15 @@ class Reader:
         if self._closed:
             raise ClosedError(f"reader of dataset {self.name!r} is closed")
         entry = self._store._current_entry(self._location)
-        if entry.header.data_file != self._header.data_file:
-            self._load()
-            return self._length
-        self._header = entry.header
-        length = self._mapped.committed_length(self._header)
-        if length > self._mapped.capacity:
-            entry, self._mapped = self._store._map_entry(self._location, entry)
-            self._header = entry.header
-        self._length = validate_length(self._header, self._mapped, length)
-        self._published = self._mapped.published()
+        header = entry.header
+        if _generation_of(header) == _generation_of(self._header):
+            mapped = self._mapped
+            length = mapped.committed_length(header)
+            if length <= mapped.capacity:  # (the usual case: the same map still covers it)
+                self._header, self._length = header, length
+                self._published = mapped.published()
+                return length
+        self._load(entry)  # a new generation, or rows past our map: map again
         return self._length
 
     def wait(self, min_len: int | None = None, timeout: float | None = None, *, min_length: int | None = None) -> bool:

@@ -905,3 +905,57 @@ def test_sigkill_between_any_two_control_block_stores_leaves_a_dataset_verify_ac
     else:
         raise AssertionError("the scenario never finished")
     assert store.recover().quarantined == {}
+
+
+def test_refresh_racing_a_replacement_shows_only_the_new_generations_committed_rows(
+    store: mmstore.Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer = store.create("x", np.int64, (0,), growable=True)
+    writer.append(np.arange(10))
+    writer.flush()
+    reader = store.open_reader("x")
+    writer.append(np.arange(10, 300_000))
+    writer.flush()  # the file grew past the reader's map: refresh() must map it again
+    writer.close()
+    real_map_entry = mmstore.Store._map_entry
+    replacing: list[mmstore.Writer] = []
+
+    def replaced_before_the_map(self: mmstore.Store, location: Any, entry: Any) -> Any:
+        if not replacing:  # another writer replaces the dataset; its rows are not flushed
+            replacing.append(store.create("x", np.int64, (0,), growable=True, exist_ok=True, capacity=1_000_000))
+            replacing[0].append(np.full(500_000, -7, np.int64))
+        return real_map_entry(self, location, entry)
+
+    monkeypatch.setattr(mmstore.Store, "_map_entry", replaced_before_the_map)
+    length = reader.refresh()
+    monkeypatch.undo()
+    assert replacing
+    assert length == 0 and len(reader) == 0 and len(reader.array) == 0
+    assert reader.generation == 2
+    replacing[0].flush()
+    assert reader.refresh() == 500_000 and (reader.array == -7).all()
+    replacing[0].close()
+
+
+def test_open_reader_racing_growth_maps_again(store: mmstore.Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    writer = store.create("x", np.int64, (0,), growable=True)
+    writer.append(np.arange(10))
+    writer.flush()
+    real_map_data = mmstore.Store._map_data
+    grown: list[bool] = []
+
+    def grown_after_the_map(self: mmstore.Store, location: Any, entry: Any, directory_fd: Any) -> Any:
+        mapped = real_map_data(self, location, entry, directory_fd)
+        if not grown:  # the writer grows the file and flushes before the length is read
+            grown.append(True)
+            writer.append(np.arange(10, 300_000))
+            writer.flush()
+        return mapped
+
+    monkeypatch.setattr(mmstore.Store, "_map_data", grown_after_the_map)
+    reader = store.open_reader("x")
+    monkeypatch.undo()
+    assert grown
+    assert len(reader) == 300_000
+    np.testing.assert_array_equal(reader.array, np.arange(300_000))
+    writer.close()
