@@ -875,16 +875,16 @@ class Reader:
                 raise InvalidArgumentError(f"min_len={min_len!r} and min_length={min_length!r} disagree; give one")
             min_len = min_length
         min_length = min_len
-        generation, published, length = self._header.generation, self._published, self._length
+        generation, published, length = _generation_of(self._header), self._published, self._length
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             self.refresh()
-            if self._header.generation != generation:
+            if _generation_of(self._header) != generation:
                 return True
             if min_length is not None:
                 if self._length >= min_length:
                     return True
-            elif (self._header.generation, self._published, self._length) != (generation, published, length):
+            elif (self._published, self._length) != (published, length):
                 return True
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
@@ -907,11 +907,11 @@ class Reader:
         continues from row 0 of the new generation.
         """
         position = start
-        generation = self._header.generation
+        generation = _generation_of(self._header)
         self.refresh()
         while True:
-            if self._header.generation != generation:
-                generation, position = self._header.generation, 0
+            if _generation_of(self._header) != generation:
+                generation, position = _generation_of(self._header), 0
             if self._length > position:
                 block = self.array[position : self._length]
                 position = self._length

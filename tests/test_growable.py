@@ -959,3 +959,33 @@ def test_open_reader_racing_growth_maps_again(store: mmstore.Store, monkeypatch:
     assert len(reader) == 300_000
     np.testing.assert_array_equal(reader.array, np.arange(300_000))
     writer.close()
+
+
+def test_follow_and_wait_tell_a_new_dataset_by_its_data_file_not_its_generation_number(
+    store_path: Path,
+) -> None:
+    producer = mmstore.Store(store_path)
+    with producer.create("ticks", np.int64, (0,), growable=True) as writer:
+        writer.append(np.arange(1000))
+        writer.flush()
+    consumer = mmstore.Store(store_path, "r")
+    reader = consumer.open_reader("ticks")
+    follower = reader.follow(idle_timeout=0.2)
+    assert len(next(follower)) == 1000
+    del producer["ticks"]  # a day rollover: a new log, generation 1 again
+    with producer.create("ticks", np.int64, (0,), growable=True) as writer:
+        writer.append(np.arange(-1, -1501, -1))
+        writer.flush()
+    assert consumer.info("ticks")["generation"] == 1
+    blocks = list(follower)
+    np.testing.assert_array_equal(np.concatenate(blocks), np.arange(-1, -1501, -1))  # from its row 0
+
+    waiting = consumer.open_reader("ticks")
+    del producer["ticks"]
+    with producer.create("ticks", np.int64, (0,), growable=True) as writer:
+        writer.append(np.arange(10))
+        writer.flush()
+    assert waiting.wait(1501, timeout=PROCESS_TIMEOUT)  # replaced: returns at once
+    assert len(waiting) == 10
+    consumer.close()
+    producer.close()
