@@ -989,3 +989,31 @@ def test_follow_and_wait_tell_a_new_dataset_by_its_data_file_not_its_generation_
     assert len(waiting) == 10
     consumer.close()
     producer.close()
+
+
+def test_verify_racing_growth_reports_a_growing_dataset_healthy(
+    store: mmstore.Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mmstore import _growable
+
+    writer = store.create("x", np.int64, (0,), growable=True)
+    writer.append(np.arange(10))
+    writer.flush(durable=True)
+    real_mapped = _growable._Mapped
+    grown: list[int] = []
+
+    class GrownAfterTheMap(real_mapped):  # type: ignore[misc,valid-type]
+        def __init__(self, header: Any, path: str, writable: bool, fd: int | None = None) -> None:
+            super().__init__(header, path, writable, fd)
+            if not writable and len(grown) < 2:  # verify's maps: the writer grows the file and flushes
+                grown.append(len(writer))
+                writer.append(np.arange(len(writer), 10 * len(writer) + 300_000))
+                writer.flush()
+
+    monkeypatch.setattr(_growable, "_Mapped", GrownAfterTheMap)
+    report = store.verify()
+    monkeypatch.undo()
+    assert len(grown) == 2
+    assert report.ok, report
+    writer.close()
+    assert store.verify().ok
