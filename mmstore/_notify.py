@@ -18,6 +18,7 @@ import ctypes
 import os
 import select
 import time
+import weakref
 from typing import Any
 
 IN_MODIFY = 0x00000002
@@ -44,8 +45,20 @@ def _load_libc() -> Any:
 _libc = _load_libc()
 
 
+def _close_descriptors(fds: tuple[int, ...]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
 class Waiter:
-    """Block until one of the watched files changes (or a timeout passes)."""
+    """Block until one of the watched files changes (or a timeout passes).
+
+    A waiter dropped without close() (its reader gone out of scope) closes its inotify
+    descriptor when collected: the per-user limit on inotify instances is small (128 by
+    default), and every follower beyond it falls back to polling."""
 
     def __init__(self, file_paths: list[str], directory_paths: list[str]) -> None:
         self._fd = -1
@@ -67,6 +80,7 @@ class Waiter:
             os.close(fd)
             return
         self._fd = fd
+        self._release = weakref.finalize(self, _close_descriptors, (fd,))
         self._poll = select.poll()
         self._poll.register(fd, select.POLLIN)
 
@@ -99,5 +113,5 @@ class Waiter:
 
     def close(self) -> None:
         if self._fd >= 0:
-            os.close(self._fd)
             self._fd = -1
+            self._release()  # (once: a finalizer runs at most once)

@@ -1017,3 +1017,33 @@ def test_verify_racing_growth_reports_a_growing_dataset_healthy(
     assert report.ok, report
     writer.close()
     assert store.verify().ok
+
+
+def _inotify_descriptors() -> int:
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:inotify"
+        except OSError:
+            pass  # (the descriptor listdir itself used)
+    return count
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_readers_dropped_without_close_release_their_inotify_descriptors(store: mmstore.Store) -> None:
+    with store.create("x", np.int64, (0,), growable=True) as writer:
+        writer.append(np.arange(3))
+    before = _inotify_descriptors()
+
+    def wait_once() -> None:
+        reader = store.open_reader("x")
+        assert not reader.wait(min_len=10, timeout=0.001)  # nothing new: it watched, then timed out
+
+    for _ in range(200):  # more than the default per-user limit of 128 instances
+        wait_once()
+    gc.collect()
+    assert _inotify_descriptors() == before
+    reader = store.open_reader("x")
+    assert not reader.wait(min_len=10, timeout=0.001)
+    assert reader._waiter is not None and reader._waiter.uses_inotify  # the limit is not exhausted
+    reader.close()
