@@ -783,6 +783,20 @@ class Writer:
         return f"<mmstore.Writer {self.name!r} {state}>"
 
 
+def _as_wait(value: Any, what: str) -> float | None:
+    """A wait in seconds for wait()/follow(): None or infinity is None, wait forever; NaN
+    and anything but a number are refused (InvalidArgumentError, a ValueError)."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(f"{what} must be a number of seconds or None, not {value!r}") from None
+    if math.isnan(seconds):
+        raise InvalidArgumentError(f"{what} must be a number of seconds or None, not NaN")
+    return None if seconds == math.inf else seconds
+
+
 def _generation_of(header: Any) -> tuple[str, int, int]:
     """What tells one generation of a dataset from every other: its generation number
     restarts at 1 after a delete and a create, but its data file's name (a fresh token)
@@ -875,6 +889,7 @@ class Reader:
                 raise InvalidArgumentError(f"min_len={min_len!r} and min_length={min_length!r} disagree; give one")
             min_len = min_length
         min_length = min_len
+        timeout = _as_wait(timeout, "timeout")
         generation, published, length = _generation_of(self._header), self._published, self._length
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -903,9 +918,12 @@ class Reader:
         """Yield blocks of newly committed rows, in order, each exactly once.
 
         Starts at row ``start``; stops after ``idle_timeout`` seconds without a
-        new commit (never, by default). If the dataset is replaced, following
-        continues from row 0 of the new generation.
+        new commit (never, by default, or with infinity). If the dataset is
+        replaced, following continues from row 0 of the new generation.
         """
+        return self._follow(start, _as_wait(idle_timeout, "idle_timeout"))  # (checked now, not at first next())
+
+    def _follow(self, start: int, idle_timeout: float | None) -> Iterator[np.ndarray]:
         position = start
         generation = _generation_of(self._header)
         self.refresh()

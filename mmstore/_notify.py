@@ -30,6 +30,9 @@ IN_DELETE_SELF = 0x00000400
 
 _FALLBACK_FIRST_SLEEP = 50e-6
 _FALLBACK_MAX_SLEEP = 5e-3
+# poll() takes a C int of milliseconds (~24.8 days): a longer wait is waited in chunks
+# (wait() returns after one, and the caller, which keeps the deadline, waits again).
+_MAX_POLL_MILLISECONDS = 2**31 - 1
 
 
 def _load_libc() -> Any:
@@ -95,7 +98,12 @@ class Waiter:
             time.sleep(pause)
             self._sleep = min(self._sleep * 2, _FALLBACK_MAX_SLEEP)
             return
-        milliseconds = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
+        if timeout is None:
+            milliseconds = None
+        elif timeout * 1000 >= _MAX_POLL_MILLISECONDS:  # (infinity too)
+            milliseconds = _MAX_POLL_MILLISECONDS
+        else:
+            milliseconds = max(0, int(timeout * 1000 + 0.999))
         if self._poll.poll(milliseconds):
             self.drain()
 

@@ -1047,3 +1047,55 @@ def test_readers_dropped_without_close_release_their_inotify_descriptors(store: 
     assert not reader.wait(min_len=10, timeout=0.001)
     assert reader._waiter is not None and reader._waiter.uses_inotify  # the limit is not exhausted
     reader.close()
+
+
+def _flush_as_the_wait_begins(monkeypatch: pytest.MonkeyPatch, writer: mmstore.Writer, rows: Any) -> list[Any]:
+    """Make the writer append ``rows`` and flush just before the reader first blocks (so
+    its real wait runs, with the timeout it was given, and returns); return the
+    timeouts the reader waited with."""
+    from mmstore import _notify
+
+    real_wait = _notify.Waiter.wait
+    timeouts: list[Any] = []
+
+    def flush_then_wait(self: Any, timeout: Any) -> None:
+        if not timeouts:
+            writer.append(rows)
+            writer.flush()
+        timeouts.append(timeout)
+        real_wait(self, timeout)
+
+    monkeypatch.setattr(_notify.Waiter, "wait", flush_then_wait)
+    return timeouts
+
+
+@pytest.mark.parametrize("timeout", [30 * 86400, 1e300, float("inf")])
+def test_wait_and_follow_take_long_and_infinite_timeouts(
+    store: mmstore.Store, monkeypatch: pytest.MonkeyPatch, timeout: float
+) -> None:
+    with store.create("x", np.int64, (0,), growable=True) as writer:
+        writer.append(np.arange(3))
+        writer.flush()
+        reader = store.open_reader("x")
+        timeouts = _flush_as_the_wait_begins(monkeypatch, writer, np.arange(3, 10))
+        assert reader.wait(10, timeout=timeout)
+        assert timeouts and len(reader) == 10
+        following = reader.follow(start=10, idle_timeout=timeout)
+        monkeypatch.undo()
+        timeouts = _flush_as_the_wait_begins(monkeypatch, writer, np.arange(10, 12))
+        np.testing.assert_array_equal(next(following), [10, 11])
+        assert timeouts
+        reader.close()
+
+
+def test_wait_and_follow_refuse_nan_and_non_numbers(store: mmstore.Store) -> None:
+    with store.create("x", np.int64, (0,), growable=True) as writer:
+        writer.append(np.arange(3))
+    reader = store.open_reader("x")
+    for bad in (float("nan"), "soon", [1]):
+        with pytest.raises(mmstore.InvalidArgumentError, match="timeout"):
+            reader.wait(10, timeout=bad)
+        with pytest.raises(mmstore.InvalidArgumentError, match="idle_timeout"):
+            reader.follow(idle_timeout=bad)  # refused when called, not at the first next()
+    assert isinstance(mmstore.InvalidArgumentError("x"), ValueError)
+    reader.close()

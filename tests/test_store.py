@@ -1106,3 +1106,30 @@ def test_attrs_too_large_for_a_sidecar_are_refused_before_the_commit(store: mmst
     assert sorted(p.name for p in store_path.glob("x.*.dat")) == old_files
     with mmstore.Store(store_path, "r") as reader:  # committed would mean unreadable: it was not
         assert reader.get("x").tolist() == [0, 1, 2] and reader.attrs("x") == {"ok": 1}
+
+
+@pytest.mark.parametrize("timeout", [float("inf"), 1e300])
+def test_a_store_with_an_infinite_or_huge_timeout_writes_and_waits_for_locks(store_path: Path, timeout: float) -> None:
+    with mmstore.Store(store_path, timeout=timeout) as store:
+        store.put("y", np.arange(2))
+        with store.create("x", np.int64, (0,), growable=True) as writer:
+            writer.append(np.arange(3))
+        writer = store.open_writer("x")
+        outcome: list[Any] = []
+
+        def put_when_free() -> None:
+            try:
+                store.put("x", np.arange(5))  # waits (forever) for the writer's lock
+                outcome.append(None)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=put_when_free)
+        thread.start()
+        writer.close()
+        thread.join(PROCESS_TIMEOUT)
+        assert outcome == [None]
+        np.testing.assert_array_equal(store.get("x"), np.arange(5))
+        np.testing.assert_array_equal(store.get("y"), np.arange(2))
+    with pytest.raises(mmstore.InvalidArgumentError):
+        mmstore.Store(store_path, timeout=float("nan"))
