@@ -72,6 +72,7 @@ _PUBLISH_OFFSET = 16
 # ones use pwrite(), which avoids a page fault per fresh page.
 _MAPPED_APPEND_BYTES = 64 * 1024
 _MIN_GROWTH_BYTES = 1 << 20
+_STORE_CLOSE_CHECK_SECONDS = 0.5
 _PACK_U64 = struct.Struct("<Q").pack
 _READ, _READ_WRITE = mmap.PROT_READ, mmap.PROT_READ | mmap.PROT_WRITE
 # Bound once for _Mapped: a module attribute lookup is a dictionary lookup per call.
@@ -904,15 +905,21 @@ class Reader:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return False
-            if self._waiter is not None and self._waiter_pid != os.getpid():
-                self._waiter.close()  # forked: the inotify instance is shared with the parent
-                self._waiter = None
-            if self._waiter is None:
+            waiter = self._waiter  # (once: close() in another thread may drop it)
+            if waiter is not None and self._waiter_pid != os.getpid():
+                waiter.close_in_child()  # forked: the inotify instance is shared with the parent
+                self._waiter = waiter = None
+            if waiter is None:
                 self._waiter_pid = os.getpid()
                 directory = self._location.directory
-                self._waiter = Waiter([self._location.data_path(self._header.data_file)], [directory])
+                self._waiter = waiter = Waiter([self._location.data_path(self._header.data_file)], [directory])
+                if self._closed:  # close() ran meanwhile and found no waiter to close
+                    self._waiter = None
+                    waiter.close()
                 continue  # re-check: a commit may have landed before the watch existed
-            self._waiter.wait(remaining)
+            # An untimed wait wakes now and then to notice a close of the store (whose
+            # close() knows nothing of readers); close() of the reader wakes it at once.
+            waiter.wait(_STORE_CLOSE_CHECK_SECONDS if remaining is None else min(remaining, _STORE_CLOSE_CHECK_SECONDS))
 
     def follow(self, start: int = 0, idle_timeout: float | None = None) -> Iterator[np.ndarray]:
         """Yield blocks of newly committed rows, in order, each exactly once.
@@ -941,10 +948,11 @@ class Reader:
                 return
 
     def close(self) -> None:
-        if self._waiter is not None:
-            self._waiter.close()
-            self._waiter = None
-        self._closed = True
+        """Stop following; a wait() (or follow()) blocked in another thread raises ClosedError."""
+        self._closed = True  # (first: a wait() that makes a waiter after this closes it)
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            waiter.close()
 
     def __enter__(self) -> Reader:
         return self

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import warnings
 from decimal import Decimal
 from fractions import Fraction
@@ -1099,3 +1100,80 @@ def test_wait_and_follow_refuse_nan_and_non_numbers(store: mmstore.Store) -> Non
             reader.follow(idle_timeout=bad)  # refused when called, not at the first next()
     assert isinstance(mmstore.InvalidArgumentError("x"), ValueError)
     reader.close()
+
+
+def _blocked_in(target: Any, monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Thread, list[Any]]:
+    """Run ``target`` in a daemon thread; return once it is entering Waiter.wait."""
+    from mmstore import _notify
+
+    real_wait = _notify.Waiter.wait
+    entering = threading.Event()
+
+    def signalled_wait(self: Any, timeout: Any) -> None:
+        entering.set()
+        real_wait(self, timeout)
+
+    monkeypatch.setattr(_notify.Waiter, "wait", signalled_wait)
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(("returned", target()))
+        except BaseException as exc:
+            outcome.append(("raised", exc))
+
+    thread = threading.Thread(target=run, daemon=True)  # (daemon: a failure leaves it blocked)
+    thread.start()
+    assert entering.wait(PROCESS_TIMEOUT)
+    # Then until the kernel shows it asleep in poll() (a state, not a guess at a duration).
+    wchan = f"/proc/self/task/{thread.native_id}/wchan"
+    deadline = time.monotonic() + PROCESS_TIMEOUT
+    while "poll" not in Path(wchan).read_text():
+        assert time.monotonic() < deadline and thread.is_alive()
+        time.sleep(0.001)
+    return thread, outcome
+
+
+def _kernel_shows_poll_sleeps() -> bool:
+    """True if /proc shows where a thread sleeps (a running one reads "0")."""
+    return os.access(f"/proc/self/task/{threading.get_native_id()}/wchan", os.R_OK)
+
+
+@pytest.mark.skipif(not _kernel_shows_poll_sleeps(), reason="needs /proc/self/task/*/wchan")
+def test_closing_a_waiter_wakes_a_poll_without_timeout(
+    store: mmstore.Store, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from mmstore import _notify
+
+    watched = tmp_path / "watched"
+    watched.write_bytes(b"")
+    waiter = _notify.Waiter([str(watched)], [str(tmp_path)])
+    assert waiter.uses_inotify
+    before = _inotify_descriptors()
+    thread, outcome = _blocked_in(lambda: waiter.wait(None), monkeypatch)
+    waiter.close()  # from another thread, while it polls without a timeout
+    thread.join(PROCESS_TIMEOUT)
+    assert outcome == [("returned", None)]
+    assert _inotify_descriptors() == before - 1  # closed once no thread polls it
+
+
+@pytest.mark.skipif(not _kernel_shows_poll_sleeps(), reason="needs /proc/self/task/*/wchan")
+def test_closing_a_reader_or_its_store_wakes_a_wait_without_timeout(
+    store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    producer = mmstore.Store(store_path)
+    writer = producer.create("ticks", np.int64, (0,), growable=True)
+    for close_store in (False, True):
+        consumer = mmstore.Store(store_path, "r")
+        reader = consumer.open_reader("ticks")
+        thread, outcome = _blocked_in(reader.wait, monkeypatch)  # (no min_len: any new commit)
+        if close_store:
+            consumer.close()
+        else:
+            reader.close()
+        thread.join(PROCESS_TIMEOUT)
+        assert len(outcome) == 1 and isinstance(outcome[0][1], mmstore.ClosedError), outcome
+        monkeypatch.undo()
+        consumer.close()
+    writer.close()
+    producer.close()
