@@ -391,7 +391,10 @@ class Writer:
             self._check_open()  # (again: close() may have run while the value was converted)
             self._note_edit()
             rows = self._mapped.rows[: self._length] if self._header.shape else self._mapped.rows
-            rows[index] = value
+            try:
+                rows[index] = value
+            except ValueError as exc:  # (a value of another shape: NumPy cannot broadcast it)
+                raise InvalidArgumentError(f"cannot store values in dataset {self.name!r}: {exc}") from None
 
     def _note_edit(self) -> None:
         """Before the first in-place edit: the sidecar's data checksum (a dataset made by
@@ -985,6 +988,25 @@ def create_dataset(
     if growable and (not shape or row_bytes(dtype, shape[1:]) == 0):
         raise InvalidArgumentError(
             f"dataset {name!r}: a growable dataset needs at least one dimension and non-empty rows; got shape {shape}"
+        )
+    if capacity is not None:
+        try:
+            capacity = operator.index(capacity)
+        except TypeError:
+            raise InvalidArgumentError(
+                f"dataset {name!r}: capacity must be a whole number of rows or None, not {capacity!r}"
+            ) from None
+        if capacity < 0:
+            raise InvalidArgumentError(f"dataset {name!r}: capacity {capacity} is negative")
+    if growable:
+        nbytes = CONTROL_BYTES + max(shape[0], capacity or 0, 1) * row_bytes(dtype, shape[1:])
+    else:
+        nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > sys.maxsize:  # (a file offset, and a map's size, are signed 64-bit numbers)
+        raise InvalidArgumentError(
+            f"dataset {name!r}: shape {shape}"
+            + (f" with capacity {capacity}" if capacity else "")
+            + f" needs {nbytes} bytes, more than a file can hold"
         )
     attrs_record = encode_attrs(attrs) if attrs else {}
     lock = location.lock

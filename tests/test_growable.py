@@ -1177,3 +1177,39 @@ def test_closing_a_reader_or_its_store_wakes_a_wait_without_timeout(
         consumer.close()
     writer.close()
     producer.close()
+
+
+@pytest.mark.parametrize(
+    ("shape", "capacity", "message"),
+    [
+        ((0,), 1.5, "capacity must be a whole number"),
+        ((0,), "x", "capacity must be a whole number"),
+        ((0,), -5, "capacity -5 is negative"),
+        ((0,), 2**62, "more than a file can hold"),
+        ((2**62,), None, "more than a file can hold"),
+        ((0, 2**40, 2**40), None, "more than a file can hold"),
+    ],
+)
+def test_create_refuses_bad_capacities_and_sizes_with_invalid_argument(
+    store: mmstore.Store, shape: tuple[int, ...], capacity: Any, message: str
+) -> None:
+    with pytest.raises(mmstore.InvalidArgumentError, match=message) as caught:
+        store.create("g", np.int32, shape, growable=True, capacity=capacity)
+    assert "'g'" in str(caught.value) and "\n" not in str(caught.value)
+    assert "g" not in store
+    if shape == (2**62,):
+        with pytest.raises(mmstore.InvalidArgumentError, match="more than a file can hold"):
+            store.create("fixed", np.int32, shape)
+    with store.create("g", np.int32, (0,), growable=True, capacity=np.int64(10)) as writer:  # still works
+        writer.append(np.arange(3))
+    np.testing.assert_array_equal(store.get("g"), np.arange(3))
+
+
+def test_storing_a_row_of_the_wrong_shape_is_an_invalid_argument(store: mmstore.Store) -> None:
+    with store.create("g", np.float64, (0, 2), growable=True) as writer:
+        writer.append([[1, 2], [3, 4]])
+        with pytest.raises(mmstore.InvalidArgumentError, match=r"'g'.*broadcast"):
+            writer[0] = [1, 2, 3]
+        writer[0] = [5, 6]
+        writer[1] = 7  # a scalar still spreads over the row
+    np.testing.assert_array_equal(store.get("g"), [[5, 6], [7, 7]])
