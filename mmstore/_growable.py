@@ -63,7 +63,11 @@ if TYPE_CHECKING:
     from ._store import Store
 
 CONTROL_BYTES = 4096
-_NUMERIC_KINDS = frozenset("iufc")  # (checked by Writer._converted; booleans convert as NumPy does)
+_NUMERIC_KINDS = frozenset("iufc")
+# Python numbers convert through these; a float dataset at least this wide cannot overflow.
+_FLOAT64 = np.dtype(np.float64)
+_WIDEST_FLOAT = {"f": _FLOAT64, "c": np.dtype(np.complex128)}
+_WIDEST_PYTHON_NUMBER = {"f": 8, "c": 16}  # (checked by Writer._converted; booleans convert as NumPy does)
 MAGIC = b"MMSGROW\x01"
 _LENGTH, _PUBLISHED, _CRC_ROWS = 1, 2, 4  # u64 slots of the control block
 _CRC, _CRC_KNOWN = 6, 7  # u32 slots
@@ -477,8 +481,10 @@ class Writer:
 
     def _converted(self, values: Any, what: str) -> np.ndarray:
         """``values`` as an array that converts to the dataset's dtype without losing
-        anything NumPy would drop silently: no float to integer, no text to number, and
-        integers only if every value fits (InvalidArgumentError otherwise)."""
+        anything NumPy would drop silently: no float to integer, no text to number,
+        integers only if every value fits, floats only if no finite value overflows to
+        infinity, text only if no string is longer than the field (InvalidArgumentError
+        otherwise)."""
         target = self.dtype
         kind = target.kind
         value_type = type(values)
@@ -491,8 +497,10 @@ class Writer:
                 )
             return _asarray(values, target)
         if (value_type is float or value_type is int) and kind in "fc":
-            return self._parsed(values, target)
-        if isinstance(values, np.ndarray):
+            if target.itemsize >= _WIDEST_PYTHON_NUMBER[kind]:  # holds any Python float: cannot overflow
+                return self._parsed(values, target)
+            block = self._parsed(values, _FLOAT64 if value_type is float else _WIDEST_FLOAT[kind])  # checked below
+        elif isinstance(values, np.ndarray):
             refuse_masked(values)
             block = values
         elif target.names is not None:
@@ -507,8 +515,18 @@ class Writer:
         elif kind in _NUMERIC_KINDS:
             block = self._parsed(values, None)  # its own dtype first: checked below
             if block.dtype.kind == "O" and kind in "fc":
-                # Python ints past 64 bits, Decimal, Fraction, None (NaN): NumPy converts them.
-                block = self._parsed(values, target)
+                # Python ints past 64 bits, Decimal, Fraction, None (NaN): NumPy converts them
+                # (into the widest float first: one that overflows a narrower one is checked below).
+                block = self._parsed(
+                    values, target if target.itemsize >= _WIDEST_PYTHON_NUMBER[kind] else _WIDEST_FLOAT[kind]
+                )
+        elif kind in "SU":
+            # Text: its own dtype first, since NumPy cuts a longer string to the field's
+            # width as it converts; then converted as before (str into bytes fields, say).
+            block = self._parsed(values, None)
+            if block.dtype.kind in "SU":
+                self._check_text_fits(block, target, what)
+            block = self._parsed(block if block.dtype.kind in "SU" else values, target)
         else:  # booleans (from any truth value, as NumPy does), dates, times and text (parsed)
             block = self._parsed(values, target)
         source = block.dtype
@@ -520,10 +538,12 @@ class Writer:
                 raise InvalidArgumentError(
                     f"cannot {what} of dtype {source} in dataset {self.name!r} of dtype {target}"
                 )
-            for field in target.names or ():  # integer fields narrowed: only values that fit
+            for field in target.names or ():  # narrowed fields: only values that fit
                 into, come_from = target.fields[field][0], source.fields[field][0]  # type: ignore[index]
                 if come_from.kind in "biu" and into.kind in "iu" and not np.can_cast(come_from, into, "safe"):
                     self._check_fits(block[field], into, f"{what} (field {field!r})")
+                else:
+                    self._check_narrowed(block[field], into, f"{what} (field {field!r})")
             return block
         if source.kind in "biu" and kind in "iu" and not np.can_cast(source, target, "safe"):
             self._check_fits(block, target, what)
@@ -533,7 +553,38 @@ class Writer:
                 f"cannot {what} of dtype {source} in dataset {self.name!r} of dtype {target} "
                 "(it would lose information; convert explicitly first)"
             )
+        if kind in "fcSU":
+            self._check_narrowed(block, target, what)
         return block
+
+    def _check_narrowed(self, values: np.ndarray, target: np.dtype[Any], what: str) -> None:
+        """InvalidArgumentError if converting ``values`` (a convertible dtype) to ``target``
+        overflows a finite number to infinity or cuts a string short."""
+        source = values.dtype
+        if np.can_cast(source, target, "safe"):
+            return
+        if target.kind in "fc" and source.kind in "iufc":
+            with np.errstate(over="ignore", invalid="ignore"):
+                overflowed = np.isinf(values.astype(target)) & np.isfinite(values)
+            if overflowed.any():
+                raise InvalidArgumentError(
+                    f"cannot {what} in dataset {self.name!r}: {values[overflowed].flat[0]} overflows its dtype "
+                    f"{target} (largest {np.finfo(target).max})"
+                )
+        elif target.kind in "SU" and source.kind in "SU":
+            self._check_text_fits(values, target, what)
+
+    def _check_text_fits(self, values: np.ndarray, target: np.dtype[Any], what: str) -> None:
+        """InvalidArgumentError if a string in ``values`` is longer than ``target``'s field."""
+        width = target.itemsize // (4 if target.kind == "U" else 1)
+        if values.dtype.itemsize // (4 if values.dtype.kind == "U" else 1) <= width or not values.size:
+            return
+        longest = int(np.char.str_len(values).max())
+        if longest > width:
+            raise InvalidArgumentError(
+                f"cannot {what} in dataset {self.name!r}: a string of {longest} characters does not fit its "
+                f"dtype {target} ({width} at most)"
+            )
 
     def _check_fits(self, values: np.ndarray, target: np.dtype[Any], what: str) -> None:
         """InvalidArgumentError unless every integer in ``values`` fits ``target``."""

@@ -1213,3 +1213,65 @@ def test_storing_a_row_of_the_wrong_shape_is_an_invalid_argument(store: mmstore.
         writer[0] = [5, 6]
         writer[1] = 7  # a scalar still spreads over the row
     np.testing.assert_array_equal(store.get("g"), [[5, 6], [7, 7]])
+
+
+@pytest.mark.parametrize(
+    ("dtype", "value", "message"),
+    [
+        ("S4", b"abcdefgh", "8 characters"),
+        ("S4", np.array([b"abcdefgh"]), "8 characters"),
+        ("S4", [b"ab", b"abcde"], "5 characters"),
+        ("U3", "hello", "5 characters"),
+        ("U3", np.array(["ab", "hello"]), "5 characters"),
+        ("f4", 1e300, "overflows"),
+        ("f4", 10**300, "overflows"),
+        ("f4", np.array([1.0, 1e300]), "overflows"),
+        ("f4", [1.0, -1e300], "overflows"),
+        ("f2", np.array([100_000], np.int64), "overflows"),
+        ("c8", np.array([1e300 + 0j]), "overflows"),
+        ([("a", "i4"), ("b", "f4")], np.array([(1, 1e300)], [("a", "i8"), ("b", "f8")]), "field 'b'"),
+        ([("a", "i4"), ("s", "S2")], np.array([(1, b"abc")], [("a", "i4"), ("s", "S3")]), "field 's'"),
+    ],
+)
+def test_append_and_setitem_refuse_text_cut_short_and_floats_that_overflow(
+    store: mmstore.Store, dtype: Any, value: Any, message: str
+) -> None:
+    with store.create("d", dtype, (0,), growable=True) as writer:
+        with pytest.raises(mmstore.InvalidArgumentError, match=message):
+            writer.append(value)
+        writer.append(np.zeros(1, dtype))
+        if writer.dtype.names is None:  # (in-place edits of records are left to NumPy, as for integers)
+            with pytest.raises(mmstore.InvalidArgumentError, match=message):
+                writer[0] = value if not isinstance(value, (list, np.ndarray)) else value[-1:]
+        assert len(writer) == 1
+    assert store.get("d")[0] == np.zeros(1, dtype)[0]
+
+
+def test_text_and_narrower_float_conversions_without_loss_still_work(store: mmstore.Store) -> None:
+    cases: list[tuple[Any, Any, Any]] = [
+        ("S4", b"abcd", b"abcd"),
+        ("S4", "ab", b"ab"),  # str into a bytes field (ASCII), as before
+        ("S4", np.array([b"ab"], "S8"), b"ab"),  # a wider field whose strings fit
+        ("U3", np.array(["hey"], "U10"), "hey"),
+        ("U3", b"ab", "ab"),
+        ("S4", 12, b"12"),  # numbers into text, as NumPy writes them
+        ("f4", 1e30, np.float32(1e30)),
+        ("f4", np.array([0.1]), np.float32(0.1)),
+        ("f4", float("inf"), np.inf),
+        ("f4", float("nan"), None),
+        ("f4", 3.4028235e38, np.float32(3.4028235e38)),  # rounds to the largest float32
+        ("f4", 7, 7.0),
+        ("f8", 10**300, 1e300),
+        ("f2", np.array([1000], np.int64), 1000.0),
+        ("c8", 1 + 2j, 1 + 2j),
+    ]
+    for dtype, value, expected in cases:
+        with store.create("d", dtype, (0,), growable=True, exist_ok=True) as writer:
+            writer.append(value)
+            writer.append(np.zeros(1, dtype))
+            writer[1] = value if not isinstance(value, np.ndarray) else value[0]
+        stored = store.get("d")
+        if expected is None:
+            assert np.isnan(stored).all()
+        else:
+            assert stored[0] == expected and stored[1] == expected, (dtype, value, stored)
