@@ -59,11 +59,15 @@ from ._mapping import buffer_digest, refuse_masked
 from ._notify import Waiter
 
 if TYPE_CHECKING:
-    from ._entries import _Location
+    from ._entries import _Entry, _Location
     from ._store import Store
 
 CONTROL_BYTES = 4096
-_NUMERIC_KINDS = frozenset("iufc")  # (checked by Writer._converted; booleans convert as NumPy does)
+_NUMERIC_KINDS = frozenset("iufc")
+# Python numbers convert through these; a float dataset at least this wide cannot overflow.
+_FLOAT64 = np.dtype(np.float64)
+_WIDEST_FLOAT = {"f": _FLOAT64, "c": np.dtype(np.complex128)}
+_WIDEST_PYTHON_NUMBER = {"f": 8, "c": 16}  # (checked by Writer._converted; booleans convert as NumPy does)
 MAGIC = b"MMSGROW\x01"
 _LENGTH, _PUBLISHED, _CRC_ROWS = 1, 2, 4  # u64 slots of the control block
 _CRC, _CRC_KNOWN = 6, 7  # u32 slots
@@ -72,6 +76,7 @@ _PUBLISH_OFFSET = 16
 # ones use pwrite(), which avoids a page fault per fresh page.
 _MAPPED_APPEND_BYTES = 64 * 1024
 _MIN_GROWTH_BYTES = 1 << 20
+_STORE_CLOSE_CHECK_SECONDS = 0.5
 _PACK_U64 = struct.Struct("<Q").pack
 _READ, _READ_WRITE = mmap.PROT_READ, mmap.PROT_READ | mmap.PROT_WRITE
 # Bound once for _Mapped: a module attribute lookup is a dictionary lookup per call.
@@ -314,6 +319,14 @@ class Writer:
         # with _closing, so a close from a signal handler during a close returns at once.
         self._close_guard = threading.RLock()
         self._closing = False
+        # Held across every use of the descriptor and of the writable map (append, an edit,
+        # flush, grow, close), so close() -- from Store.close() in another thread, say --
+        # cannot close the descriptor in the middle of one: its number could name another
+        # file by the time the write lands. Taken after any slow conversion of the values
+        # (a close waits for a write, not for a caller's array). Reentrant, as _close_guard:
+        # a close from a signal handler or a finalizer in the same thread must not deadlock
+        # (the interrupted write then finds the descriptor -1 and fails with ClosedError).
+        self._use_guard = threading.RLock()
         self._closed_reason = "closed"
         self._failed = False
         self.name = header.name
@@ -355,9 +368,10 @@ class Writer:
     def array(self) -> np.ndarray:
         """A writable view of every row written so far (flushed or not). Edits through it
         are in place: readers see them at once, and the data checksum becomes unknown."""
-        self._check_open()
-        self._note_edit()
-        return self._mapped.rows[: self._length] if self._header.shape else self._mapped.rows
+        with self._use_guard:
+            self._check_open()
+            self._note_edit()
+            return self._mapped.rows[: self._length] if self._header.shape else self._mapped.rows
 
     def __getitem__(self, index: Any) -> Any:
         self._check_open()
@@ -377,9 +391,14 @@ class Writer:
                 f"cannot store records with fields {value.dtype.names} in dataset {self.name!r} with fields {names} "
                 "(records match by field name, in order)"
             )
-        self._note_edit()
-        rows = self._mapped.rows[: self._length] if self._header.shape else self._mapped.rows
-        rows[index] = value
+        with self._use_guard:
+            self._check_open()  # (again: close() may have run while the value was converted)
+            self._note_edit()
+            rows = self._mapped.rows[: self._length] if self._header.shape else self._mapped.rows
+            try:
+                rows[index] = value
+            except ValueError as exc:  # (a value of another shape: NumPy cannot broadcast it)
+                raise InvalidArgumentError(f"cannot store values in dataset {self.name!r}: {exc}") from None
 
     def _note_edit(self) -> None:
         """Before the first in-place edit: the sidecar's data checksum (a dataset made by
@@ -409,37 +428,45 @@ class Writer:
             raise InvalidArgumentError(f"dataset {self.name!r} is not growable; create it with growable=True to append")
         if type(rows) is np.ndarray and rows.shape == self._row_shape and rows.dtype == self.dtype:
             # One row of the right dtype: the hot path of a producer appending sample by sample.
-            start = self._length
-            if start >= self._mapped.capacity:
-                self._grow(start + 1)
-            mapped = self._mapped
-            mapped.rows[start] = rows
-            self._length = start + 1
+            with self._use_guard:
+                if self._closed:
+                    self._check_open()
+                start = self._length
+                if start >= self._mapped.capacity:
+                    self._grow(start + 1)
+                mapped = self._mapped
+                mapped.rows[start] = rows
+                self._length = start + 1
             return
         block = self._as_rows(rows)
         count = block.shape[0]
         if count == 0:
             return
-        start = self._length
-        end = start + count
-        if end > self._mapped.capacity:
-            self._grow(end)
         nbytes = count * self._mapped.row_bytes
-        if nbytes <= _MAPPED_APPEND_BYTES:
-            if block.dtype == self.dtype and block.flags.c_contiguous:
-                # Byte copy: NumPy's structured-dtype assignment costs ~2 us even for one row.
-                offset = CONTROL_BYTES + start * self._mapped.row_bytes
-                self._mapped.map[offset : offset + nbytes] = block.reshape(-1).view(np.uint8).data  # type: ignore[index]
-            else:
-                self._mapped.rows[start:end] = block
-        else:
+        mapped_copy = nbytes <= _MAPPED_APPEND_BYTES
+        if not mapped_copy:
             block = np.ascontiguousarray(block, dtype=self.dtype)
-            try:
-                position = CONTROL_BYTES + start * self._mapped.row_bytes
-                _durable.write_all(self._fd, block.reshape(-1).view(np.uint8), position)
-            except OSError as exc:
-                raise _durable.io_error(exc, f"dataset {self.name!r}: appending {count} rows") from None
-        self._length = end
+        with self._use_guard:
+            self._check_open()  # (again: close() may have run while the rows were converted)
+            start = self._length
+            end = start + count
+            if end > self._mapped.capacity:
+                self._grow(end)
+            if mapped_copy:
+                if block.dtype == self.dtype and block.flags.c_contiguous:
+                    # Byte copy: NumPy's structured-dtype assignment costs ~2 us even for one row.
+                    offset = CONTROL_BYTES + start * self._mapped.row_bytes
+                    self._mapped.map[offset : offset + nbytes] = block.reshape(-1).view(np.uint8).data  # type: ignore[index]
+                else:
+                    self._mapped.rows[start:end] = block
+            else:
+                try:
+                    position = CONTROL_BYTES + start * self._mapped.row_bytes
+                    _durable.write_all(self._fd, block.reshape(-1).view(np.uint8), position)
+                except OSError as exc:
+                    self._check_open()  # closed from a signal handler meanwhile: EBADF
+                    raise _durable.io_error(exc, f"dataset {self.name!r}: appending {count} rows") from None
+            self._length = end
 
     def _as_rows(self, rows: Any) -> np.ndarray:
         row_shape = self._mapped.row_shape
@@ -454,8 +481,10 @@ class Writer:
 
     def _converted(self, values: Any, what: str) -> np.ndarray:
         """``values`` as an array that converts to the dataset's dtype without losing
-        anything NumPy would drop silently: no float to integer, no text to number, and
-        integers only if every value fits (InvalidArgumentError otherwise)."""
+        anything NumPy would drop silently: no float to integer, no text to number,
+        integers only if every value fits, floats only if no finite value overflows to
+        infinity, text only if no string is longer than the field (InvalidArgumentError
+        otherwise)."""
         target = self.dtype
         kind = target.kind
         value_type = type(values)
@@ -468,8 +497,10 @@ class Writer:
                 )
             return _asarray(values, target)
         if (value_type is float or value_type is int) and kind in "fc":
-            return self._parsed(values, target)
-        if isinstance(values, np.ndarray):
+            if target.itemsize >= _WIDEST_PYTHON_NUMBER[kind]:  # holds any Python float: cannot overflow
+                return self._parsed(values, target)
+            block = self._parsed(values, _FLOAT64 if value_type is float else _WIDEST_FLOAT[kind])  # checked below
+        elif isinstance(values, np.ndarray):
             refuse_masked(values)
             block = values
         elif target.names is not None:
@@ -484,8 +515,18 @@ class Writer:
         elif kind in _NUMERIC_KINDS:
             block = self._parsed(values, None)  # its own dtype first: checked below
             if block.dtype.kind == "O" and kind in "fc":
-                # Python ints past 64 bits, Decimal, Fraction, None (NaN): NumPy converts them.
-                block = self._parsed(values, target)
+                # Python ints past 64 bits, Decimal, Fraction, None (NaN): NumPy converts them
+                # (into the widest float first: one that overflows a narrower one is checked below).
+                block = self._parsed(
+                    values, target if target.itemsize >= _WIDEST_PYTHON_NUMBER[kind] else _WIDEST_FLOAT[kind]
+                )
+        elif kind in "SU":
+            # Text: its own dtype first, since NumPy cuts a longer string to the field's
+            # width as it converts; then converted as before (str into bytes fields, say).
+            block = self._parsed(values, None)
+            if block.dtype.kind in "SU":
+                self._check_text_fits(block, target, what)
+            block = self._parsed(block if block.dtype.kind in "SU" else values, target)
         else:  # booleans (from any truth value, as NumPy does), dates, times and text (parsed)
             block = self._parsed(values, target)
         source = block.dtype
@@ -497,10 +538,12 @@ class Writer:
                 raise InvalidArgumentError(
                     f"cannot {what} of dtype {source} in dataset {self.name!r} of dtype {target}"
                 )
-            for field in target.names or ():  # integer fields narrowed: only values that fit
+            for field in target.names or ():  # narrowed fields: only values that fit
                 into, come_from = target.fields[field][0], source.fields[field][0]  # type: ignore[index]
                 if come_from.kind in "biu" and into.kind in "iu" and not np.can_cast(come_from, into, "safe"):
                     self._check_fits(block[field], into, f"{what} (field {field!r})")
+                else:
+                    self._check_narrowed(block[field], into, f"{what} (field {field!r})")
             return block
         if source.kind in "biu" and kind in "iu" and not np.can_cast(source, target, "safe"):
             self._check_fits(block, target, what)
@@ -510,7 +553,38 @@ class Writer:
                 f"cannot {what} of dtype {source} in dataset {self.name!r} of dtype {target} "
                 "(it would lose information; convert explicitly first)"
             )
+        if kind in "fcSU":
+            self._check_narrowed(block, target, what)
         return block
+
+    def _check_narrowed(self, values: np.ndarray, target: np.dtype[Any], what: str) -> None:
+        """InvalidArgumentError if converting ``values`` (a convertible dtype) to ``target``
+        overflows a finite number to infinity or cuts a string short."""
+        source = values.dtype
+        if np.can_cast(source, target, "safe"):
+            return
+        if target.kind in "fc" and source.kind in "iufc":
+            with np.errstate(over="ignore", invalid="ignore"):
+                overflowed = np.isinf(values.astype(target)) & np.isfinite(values)
+            if overflowed.any():
+                raise InvalidArgumentError(
+                    f"cannot {what} in dataset {self.name!r}: {values[overflowed].flat[0]} overflows its dtype "
+                    f"{target} (largest {np.finfo(target).max})"
+                )
+        elif target.kind in "SU" and source.kind in "SU":
+            self._check_text_fits(values, target, what)
+
+    def _check_text_fits(self, values: np.ndarray, target: np.dtype[Any], what: str) -> None:
+        """InvalidArgumentError if a string in ``values`` is longer than ``target``'s field."""
+        width = target.itemsize // (4 if target.kind == "U" else 1)
+        if values.dtype.itemsize // (4 if values.dtype.kind == "U" else 1) <= width or not values.size:
+            return
+        longest = int(np.char.str_len(values).max())
+        if longest > width:
+            raise InvalidArgumentError(
+                f"cannot {what} in dataset {self.name!r}: a string of {longest} characters does not fit its "
+                f"dtype {target} ({width} at most)"
+            )
 
     def _check_fits(self, values: np.ndarray, target: np.dtype[Any], what: str) -> None:
         """InvalidArgumentError unless every integer in ``values`` fits ``target``."""
@@ -531,6 +605,7 @@ class Writer:
             ) from None
 
     def _grow(self, needed: int) -> None:
+        """Reserve room for ``needed`` rows and map the file again (under _use_guard)."""
         capacity = self._mapped.capacity
         minimum = max(1, _MIN_GROWTH_BYTES // max(self._mapped.row_bytes, 1))
         new_capacity = max(needed, capacity + capacity // 2, capacity + minimum)
@@ -542,6 +617,10 @@ class Writer:
 
     def flush(self, durable: bool = False) -> None:
         """Publish every appended row to readers; ``durable=True`` also fsyncs first and after."""
+        with self._use_guard:
+            self._flush(durable)
+
+    def _flush(self, durable: bool) -> None:
         if self._closed or self._failed:
             raise ClosedError(f"writer of dataset {self.name!r} is {self._closed_reason}")
         control = self._mapped.control
@@ -582,10 +661,17 @@ class Writer:
             for chunk_start in range(start, end, 1 << 26):
                 self._crc = zlib.crc32(view[chunk_start : min(end, chunk_start + (1 << 26))], self._crc)
             self._crc_rows = self._length
-        # The CRC fields change before the length that would make them matter.
-        halves[_CRC] = self._crc & 0xFFFFFFFF
-        halves[_CRC_KNOWN] = self._crc_known
-        control[_CRC_ROWS] = self._crc_rows
+        crc, known, rows = self._crc & 0xFFFFFFFF, int(self._crc_known), self._crc_rows
+        if halves[_CRC] == crc and halves[_CRC_KNOWN] == known and control[_CRC_ROWS] == rows:
+            return
+        # A kill between any two of these stores leaves fields that verify() accepts: the
+        # CRC is marked unknown before it and the rows it covers change, and marked known
+        # only after both. (Checksummed rows past the committed length, left by a kill
+        # before flush() stores the length, read as "CRC unknown" too.)
+        halves[_CRC_KNOWN] = 0
+        halves[_CRC] = crc
+        control[_CRC_ROWS] = rows
+        halves[_CRC_KNOWN] = known
 
     def close(self) -> None:
         """Flush, record the committed length in the sidecar, release the writer lock.
@@ -595,7 +681,8 @@ class Writer:
                 return
             self._closing = True
             try:
-                self._close()
+                with self._use_guard:  # (waits for a write under way in another thread)
+                    self._close()
             finally:
                 self._closing = False  # (an interrupt before _close ran: a retry can close)
 
@@ -614,8 +701,9 @@ class Writer:
             self._mark_unsynced_dirty()
         finally:
             self._closed = True
+            fd, self._fd = self._fd, -1  # a late use fails with EBADF, never reaches a reused number
             try:
-                os.close(self._fd)
+                os.close(fd)
             finally:
                 self._location.lock.release()
                 self._store._writers.discard(self)
@@ -652,7 +740,7 @@ class Writer:
         the idle locks) and commits no sidecar: the sidecar keeps its older recorded
         length, readers take the committed length from the control block, and the next
         writer's close() records it."""
-        with self._close_guard:  # (nobody else can hold it: the writer is unreachable)
+        with self._close_guard, self._use_guard:  # (nobody else can hold them: the writer is unreachable)
             if self._closed or self._closing:
                 return
             self._closing = True
@@ -665,8 +753,9 @@ class Writer:
             finally:
                 self._closed = True
                 self._closing = False
+                fd, self._fd = self._fd, -1
                 try:
-                    os.close(self._fd)
+                    os.close(fd)
                 finally:
                     self._location.lock.release()
 
@@ -691,9 +780,21 @@ class Writer:
         self._sidecar_durable = True
 
     def _sync_committed(self) -> None:
-        """Make the flushed rows durable (Store.flush); pending rows stay unpublished."""
-        if not self._closed:
-            self._fsync()
+        """Make the flushed rows durable (Store.flush); pending rows stay unpublished.
+
+        Called from whichever thread flushes the store, while the owner may close the
+        writer: the fsync goes through a duplicate of the descriptor, taken under
+        _use_guard, so it never reaches a closed (perhaps reused) number, and close()
+        need not wait for it. A writer closed first is left to Store.flush(): its close
+        marked its unsynced data file dirty (_mark_unsynced_dirty)."""
+        with self._use_guard:
+            if self._closed or self._failed:
+                return
+            fd = os.dup(self._fd)
+        try:
+            self._fsync(lambda: _durable.fsync(fd, f"dataset {self.name!r}"))
+        finally:
+            os.close(fd)
 
     def _fsync(self, sync: Callable[[], None] | None = None) -> None:
         """fsync the data file (or run ``sync``, another fsync); after a failure this writer
@@ -712,11 +813,13 @@ class Writer:
         """In a forked child: this handle is the parent's. Close our copy of the
         descriptor (the parent's lock stays held) and refuse further use."""
         self._close_guard = threading.RLock()  # (another thread may have held it at the fork)
+        self._use_guard = threading.RLock()
         if not self._closed:
             self._closed = True
             self._closed_reason = "owned by the parent process (writers are not inherited across fork)"
+            fd, self._fd = self._fd, -1
             try:
-                os.close(self._fd)
+                os.close(fd)
             except OSError:
                 pass
 
@@ -735,8 +838,32 @@ class Writer:
         return f"<mmstore.Writer {self.name!r} {state}>"
 
 
+def _as_wait(value: Any, what: str) -> float | None:
+    """A wait in seconds for wait()/follow(): None or infinity is None, wait forever; NaN
+    and anything but a number are refused (InvalidArgumentError, a ValueError)."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(f"{what} must be a number of seconds or None, not {value!r}") from None
+    if math.isnan(seconds):
+        raise InvalidArgumentError(f"{what} must be a number of seconds or None, not NaN")
+    return None if seconds == math.inf else seconds
+
+
+def _generation_of(header: Any) -> tuple[str, int, int]:
+    """What tells one generation of a dataset from every other: its generation number
+    restarts at 1 after a delete and a create, but its data file's name (a fresh token)
+    is never reused; generations packed into one data file differ in number and offset."""
+    return header.data_file, header.generation, header.offset
+
+
 class Reader:
     """Follows one dataset: ``array`` is its committed prefix as of the last refresh."""
+
+    _header: Header
+    _mapped: _Mapped
 
     def __init__(self, store: Store, location: _Location) -> None:
         self._store = store
@@ -745,16 +872,34 @@ class Reader:
         self._waiter_pid = os.getpid()
         self._closed = False
         self.name = location.name
-        self._load()
+        self._load(store._current_entry(location), first=True)
 
-    def _load(self) -> None:
-        entry, self._mapped = self._store._map_entry(self._location, self._store._current_entry(self._location))
-        self._header = entry.header
-        self._length = validate_length(self._header, self._mapped, self._mapped.committed_length(self._header))
-        self._published = self._mapped.published()
-        if self._waiter is not None:
-            self._waiter.close()
+    def _load(self, entry: _Entry, first: bool = False) -> None:
+        """Follow ``entry`` (the current one): map its data file (again) and take the
+        committed length from the map actually used, as Store._read does. That map may
+        belong to a newer entry than ``entry`` (a replacement between our reading the
+        sidecar and mapping), or be too small for the length read from it (the writer
+        grew the file and flushed since the map was made: map again)."""
+        mapped = entry.mapped  # (read once: another thread may replace the entry's map)
+        mapped_before: tuple[_Entry, int] | None = None
+        for _attempt in range(1000):
+            if mapped is None:
+                entry, mapped = self._store._map_entry(self._location, entry)
+            length = mapped.committed_length(entry.header)
+            if length <= mapped.capacity or mapped_before == (entry, mapped.size):
+                break  # it fits; or a new map of the same, unchanged file does not: corrupt
+            mapped_before = (entry, mapped.size)
+            mapped = None
+        if mapped is None:
+            raise FormatError(f"dataset {self.name!r}: its data file grew too often to read a consistent length")
+        header = entry.header
+        length = validate_length(header, mapped, length)
+        waiter = self._waiter
+        if not first and waiter is not None and _generation_of(header) != _generation_of(self._header):
+            waiter.close()  # it watches the old generation's data file
             self._waiter = None
+        self._header, self._mapped, self._length = header, mapped, length
+        self._published = mapped.published()
 
     @property
     def generation(self) -> int:
@@ -778,16 +923,15 @@ class Reader:
         if self._closed:
             raise ClosedError(f"reader of dataset {self.name!r} is closed")
         entry = self._store._current_entry(self._location)
-        if entry.header.data_file != self._header.data_file:
-            self._load()
-            return self._length
-        self._header = entry.header
-        length = self._mapped.committed_length(self._header)
-        if length > self._mapped.capacity:
-            entry, self._mapped = self._store._map_entry(self._location, entry)
-            self._header = entry.header
-        self._length = validate_length(self._header, self._mapped, length)
-        self._published = self._mapped.published()
+        header = entry.header
+        if _generation_of(header) == _generation_of(self._header):
+            mapped = self._mapped
+            length = mapped.committed_length(header)
+            if length <= mapped.capacity:  # (the usual case: the same map still covers it)
+                self._header, self._length = header, length
+                self._published = mapped.published()
+                return length
+        self._load(entry)  # a new generation, or rows past our map: map again
         return self._length
 
     def wait(self, min_len: int | None = None, timeout: float | None = None, *, min_length: int | None = None) -> bool:
@@ -800,43 +944,53 @@ class Reader:
                 raise InvalidArgumentError(f"min_len={min_len!r} and min_length={min_length!r} disagree; give one")
             min_len = min_length
         min_length = min_len
-        generation, published, length = self._header.generation, self._published, self._length
+        timeout = _as_wait(timeout, "timeout")
+        generation, published, length = _generation_of(self._header), self._published, self._length
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             self.refresh()
-            if self._header.generation != generation:
+            if _generation_of(self._header) != generation:
                 return True
             if min_length is not None:
                 if self._length >= min_length:
                     return True
-            elif (self._header.generation, self._published, self._length) != (generation, published, length):
+            elif (self._published, self._length) != (published, length):
                 return True
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return False
-            if self._waiter is not None and self._waiter_pid != os.getpid():
-                self._waiter.close()  # forked: the inotify instance is shared with the parent
-                self._waiter = None
-            if self._waiter is None:
+            waiter = self._waiter  # (once: close() in another thread may drop it)
+            if waiter is not None and self._waiter_pid != os.getpid():
+                waiter.close_in_child()  # forked: the inotify instance is shared with the parent
+                self._waiter = waiter = None
+            if waiter is None:
                 self._waiter_pid = os.getpid()
                 directory = self._location.directory
-                self._waiter = Waiter([self._location.data_path(self._header.data_file)], [directory])
+                self._waiter = waiter = Waiter([self._location.data_path(self._header.data_file)], [directory])
+                if self._closed:  # close() ran meanwhile and found no waiter to close
+                    self._waiter = None
+                    waiter.close()
                 continue  # re-check: a commit may have landed before the watch existed
-            self._waiter.wait(remaining)
+            # An untimed wait wakes now and then to notice a close of the store (whose
+            # close() knows nothing of readers); close() of the reader wakes it at once.
+            waiter.wait(_STORE_CLOSE_CHECK_SECONDS if remaining is None else min(remaining, _STORE_CLOSE_CHECK_SECONDS))
 
     def follow(self, start: int = 0, idle_timeout: float | None = None) -> Iterator[np.ndarray]:
         """Yield blocks of newly committed rows, in order, each exactly once.
 
         Starts at row ``start``; stops after ``idle_timeout`` seconds without a
-        new commit (never, by default). If the dataset is replaced, following
-        continues from row 0 of the new generation.
+        new commit (never, by default, or with infinity). If the dataset is
+        replaced, following continues from row 0 of the new generation.
         """
+        return self._follow(start, _as_wait(idle_timeout, "idle_timeout"))  # (checked now, not at first next())
+
+    def _follow(self, start: int, idle_timeout: float | None) -> Iterator[np.ndarray]:
         position = start
-        generation = self._header.generation
+        generation = _generation_of(self._header)
         self.refresh()
         while True:
-            if self._header.generation != generation:
-                generation, position = self._header.generation, 0
+            if _generation_of(self._header) != generation:
+                generation, position = _generation_of(self._header), 0
             if self._length > position:
                 block = self.array[position : self._length]
                 position = self._length
@@ -848,10 +1002,11 @@ class Reader:
                 return
 
     def close(self) -> None:
-        if self._waiter is not None:
-            self._waiter.close()
-            self._waiter = None
-        self._closed = True
+        """Stop following; a wait() (or follow()) blocked in another thread raises ClosedError."""
+        self._closed = True  # (first: a wait() that makes a waiter after this closes it)
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            waiter.close()
 
     def __enter__(self) -> Reader:
         return self
@@ -884,6 +1039,25 @@ def create_dataset(
     if growable and (not shape or row_bytes(dtype, shape[1:]) == 0):
         raise InvalidArgumentError(
             f"dataset {name!r}: a growable dataset needs at least one dimension and non-empty rows; got shape {shape}"
+        )
+    if capacity is not None:
+        try:
+            capacity = operator.index(capacity)
+        except TypeError:
+            raise InvalidArgumentError(
+                f"dataset {name!r}: capacity must be a whole number of rows or None, not {capacity!r}"
+            ) from None
+        if capacity < 0:
+            raise InvalidArgumentError(f"dataset {name!r}: capacity {capacity} is negative")
+    if growable:
+        nbytes = CONTROL_BYTES + max(shape[0], capacity or 0, 1) * row_bytes(dtype, shape[1:])
+    else:
+        nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > sys.maxsize:  # (a file offset, and a map's size, are signed 64-bit numbers)
+        raise InvalidArgumentError(
+            f"dataset {name!r}: shape {shape}"
+            + (f" with capacity {capacity}" if capacity else "")
+            + f" needs {nbytes} bytes, more than a file can hold"
         )
     attrs_record = encode_attrs(attrs) if attrs else {}
     lock = location.lock
@@ -984,8 +1158,9 @@ def _abandon(writer: Writer | None, lock: Any) -> None:
             if writer._closed or writer._closing:
                 return  # a concurrent Store.close() closed it, releasing the lock: once is all
             writer._closed = True
+        fd, writer._fd = writer._fd, -1
         try:
-            os.close(writer._fd)
+            os.close(fd)
         except OSError:
             pass
     lock.release()

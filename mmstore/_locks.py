@@ -56,6 +56,7 @@ _MAX_SLEEP = 2e-3
 
 
 COUNTER_BYTES = 8
+_THREAD_WAIT_MAX = threading.TIMEOUT_MAX
 
 
 def counter_is_even(raw: bytes) -> bool:
@@ -182,7 +183,9 @@ class DatasetLock:
 
     def acquire(self, timeout: float) -> None:
         start = time.monotonic()
-        if not self._thread_lock.acquire(True, -1 if timeout < 0 else timeout):
+        # (A wait past threading's limit, ~292 years, is a wait forever: acquire() would
+        # raise OverflowError.)
+        if not self._thread_lock.acquire(True, -1 if timeout < 0 or timeout >= _THREAD_WAIT_MAX else timeout):
             raise self._timeout_error(timeout)
         try:
             if self._fd < 0:

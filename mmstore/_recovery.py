@@ -278,19 +278,31 @@ def _check_open_data(fd: int, header: Any) -> str | None:
         algorithm = header.checksum.partition(":")[0]
         actual = file_digest(fd, header.offset, header.nbytes, algorithm)
         return None if actual == header.checksum else f"checksum mismatch: data {actual}, header {header.checksum}"
-    assert mapped.control is not None and mapped.control_u32 is not None
-    for _attempt in range(3):  # a live writer may move the fields while we read them
+    size_before = -1
+    checks = 0
+    for _attempt in range(1000):  # a live writer may move the fields while we read them
+        assert mapped.control is not None and mapped.control_u32 is not None
         length, crc_rows = int(mapped.control[1]), int(mapped.control[4])
         crc_known, crc_value = int(mapped.control_u32[7]), int(mapped.control_u32[6])
         if length > mapped.capacity:
-            return f"committed length {length} exceeds the data file's {mapped.capacity} rows"
-        if not crc_known or crc_rows == 0:
+            if mapped.size == size_before:  # a new map of the same, unchanged file: corrupt
+                return f"committed length {length} exceeds the data file's {mapped.capacity} rows"
+            # A live writer grew the file and flushed since we mapped it: map it again (as
+            # Store._read does); a healthy growing dataset is no problem.
+            size_before = mapped.size
+            mapped = _Mapped(header, "", writable=False, fd=fd)
+            continue
+        checks += 1
+        if not crc_known or crc_rows == 0 or crc_rows > length:
+            # (More checksummed rows than committed: a writer killed inside a flush, between
+            # storing the CRC and the length that covers it. The CRC is unknown, as
+            # Writer.__init__ takes it; the committed rows are intact.)
             return None
-        if crc_rows > length:
-            return f"checksum covers {crc_rows} rows but only {length} are committed"
         if crc32_file(fd, CONTROL_BYTES, crc_rows * mapped.row_bytes) == crc_value:
             return None
-    return f"checksum mismatch over the first {crc_rows} rows"
+        if checks == 3:
+            return f"checksum mismatch over the first {crc_rows} rows"
+    return "its data file grew too often to read a consistent length"
 
 
 def recover_store(store: Store) -> VerifyReport:

@@ -68,7 +68,7 @@ _MANIFEST_LEAF = MANIFEST_NAME.removesuffix(".json")
 
 
 def _as_timeout(value: Any, what: str) -> float:
-    """A lock wait in seconds: None (or a negative number) is -1, wait forever."""
+    """A lock wait in seconds: None, infinity (or a negative number) is -1, wait forever."""
     if value is None:
         return -1.0
     try:
@@ -77,7 +77,7 @@ def _as_timeout(value: Any, what: str) -> float:
         raise InvalidArgumentError(f"{what} must be a number of seconds or None, not {value!r}") from None
     if math.isnan(seconds):
         raise InvalidArgumentError(f"{what} must be a number of seconds or None, not NaN")
-    return seconds
+    return -1.0 if seconds == math.inf else seconds
 
 
 def _manifest_as_sidecar(name: str, raw: bytes) -> Header:

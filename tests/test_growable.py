@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import warnings
 from decimal import Decimal
 from fractions import Fraction
@@ -754,3 +755,523 @@ def test_a_fork_while_the_store_closes_still_protects_its_open_writers(
     monkeypatch.setattr(mmstore.Writer, "flush", flush_then_fork)
     store.close()
     assert codes == [0]  # in the child, the writer still open in the parent is not usable
+
+
+def test_append_racing_store_close_never_writes_through_a_reused_descriptor(
+    store: mmstore.Store, tmp_path: Path
+) -> None:
+    writer = store.create("x", np.int64, (0,), growable=True, capacity=200_000)
+    entered, go = threading.Event(), threading.Event()
+    outcome: list[BaseException | None] = []
+
+    class SlowRows:  # stands in for a block whose conversion takes a while
+        def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+            entered.set()
+            assert go.wait(PROCESS_TIMEOUT)
+            return np.full(100_000, -1, np.int64)
+
+    def append() -> None:
+        try:
+            writer.append(SlowRows())
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=append)
+    thread.start()
+    assert entered.wait(PROCESS_TIMEOUT)
+    old_number = writer._fd
+    store.close()  # another thread closes the store (and the writer) mid-append
+    user_file = tmp_path / "precious.bin"
+    user_file.write_bytes(b"precious user data\n" * 1000)
+    user_fd = os.open(user_file, os.O_RDWR)
+    try:
+        if user_fd != old_number:
+            os.dup2(user_fd, old_number)  # the closed number now names the user's file
+        go.set()
+        thread.join(PROCESS_TIMEOUT)
+    finally:
+        if user_fd != old_number:
+            os.close(old_number)
+        os.close(user_fd)
+    assert len(outcome) == 1 and isinstance(outcome[0], mmstore.ClosedError), outcome
+    assert user_file.read_bytes() == b"precious user data\n" * 1000
+    assert writer._fd == -1
+
+
+def test_store_flush_racing_a_writer_close_fsyncs_no_closed_descriptor(
+    store: mmstore.Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer = store.create("x", np.int64, (0,), growable=True)
+    writer.append(np.arange(10))
+    writer.flush()
+    at_fsync, go = threading.Event(), threading.Event()
+    real_fsync = mmstore._durable.fsync
+
+    def paused(fd: int, what: str) -> None:
+        if threading.current_thread().name == "flusher" and not at_fsync.is_set():
+            at_fsync.set()
+            assert go.wait(PROCESS_TIMEOUT)
+        real_fsync(fd, what)
+
+    monkeypatch.setattr(mmstore._durable, "fsync", paused)
+    outcome: list[BaseException | None] = []
+
+    def flush() -> None:
+        try:
+            store.flush()
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=flush, name="flusher")
+    thread.start()
+    assert at_fsync.wait(PROCESS_TIMEOUT)  # Store.flush is about to fsync the writer's data file
+    writer.close()  # its owner closes it as usual
+    go.set()
+    thread.join(PROCESS_TIMEOUT)
+    assert outcome == [None]
+    store.put("z", np.arange(3))  # the store is still usable (no fsync failure recorded)
+    store.flush()
+    np.testing.assert_array_equal(store.get("x"), np.arange(10))
+
+
+class _StoreThenPause:
+    """Stands in for a control-block array: after the ``target``-th store through any of
+    them, reports on ``report_fd`` and waits to be SIGKILLed."""
+
+    def __init__(self, array: np.ndarray, state: dict[str, int]) -> None:
+        self.array, self.state = array, state
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.array[index]
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        self.array[index] = value
+        self.state["stores"] += 1
+        if self.state["stores"] == self.state["target"]:
+            os.write(self.state["report_fd"], b"p")
+            signal.pause()
+
+
+@pytest.mark.parametrize("scenario", ["durable flush", "durable flush after a flush", "close"])
+def test_sigkill_between_any_two_control_block_stores_leaves_a_dataset_verify_accepts(
+    store: mmstore.Store, scenario: str
+) -> None:
+    for target in range(1, 50):
+        with store.create("g", np.int64, (0,), growable=True, exist_ok=True, capacity=1000) as writer:
+            writer.append(np.arange(100))
+            writer.flush(durable=True)  # CRC known over the 100 rows
+        read_fd, write_fd = os.pipe()
+        with warnings.catch_warnings():  # Python 3.12+ warns about fork() in a threaded process
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child writes and is killed at the target store
+            try:
+                os.close(read_fd)
+                child = mmstore.Store(store.path)
+                edited = child.open_writer("g")
+                edited.append(np.arange(100, 200))
+                state = {"stores": 0, "target": target, "report_fd": write_fd}
+                mapped = edited._mapped
+                mapped.control = _StoreThenPause(mapped.control, state)  # type: ignore[assignment]
+                mapped.control_u32 = _StoreThenPause(mapped.control_u32, state)  # type: ignore[assignment]
+                if scenario == "durable flush":
+                    edited.flush(durable=True)
+                elif scenario == "close":
+                    edited.close()
+                else:
+                    edited.flush()
+                    edited.flush(durable=True)
+                os.write(write_fd, b"d")
+            finally:
+                os._exit(0)
+        os.close(write_fd)
+        reported = os.read(read_fd, 1)
+        os.close(read_fd)
+        if reported == b"p":
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        assert reported in (b"p", b"d")
+        assert store.verify().ok, (scenario, target, store.verify())
+        committed = store.get("g")
+        assert len(committed) in (100, 200)
+        np.testing.assert_array_equal(committed, np.arange(len(committed)))
+        with store.open_writer("g") as writer:  # the next writer takes the fields as they are
+            writer.flush(durable=True)
+        assert store.verify().ok, (scenario, target, store.verify())
+        if reported == b"d":
+            assert target > 2  # (the kills above landed inside the update)
+            break
+    else:
+        raise AssertionError("the scenario never finished")
+    assert store.recover().quarantined == {}
+
+
+def test_refresh_racing_a_replacement_shows_only_the_new_generations_committed_rows(
+    store: mmstore.Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer = store.create("x", np.int64, (0,), growable=True)
+    writer.append(np.arange(10))
+    writer.flush()
+    reader = store.open_reader("x")
+    writer.append(np.arange(10, 300_000))
+    writer.flush()  # the file grew past the reader's map: refresh() must map it again
+    writer.close()
+    real_map_entry = mmstore.Store._map_entry
+    replacing: list[mmstore.Writer] = []
+
+    def replaced_before_the_map(self: mmstore.Store, location: Any, entry: Any) -> Any:
+        if not replacing:  # another writer replaces the dataset; its rows are not flushed
+            replacing.append(store.create("x", np.int64, (0,), growable=True, exist_ok=True, capacity=1_000_000))
+            replacing[0].append(np.full(500_000, -7, np.int64))
+        return real_map_entry(self, location, entry)
+
+    monkeypatch.setattr(mmstore.Store, "_map_entry", replaced_before_the_map)
+    length = reader.refresh()
+    monkeypatch.undo()
+    assert replacing
+    assert length == 0 and len(reader) == 0 and len(reader.array) == 0
+    assert reader.generation == 2
+    replacing[0].flush()
+    assert reader.refresh() == 500_000 and (reader.array == -7).all()
+    replacing[0].close()
+
+
+def test_open_reader_racing_growth_maps_again(store: mmstore.Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    writer = store.create("x", np.int64, (0,), growable=True)
+    writer.append(np.arange(10))
+    writer.flush()
+    real_map_data = mmstore.Store._map_data
+    grown: list[bool] = []
+
+    def grown_after_the_map(self: mmstore.Store, location: Any, entry: Any, directory_fd: Any) -> Any:
+        mapped = real_map_data(self, location, entry, directory_fd)
+        if not grown:  # the writer grows the file and flushes before the length is read
+            grown.append(True)
+            writer.append(np.arange(10, 300_000))
+            writer.flush()
+        return mapped
+
+    monkeypatch.setattr(mmstore.Store, "_map_data", grown_after_the_map)
+    reader = store.open_reader("x")
+    monkeypatch.undo()
+    assert grown
+    assert len(reader) == 300_000
+    np.testing.assert_array_equal(reader.array, np.arange(300_000))
+    writer.close()
+
+
+def test_follow_and_wait_tell_a_new_dataset_by_its_data_file_not_its_generation_number(
+    store_path: Path,
+) -> None:
+    producer = mmstore.Store(store_path)
+    with producer.create("ticks", np.int64, (0,), growable=True) as writer:
+        writer.append(np.arange(1000))
+        writer.flush()
+    consumer = mmstore.Store(store_path, "r")
+    reader = consumer.open_reader("ticks")
+    follower = reader.follow(idle_timeout=0.2)
+    assert len(next(follower)) == 1000
+    del producer["ticks"]  # a day rollover: a new log, generation 1 again
+    with producer.create("ticks", np.int64, (0,), growable=True) as writer:
+        writer.append(np.arange(-1, -1501, -1))
+        writer.flush()
+    assert consumer.info("ticks")["generation"] == 1
+    blocks = list(follower)
+    np.testing.assert_array_equal(np.concatenate(blocks), np.arange(-1, -1501, -1))  # from its row 0
+
+    waiting = consumer.open_reader("ticks")
+    del producer["ticks"]
+    with producer.create("ticks", np.int64, (0,), growable=True) as writer:
+        writer.append(np.arange(10))
+        writer.flush()
+    assert waiting.wait(1501, timeout=PROCESS_TIMEOUT)  # replaced: returns at once
+    assert len(waiting) == 10
+    consumer.close()
+    producer.close()
+
+
+def test_verify_racing_growth_reports_a_growing_dataset_healthy(
+    store: mmstore.Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mmstore import _growable
+
+    writer = store.create("x", np.int64, (0,), growable=True)
+    writer.append(np.arange(10))
+    writer.flush(durable=True)
+    real_mapped = _growable._Mapped
+    grown: list[int] = []
+
+    class GrownAfterTheMap(real_mapped):  # type: ignore[misc,valid-type]
+        def __init__(self, header: Any, path: str, writable: bool, fd: int | None = None) -> None:
+            super().__init__(header, path, writable, fd)
+            if not writable and len(grown) < 2:  # verify's maps: the writer grows the file and flushes
+                grown.append(len(writer))
+                writer.append(np.arange(len(writer), 10 * len(writer) + 300_000))
+                writer.flush()
+
+    monkeypatch.setattr(_growable, "_Mapped", GrownAfterTheMap)
+    report = store.verify()
+    monkeypatch.undo()
+    assert len(grown) == 2
+    assert report.ok, report
+    writer.close()
+    assert store.verify().ok
+
+
+def _inotify_descriptors() -> int:
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:inotify"
+        except OSError:
+            pass  # (the descriptor listdir itself used)
+    return count
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_readers_dropped_without_close_release_their_inotify_descriptors(store: mmstore.Store) -> None:
+    with store.create("x", np.int64, (0,), growable=True) as writer:
+        writer.append(np.arange(3))
+    before = _inotify_descriptors()
+
+    def wait_once() -> None:
+        reader = store.open_reader("x")
+        assert not reader.wait(min_len=10, timeout=0.001)  # nothing new: it watched, then timed out
+
+    for _ in range(200):  # more than the default per-user limit of 128 instances
+        wait_once()
+    gc.collect()
+    assert _inotify_descriptors() == before
+    reader = store.open_reader("x")
+    assert not reader.wait(min_len=10, timeout=0.001)
+    assert reader._waiter is not None and reader._waiter.uses_inotify  # the limit is not exhausted
+    reader.close()
+
+
+def _flush_as_the_wait_begins(monkeypatch: pytest.MonkeyPatch, writer: mmstore.Writer, rows: Any) -> list[Any]:
+    """Make the writer append ``rows`` and flush just before the reader first blocks (so
+    its real wait runs, with the timeout it was given, and returns); return the
+    timeouts the reader waited with."""
+    from mmstore import _notify
+
+    real_wait = _notify.Waiter.wait
+    timeouts: list[Any] = []
+
+    def flush_then_wait(self: Any, timeout: Any) -> None:
+        if not timeouts:
+            writer.append(rows)
+            writer.flush()
+        timeouts.append(timeout)
+        real_wait(self, timeout)
+
+    monkeypatch.setattr(_notify.Waiter, "wait", flush_then_wait)
+    return timeouts
+
+
+@pytest.mark.parametrize("timeout", [30 * 86400, 1e300, float("inf")])
+def test_wait_and_follow_take_long_and_infinite_timeouts(
+    store: mmstore.Store, monkeypatch: pytest.MonkeyPatch, timeout: float
+) -> None:
+    with store.create("x", np.int64, (0,), growable=True) as writer:
+        writer.append(np.arange(3))
+        writer.flush()
+        reader = store.open_reader("x")
+        timeouts = _flush_as_the_wait_begins(monkeypatch, writer, np.arange(3, 10))
+        assert reader.wait(10, timeout=timeout)
+        assert timeouts and len(reader) == 10
+        following = reader.follow(start=10, idle_timeout=timeout)
+        monkeypatch.undo()
+        timeouts = _flush_as_the_wait_begins(monkeypatch, writer, np.arange(10, 12))
+        np.testing.assert_array_equal(next(following), [10, 11])
+        assert timeouts
+        reader.close()
+
+
+def test_wait_and_follow_refuse_nan_and_non_numbers(store: mmstore.Store) -> None:
+    with store.create("x", np.int64, (0,), growable=True) as writer:
+        writer.append(np.arange(3))
+    reader = store.open_reader("x")
+    for bad in (float("nan"), "soon", [1]):
+        with pytest.raises(mmstore.InvalidArgumentError, match="timeout"):
+            reader.wait(10, timeout=bad)
+        with pytest.raises(mmstore.InvalidArgumentError, match="idle_timeout"):
+            reader.follow(idle_timeout=bad)  # refused when called, not at the first next()
+    assert isinstance(mmstore.InvalidArgumentError("x"), ValueError)
+    reader.close()
+
+
+def _blocked_in(target: Any, monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Thread, list[Any]]:
+    """Run ``target`` in a daemon thread; return once it is entering Waiter.wait."""
+    from mmstore import _notify
+
+    real_wait = _notify.Waiter.wait
+    entering = threading.Event()
+
+    def signalled_wait(self: Any, timeout: Any) -> None:
+        entering.set()
+        real_wait(self, timeout)
+
+    monkeypatch.setattr(_notify.Waiter, "wait", signalled_wait)
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(("returned", target()))
+        except BaseException as exc:
+            outcome.append(("raised", exc))
+
+    thread = threading.Thread(target=run, daemon=True)  # (daemon: a failure leaves it blocked)
+    thread.start()
+    assert entering.wait(PROCESS_TIMEOUT)
+    # Then until the kernel shows it asleep in poll() (a state, not a guess at a duration).
+    wchan = f"/proc/self/task/{thread.native_id}/wchan"
+    deadline = time.monotonic() + PROCESS_TIMEOUT
+    while "poll" not in Path(wchan).read_text():
+        assert time.monotonic() < deadline and thread.is_alive()
+        time.sleep(0.001)
+    return thread, outcome
+
+
+def _kernel_shows_poll_sleeps() -> bool:
+    """True if /proc shows where a thread sleeps (a running one reads "0")."""
+    return os.access(f"/proc/self/task/{threading.get_native_id()}/wchan", os.R_OK)
+
+
+@pytest.mark.skipif(not _kernel_shows_poll_sleeps(), reason="needs /proc/self/task/*/wchan")
+def test_closing_a_waiter_wakes_a_poll_without_timeout(
+    store: mmstore.Store, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from mmstore import _notify
+
+    watched = tmp_path / "watched"
+    watched.write_bytes(b"")
+    waiter = _notify.Waiter([str(watched)], [str(tmp_path)])
+    assert waiter.uses_inotify
+    before = _inotify_descriptors()
+    thread, outcome = _blocked_in(lambda: waiter.wait(None), monkeypatch)
+    waiter.close()  # from another thread, while it polls without a timeout
+    thread.join(PROCESS_TIMEOUT)
+    assert outcome == [("returned", None)]
+    assert _inotify_descriptors() == before - 1  # closed once no thread polls it
+
+
+@pytest.mark.skipif(not _kernel_shows_poll_sleeps(), reason="needs /proc/self/task/*/wchan")
+def test_closing_a_reader_or_its_store_wakes_a_wait_without_timeout(
+    store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    producer = mmstore.Store(store_path)
+    writer = producer.create("ticks", np.int64, (0,), growable=True)
+    for close_store in (False, True):
+        consumer = mmstore.Store(store_path, "r")
+        reader = consumer.open_reader("ticks")
+        thread, outcome = _blocked_in(reader.wait, monkeypatch)  # (no min_len: any new commit)
+        if close_store:
+            consumer.close()
+        else:
+            reader.close()
+        thread.join(PROCESS_TIMEOUT)
+        assert len(outcome) == 1 and isinstance(outcome[0][1], mmstore.ClosedError), outcome
+        monkeypatch.undo()
+        consumer.close()
+    writer.close()
+    producer.close()
+
+
+@pytest.mark.parametrize(
+    ("shape", "capacity", "message"),
+    [
+        ((0,), 1.5, "capacity must be a whole number"),
+        ((0,), "x", "capacity must be a whole number"),
+        ((0,), -5, "capacity -5 is negative"),
+        ((0,), 2**62, "more than a file can hold"),
+        ((2**62,), None, "more than a file can hold"),
+        ((0, 2**40, 2**40), None, "more than a file can hold"),
+    ],
+)
+def test_create_refuses_bad_capacities_and_sizes_with_invalid_argument(
+    store: mmstore.Store, shape: tuple[int, ...], capacity: Any, message: str
+) -> None:
+    with pytest.raises(mmstore.InvalidArgumentError, match=message) as caught:
+        store.create("g", np.int32, shape, growable=True, capacity=capacity)
+    assert "'g'" in str(caught.value) and "\n" not in str(caught.value)
+    assert "g" not in store
+    if shape == (2**62,):
+        with pytest.raises(mmstore.InvalidArgumentError, match="more than a file can hold"):
+            store.create("fixed", np.int32, shape)
+    with store.create("g", np.int32, (0,), growable=True, capacity=np.int64(10)) as writer:  # still works
+        writer.append(np.arange(3))
+    np.testing.assert_array_equal(store.get("g"), np.arange(3))
+
+
+def test_storing_a_row_of_the_wrong_shape_is_an_invalid_argument(store: mmstore.Store) -> None:
+    with store.create("g", np.float64, (0, 2), growable=True) as writer:
+        writer.append([[1, 2], [3, 4]])
+        with pytest.raises(mmstore.InvalidArgumentError, match=r"'g'.*broadcast"):
+            writer[0] = [1, 2, 3]
+        writer[0] = [5, 6]
+        writer[1] = 7  # a scalar still spreads over the row
+    np.testing.assert_array_equal(store.get("g"), [[5, 6], [7, 7]])
+
+
+@pytest.mark.parametrize(
+    ("dtype", "value", "message"),
+    [
+        ("S4", b"abcdefgh", "8 characters"),
+        ("S4", np.array([b"abcdefgh"]), "8 characters"),
+        ("S4", [b"ab", b"abcde"], "5 characters"),
+        ("U3", "hello", "5 characters"),
+        ("U3", np.array(["ab", "hello"]), "5 characters"),
+        ("f4", 1e300, "overflows"),
+        ("f4", 10**300, "overflows"),
+        ("f4", np.array([1.0, 1e300]), "overflows"),
+        ("f4", [1.0, -1e300], "overflows"),
+        ("f2", np.array([100_000], np.int64), "overflows"),
+        ("c8", np.array([1e300 + 0j]), "overflows"),
+        ([("a", "i4"), ("b", "f4")], np.array([(1, 1e300)], [("a", "i8"), ("b", "f8")]), "field 'b'"),
+        ([("a", "i4"), ("s", "S2")], np.array([(1, b"abc")], [("a", "i4"), ("s", "S3")]), "field 's'"),
+    ],
+)
+def test_append_and_setitem_refuse_text_cut_short_and_floats_that_overflow(
+    store: mmstore.Store, dtype: Any, value: Any, message: str
+) -> None:
+    with store.create("d", dtype, (0,), growable=True) as writer:
+        with pytest.raises(mmstore.InvalidArgumentError, match=message):
+            writer.append(value)
+        writer.append(np.zeros(1, dtype))
+        if writer.dtype.names is None:  # (in-place edits of records are left to NumPy, as for integers)
+            with pytest.raises(mmstore.InvalidArgumentError, match=message):
+                writer[0] = value if not isinstance(value, (list, np.ndarray)) else value[-1:]
+        assert len(writer) == 1
+    assert store.get("d")[0] == np.zeros(1, dtype)[0]
+
+
+def test_text_and_narrower_float_conversions_without_loss_still_work(store: mmstore.Store) -> None:
+    cases: list[tuple[Any, Any, Any]] = [
+        ("S4", b"abcd", b"abcd"),
+        ("S4", "ab", b"ab"),  # str into a bytes field (ASCII), as before
+        ("S4", np.array([b"ab"], "S8"), b"ab"),  # a wider field whose strings fit
+        ("U3", np.array(["hey"], "U10"), "hey"),
+        ("U3", b"ab", "ab"),
+        ("S4", 12, b"12"),  # numbers into text, as NumPy writes them
+        ("f4", 1e30, np.float32(1e30)),
+        ("f4", np.array([0.1]), np.float32(0.1)),
+        ("f4", float("inf"), np.inf),
+        ("f4", float("nan"), None),
+        ("f4", 3.4028235e38, np.float32(3.4028235e38)),  # rounds to the largest float32
+        ("f4", 7, 7.0),
+        ("f8", 10**300, 1e300),
+        ("f2", np.array([1000], np.int64), 1000.0),
+        ("c8", 1 + 2j, 1 + 2j),
+    ]
+    for dtype, value, expected in cases:
+        with store.create("d", dtype, (0,), growable=True, exist_ok=True) as writer:
+            writer.append(value)
+            writer.append(np.zeros(1, dtype))
+            writer[1] = value if not isinstance(value, np.ndarray) else value[0]
+        stored = store.get("d")
+        if expected is None:
+            assert np.isnan(stored).all()
+        else:
+            assert stored[0] == expected and stored[1] == expected, (dtype, value, stored)

@@ -1114,3 +1114,30 @@ def test_record_dtype_with_fields_out_of_order_in_memory_is_refused_clearly(stor
     with pytest.raises(mmstore.UnsupportedDtypeError, match=r"dataset 'r': dtype .*repack_fields"):
         store.put("r", np.zeros(3, dtype))
     assert "r" not in store
+
+
+@pytest.mark.parametrize("timeout", [float("inf"), 1e300])
+def test_a_store_with_an_infinite_or_huge_timeout_writes_and_waits_for_locks(store_path: Path, timeout: float) -> None:
+    with mmstore.Store(store_path, timeout=timeout) as store:
+        store.put("y", np.arange(2))
+        with store.create("x", np.int64, (0,), growable=True) as writer:
+            writer.append(np.arange(3))
+        writer = store.open_writer("x")
+        outcome: list[Any] = []
+
+        def put_when_free() -> None:
+            try:
+                store.put("x", np.arange(5))  # waits (forever) for the writer's lock
+                outcome.append(None)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=put_when_free)
+        thread.start()
+        writer.close()
+        thread.join(PROCESS_TIMEOUT)
+        assert outcome == [None]
+        np.testing.assert_array_equal(store.get("x"), np.arange(5))
+        np.testing.assert_array_equal(store.get("y"), np.arange(2))
+    with pytest.raises(mmstore.InvalidArgumentError):
+        mmstore.Store(store_path, timeout=float("nan"))
