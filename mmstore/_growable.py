@@ -53,7 +53,7 @@ from ._errors import (
     FsyncError,
     InvalidArgumentError,
 )
-from ._format import XXH3_ALGORITHM, Header, as_dtype, encode_attrs, encode_dtype, successor_header
+from ._format import XXH3_ALGORITHM, Header, as_dtype, encode_attrs, encode_dtype, successor_header, timestamp_now
 from ._locks import mark_alive
 from ._mapping import buffer_digest, refuse_masked
 from ._notify import Waiter
@@ -416,7 +416,7 @@ class Writer:
 
     def _rewrite_sidecar(self, **changes: Any) -> None:
         """Commit the sidecar again with ``changes`` (same data file and generation)."""
-        self._header = self._header._replace(modified=time.time(), **changes)
+        self._header = self._header._replace(modified=timestamp_now(), **changes)
         self._store._write_sidecar_locked(self._location, self._header, durable=False)
         self._store._mark_dirty(self._location)  # Store.flush() makes it durable
 

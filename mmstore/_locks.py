@@ -149,8 +149,8 @@ class DatasetLock:
     """An exclusive, timed lock on one dataset, held through one open descriptor."""
 
     __slots__ = (
-        "_counter", "_fd", "_parked", "_regular", "_thread_lock", "counted", "found_counter", "held_file", "holder",
-        "keep_open", "label", "path", "permissions",
+        "_counter", "_fd", "_identity", "_parked", "_regular", "_thread_lock", "counted", "found_counter", "held_file",
+        "holder", "keep_open", "label", "path", "permissions",
     )  # fmt: skip
 
     def __init__(
@@ -170,6 +170,7 @@ class DatasetLock:
         # whose counter equals it is current without a stat() (see Store._committed_header).
         self.found_counter: bytes | None = None
         self._regular = True  # the lock file is a regular file (else it can hold no counter)
+        self._identity = (-1, -1)  # (inode, device) of the open lock file
         self._fd = -1
         self._parked = False
         self._thread_lock = threading.Lock()
@@ -188,23 +189,46 @@ class DatasetLock:
         if not self._thread_lock.acquire(True, -1 if timeout < 0 or timeout >= _THREAD_WAIT_MAX else timeout):
             raise self._timeout_error(timeout)
         try:
-            if self._fd < 0:
-                self._fd = self._open()
-            if not filelock.lock_descriptor(self._fd, blocking=False):  # (uncontended: the usual case)
-                deadline = start + timeout if timeout >= 0 else None
-                sleep = _FIRST_SLEEP
-                while not filelock.lock_descriptor(self._fd, blocking=False):
-                    if deadline is not None:
-                        remaining = deadline - time.monotonic()
-                        if remaining <= 0:
-                            raise self._timeout_error(timeout)
-                        sleep = min(sleep, remaining)
-                    time.sleep(sleep)
-                    sleep = min(sleep * 2, _MAX_SLEEP)
+            reopened = 0
+            while True:
+                if self._fd < 0:
+                    self._fd = self._open()
+                if not filelock.lock_descriptor(self._fd, blocking=False):  # (uncontended: the usual case)
+                    deadline = start + timeout if timeout >= 0 else None
+                    sleep = _FIRST_SLEEP
+                    while not filelock.lock_descriptor(self._fd, blocking=False):
+                        if deadline is not None:
+                            remaining = deadline - time.monotonic()
+                            if remaining <= 0:
+                                raise self._timeout_error(timeout)
+                            sleep = min(sleep, remaining)
+                        time.sleep(sleep)
+                        sleep = min(sleep * 2, _MAX_SLEEP)
+                if self._still_named(reopened):
+                    break
+                reopened += 1
             self._begin_change()
         except BaseException:
             self._thread_lock.release()
             raise
+
+    def _still_named(self, reopened: int = 0) -> bool:
+        """With the flock just taken: True if the lock path still names the file we locked.
+        If the lock file was deleted, replaced or renamed while we kept its descriptor
+        (outside the protocol: lock files are never unlinked), we hold a file that other
+        writers do not lock, whose change counter is no longer the dataset's: drop it, so
+        that the caller locks the file the path names now. (After a few reopens in a row
+        the lock is taken as it is: a file system whose stat() and fstat() disagree must
+        not make us spin.)"""
+        try:
+            found = os.stat(self.path)
+            if (found.st_ino, found.st_dev) == self._identity or reopened >= 3:
+                return True
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        filelock.unlock_descriptor(self._fd)
+        self.close()
+        return False
 
     def _begin_change(self) -> None:
         """With the flock just taken: bump the change counter to odd (see the module
@@ -247,7 +271,9 @@ class DatasetLock:
         try:
             # A FIFO or device planted there still locks, as before, but holds no counter
             # (readers ignore anything but a regular file's).
-            self._regular = stat.S_ISREG(os.fstat(fd).st_mode)
+            opened = os.fstat(fd)
+            self._regular = stat.S_ISREG(opened.st_mode)
+            self._identity = (opened.st_ino, opened.st_dev)
         except BaseException:
             os.close(fd)
             raise
@@ -258,11 +284,14 @@ class DatasetLock:
         if not self._thread_lock.acquire(blocking=False):
             return False
         try:
-            if self._fd < 0:
-                self._fd = self._open()
-            if filelock.lock_descriptor(self._fd, blocking=False):
-                self._begin_change()
-                return True
+            for attempt in range(4):  # (more if the lock path names another file than we locked)
+                if self._fd < 0:
+                    self._fd = self._open()
+                if not filelock.lock_descriptor(self._fd, blocking=False):
+                    break
+                if self._still_named(attempt):
+                    self._begin_change()
+                    return True
         except BaseException:
             self._thread_lock.release()
             raise

@@ -224,8 +224,8 @@ def verify_store(store: Store, progress: Callable[[str], None] | None = None) ->
                     referenced.add(header.data_file)
                     problem = _check_data(store, name, header)
                 except DatasetNotFoundError:
-                    gone = previous is not None  # deleted while we checked it: nothing to report
-                    problem = None if gone else f"no dataset {name!r}"
+                    gone = True  # deleted since we listed it: nothing to report
+                    problem = None
                 except MmstoreError as exc:
                     problem = str(exc)
                 except OSError as exc:
@@ -305,6 +305,18 @@ def _check_open_data(fd: int, header: Any) -> str | None:
     return "its data file grew too often to read a consistent length"
 
 
+def _still_a_problem(store: Store, name: str) -> bool:
+    """Checked again under the dataset's lock: does ``name`` still exist, and still fail?"""
+    try:
+        store._drop_entry(name)
+        header = store.header(name)
+        return _check_data(store, name, header) is not None
+    except DatasetNotFoundError:
+        return False
+    except (MmstoreError, OSError):
+        return True
+
+
 def recover_store(store: Store) -> VerifyReport:
     """Remove dead writers' leftovers, then quarantine (never delete) unreadable datasets."""
     recover_on_open(store)
@@ -326,6 +338,9 @@ def recover_store(store: Store) -> VerifyReport:
             continue
         location.lock.acquire(store.timeout)
         try:
+            if not _still_a_problem(store, name):
+                del report.problems[name]  # deleted or replaced by a writer since it was checked
+                continue
             target = os.path.join(quarantine, name)
             os.makedirs(os.path.dirname(target), exist_ok=True)
             moved = []

@@ -486,7 +486,10 @@ class StoreWrites(StoreReads):
             if counter is not None and counter == location.lock.found_counter:
                 return entry.header
         try:
-            return self._current_entry(location, counted=False).header
+            # A stat(), not the entry's own counter check: that reads the lock file through
+            # the entry's descriptor, which may be an orphan if the lock file was replaced
+            # (the held lock's descriptor is checked at acquire; see DatasetLock._still_named).
+            return self._recheck_entry(location, counted=False).header
         except DatasetNotFoundError:
             return None
         except FormatError:

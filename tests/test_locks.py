@@ -218,3 +218,34 @@ def test_a_release_that_fails_after_the_commit_keeps_the_commit(
     monkeypatch.undo()
     np.testing.assert_array_equal(store.get("x"), np.arange(7))
     assert store.verify().ok
+
+
+@pytest.mark.parametrize("pack_small", [False, True], ids=["files", "packed"])
+@pytest.mark.parametrize("how", ["replaced", "deleted"])
+def test_a_lock_file_replaced_or_deleted_behind_a_writer_is_locked_anew(
+    store_path: Path, spawn, pack_small: bool, how: str
+) -> None:
+    # Outside the protocol (lock files are never unlinked), but a process keeps its lock
+    # descriptor between puts: it must not go on locking the orphan, whose change counter
+    # then vouches for a header another process has replaced since.
+    with mmstore.Store(store_path, pack_small=pack_small) as store:
+        store.put("x", np.full(4, 10.0))
+        store.put("x", np.full(4, 20.0))
+        lock = store_path / ".x.lock"
+        if how == "replaced":
+            os.replace(lock, store_path / "old-lock")
+            lock.write_bytes(b"")
+        else:
+            lock.unlink()
+        other = spawn.Process(target=workers.put_one, args=(str(store_path), "x", 3, 4))
+        other.start()
+        other.join(PROCESS_TIMEOUT)
+        assert other.exitcode == 0
+        with mmstore.Store(store_path, "r") as reader:
+            held = reader.get("x")
+        assert (held == workers.pattern(3, 4)).all()
+        store.put("x", np.full(4, 40.0))
+        assert store.info("x")["generation"] == 4  # not 3: a put after the other's
+        assert (held == workers.pattern(3, 4)).all()  # committed bytes are never written again
+        assert (store.get("x") == 40.0).all() and store.attrs("x") == {}
+    assert len(list(store_path.glob("x.*.dat"))) == 1  # the other's data file was not leaked

@@ -1141,3 +1141,41 @@ def test_a_store_with_an_infinite_or_huge_timeout_writes_and_waits_for_locks(sto
         np.testing.assert_array_equal(store.get("y"), np.arange(2))
     with pytest.raises(mmstore.InvalidArgumentError):
         mmstore.Store(store_path, timeout=float("nan"))
+
+
+def test_recover_leaves_alone_what_a_writer_deleted_or_mended_while_it_checked(
+    store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mmstore import _recovery
+
+    with mmstore.Store(store_path) as store:
+        for name in ("bad", "gone", "mended"):
+            store.put(name, np.arange(3))
+    for name in ("bad", "mended"):  # truncated data files: both unreadable when checked
+        with mmstore.Store(store_path, "r") as reader:
+            os.truncate(reader.info(name)["data_file"], 8)
+
+    # Another writer deletes 'gone' just before the check first reads it (it used to be
+    # reported as "no dataset", then recover() failed to move it), and puts 'mended'
+    # afresh after the check and before recover() takes its lock (it was quarantined,
+    # healthy, and vanished from the store).
+    real_header, real_verify = mmstore.Store.header, _recovery.verify_store
+
+    def header(self: mmstore.Store, name: str) -> Any:
+        if name == "gone" and "gone" in self:
+            with mmstore.Store(store_path) as other:
+                other.delete("gone")
+        return real_header(self, name)
+
+    def verify_then_mend(store: mmstore.Store, progress: Any = None) -> Any:
+        report = real_verify(store, progress)
+        with mmstore.Store(store_path) as other:
+            other.put("mended", np.arange(5))
+        return report
+
+    monkeypatch.setattr(mmstore.Store, "header", header)
+    monkeypatch.setattr(_recovery, "verify_store", verify_then_mend)
+    with mmstore.Store(store_path) as store:
+        report = store.recover()
+        assert set(report.quarantined) == {"bad"} and set(report.problems) == {"bad"}
+        assert store.keys() == ["mended"] and store.get("mended").tolist() == [0, 1, 2, 3, 4]
