@@ -28,8 +28,9 @@ from ._errors import (
 )
 from ._filesystems import UnsafeFileSystemWarning
 from ._format import FORMAT_VERSION
-from ._growable import Reader, Writer
+from ._growable import Writer
 from ._hdf5 import export_hdf5, import_hdf5
+from ._reader import Reader
 from ._recovery import VerifyReport
 from ._store import Store
 

@@ -15,8 +15,8 @@ import threading
 from . import _durable, _names
 from ._errors import FormatError
 from ._format import Header
-from ._growable import _Mapped
 from ._locks import COUNTER_BYTES, DatasetLock, counter_is_even
+from ._maps import _Mapped
 
 _READ_ALL = 1 << 16
 # O_PATH: walking needs only search permission on a directory, as a path lookup does.

@@ -1,4 +1,4 @@
-"""Writer handles (appends, in-place edits) and readers that follow them.
+"""Writer handles: appends, in-place edits, and the datasets they create.
 
 A growable dataset's data file starts with a 4096-byte control block, then the
 rows (docs/FORMAT.md, "Growable datasets")::
@@ -24,22 +24,15 @@ the map can never hit ENOSPC as a SIGBUS), so a reader's map never loses pages.
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import math
-import mmap
 import operator
 import os
-import resource
-import stat
 import struct
 import sys
 import threading
-import time
 import warnings
-import weakref
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -49,40 +42,40 @@ from ._errors import (
     ArgumentTypeError,
     ClosedError,
     DatasetExistsError,
-    FormatError,
     FsyncError,
     InvalidArgumentError,
 )
 from ._format import XXH3_ALGORITHM, Header, as_dtype, encode_attrs, encode_dtype, successor_header, timestamp_now
 from ._locks import mark_alive
 from ._mapping import buffer_digest, refuse_masked
-from ._notify import Waiter
+from ._maps import (
+    _CRC,
+    _CRC_KNOWN,
+    _CRC_ROWS,
+    _LENGTH,
+    _PUBLISH_OFFSET,
+    CONTROL_BYTES,
+    _Mapped,
+    data_file_error,
+    initial_control_block,
+    row_bytes,
+    validate_length,
+)
 
 if TYPE_CHECKING:
-    from ._entries import _Entry, _Location
+    from ._entries import _Location
     from ._store import Store
 
-CONTROL_BYTES = 4096
 _NUMERIC_KINDS = frozenset("iufc")
 # Python numbers convert through these; a float dataset at least this wide cannot overflow.
 _FLOAT64 = np.dtype(np.float64)
 _WIDEST_FLOAT = {"f": _FLOAT64, "c": np.dtype(np.complex128)}
 _WIDEST_PYTHON_NUMBER = {"f": 8, "c": 16}  # (checked by Writer._converted; booleans convert as NumPy does)
-MAGIC = b"MMSGROW\x01"
-_LENGTH, _PUBLISHED, _CRC_ROWS = 1, 2, 4  # u64 slots of the control block
-_CRC, _CRC_KNOWN = 6, 7  # u32 slots
-_PUBLISH_OFFSET = 16
 # Appends up to this size are copied through the map (no system call); larger
 # ones use pwrite(), which avoids a page fault per fresh page.
 _MAPPED_APPEND_BYTES = 64 * 1024
 _MIN_GROWTH_BYTES = 1 << 20
-_STORE_CLOSE_CHECK_SECONDS = 0.5
 _PACK_U64 = struct.Struct("<Q").pack
-_READ, _READ_WRITE = mmap.PROT_READ, mmap.PROT_READ | mmap.PROT_WRITE
-# Bound once for _Mapped: a module attribute lookup is a dictionary lookup per call.
-_fstat, _S_ISREG, _prod, _mmap, _frombuffer, _asarray = (
-    os.fstat, stat.S_ISREG, math.prod, mmap.mmap, np.frombuffer, np.asarray
-)  # fmt: skip
 
 
 _INTEGER_LIMITS: dict[np.dtype[Any], tuple[int, int]] = {}
@@ -97,203 +90,11 @@ def _integer_limits(dtype: np.dtype[Any]) -> tuple[int, int]:
     return limits
 
 
-def row_bytes(dtype: np.dtype[Any], row_shape: tuple[int, ...]) -> int:
-    return math.prod(row_shape) * dtype.itemsize
-
-
-def initial_control_block() -> bytes:
-    block = bytearray(CONTROL_BYTES)
-    block[0:8] = MAGIC
-    struct.pack_into("<QQIIQ", block, 8, 0, 0, 0, 1, 0)
-    return bytes(block)
-
-
 def _allocate(fd: int, size: int, name: str) -> None:
     try:
         os.posix_fallocate(fd, 0, size)
     except OSError as exc:
         raise _durable.io_error(exc, f"dataset {name!r}: reserving {size} bytes") from None
-
-
-class MissingDataFile(FormatError):
-    """The data file a header names is gone: corrupt, or replaced since the header was read."""
-
-
-class ChecksumMismatch(FormatError):
-    """A packed generation's bytes do not match its header's checksum: corrupt, or a writer
-    changed the sidecar (and then the bytes) since the header was read."""
-
-
-def data_file_error(header: Header, exc: OSError) -> Exception:
-    """The error for a data file that could not be opened."""
-    if isinstance(exc, FileNotFoundError):
-        return MissingDataFile(f"dataset {header.name!r}: data file {header.data_file!r} is missing")
-    if exc.errno == errno.ELOOP:
-        return FormatError(
-            f"dataset {header.name!r}: data file {header.data_file!r} is a symlink; refusing to follow it"
-        )
-    return exc
-
-
-def _fixed_mapping_function() -> Any:
-    """The C library's mmap, for _map_without_descriptor (None where unavailable)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
-    function = _durable.libc_function("mmap", *argtypes)
-    if function is not None:
-        function.restype = ctypes.c_void_p  # (an address, not the int libc_function sets)
-    return function
-
-
-_c_mmap = _fixed_mapping_function()
-_MAP_FIXED = 0x10  # (Linux)
-# The live read-only maps that keep a descriptor (weak references, which drop out when a
-# map goes). Up to a quarter of the descriptor limit may; beyond, maps keep none.
-_maps_with_descriptors: set[weakref.ref[mmap.mmap]] = set()
-_track, _untrack, _weak = _maps_with_descriptors.add, _maps_with_descriptors.discard, weakref.ref
-# [a quarter of the descriptor limit, maps since it was read]: read again every
-# _LIMIT_READS maps (it may be lowered) and before a map goes without a descriptor.
-_quarter_limit = [0, 0]
-_LIMIT_READS = 256
-
-
-def _map_read_only(fd: int, size: int) -> mmap.mmap:
-    """A read-only shared map of the file's first ``size`` bytes."""
-    state = _quarter_limit
-    state[1] += 1
-    if state[1] >= _LIMIT_READS or len(_maps_with_descriptors) >= state[0]:
-        state[0], state[1] = _descriptor_limit() // 4, 0
-    if len(_maps_with_descriptors) < state[0]:
-        try:
-            mapped = _mmap(fd, size, mmap.MAP_SHARED, _READ)
-        except OSError as exc:  # (its duplicate descriptor)
-            if exc.errno not in (errno.EMFILE, errno.ENFILE):
-                raise
-            return _map_without_descriptor(fd, size)
-        _track(_weak(mapped, _untrack))
-        return mapped
-    return _map_without_descriptor(fd, size)
-
-
-def _descriptor_limit() -> int:
-    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return 1 << 30 if soft == resource.RLIM_INFINITY else soft
-
-
-def _map_without_descriptor(fd: int, size: int) -> mmap.mmap:
-    """A read-only shared map of the file's first ``size`` bytes as an mmap object that
-    keeps no descriptor.
-
-    mmap.mmap keeps a duplicate of its file's descriptor for as long as it lives, and a
-    map lives as long as any array of it: a process holding arrays of more generations
-    than it may open files would fail with EMFILE. So, past _map_read_only's share of the
-    limit, the file is mapped over an anonymous map (MAP_FIXED replaces its pages at the
-    same address): the mmap object holds no descriptor and still unmaps the range when
-    the last array of it goes. (It costs ~10 us more than a plain map, so it is not the
-    default. Its mmap object's size() fails, having no file; mmstore never calls it.)
-    """
-    if _c_mmap is None:
-        return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
-    placeholder = mmap.mmap(-1, size, mmap.MAP_PRIVATE, mmap.PROT_READ)
-    address = np.frombuffer(placeholder, np.uint8).__array_interface__["data"][0]
-    if _c_mmap(address, size, mmap.PROT_READ, mmap.MAP_SHARED | _MAP_FIXED, fd, 0) != address:
-        code = ctypes.get_errno()
-        placeholder.close()
-        raise OSError(code, os.strerror(code))
-    return placeholder
-
-
-class _Mapped:
-    """A map of a data file: the control block (growable datasets) and the rows."""
-
-    __slots__ = ("capacity", "control", "control_u32", "map", "row_bytes", "row_shape", "rows", "size")
-
-    def __init__(self, header: Header, path: str, writable: bool, fd: int | None = None) -> None:
-        # (Every dataset's first read in a process comes here: fields are read once.)
-        shape, dtype, offset = header.shape, header.dtype, header.offset
-        self.row_shape = row_shape = shape[1:]
-        self.row_bytes = row_bytes(dtype, row_shape)
-        own_fd = fd is None
-        if fd is None:
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC if writable else _durable.READ_FLAGS)
-            except OSError as exc:
-                raise data_file_error(header, exc) from None
-        try:
-            st = _fstat(fd)
-            if not _S_ISREG(st.st_mode):
-                raise FormatError(f"dataset {header.name!r}: data file {header.data_file!r} is not a regular file")
-            self.size = size = st.st_size
-            if header.growable:
-                if offset != CONTROL_BYTES or size < CONTROL_BYTES or self.row_bytes == 0:
-                    raise FormatError(f"dataset {header.name!r}: growable data file has no valid control block")
-                self.capacity = (size - CONTROL_BYTES) // self.row_bytes
-            else:
-                self.capacity = shape[0] if shape else 1
-                count = _prod(shape)
-                end = offset + count * dtype.itemsize
-                # A packed file may run on past this generation (an unfinished append
-                # of a killed writer); any other data file is exactly its data.
-                if size < end if header.packed else size != end:
-                    raise FormatError(f"dataset {header.name!r}: data file is {size} bytes, the header needs {end}")
-            if not size:
-                mapped = None
-            elif writable:
-                mapped = _mmap(fd, size, mmap.MAP_SHARED, _READ_WRITE)
-            else:
-                mapped = _map_read_only(fd, size)
-            self.map = mapped
-        finally:
-            if own_fd:
-                os.close(fd)
-        self.control: np.ndarray | None = None
-        self.control_u32: np.ndarray | None = None
-        if header.growable:
-            assert mapped is not None
-            if mapped[0:8] != MAGIC:
-                raise FormatError(f"dataset {header.name!r}: bad control block magic")
-            self.control = np.frombuffer(mapped, dtype="<u8", count=5)
-            self.control_u32 = self.control.view("<u4")
-            count = self.capacity * _prod(row_shape)
-            rows = _frombuffer(mapped, dtype, count, CONTROL_BYTES).reshape((self.capacity, *row_shape))
-        elif mapped is None:
-            rows = np.zeros(shape, dtype)
-        else:
-            rows = _frombuffer(mapped, dtype, count, offset)
-            if len(shape) != 1:
-                rows = rows.reshape(shape)
-            if header.packed and header.checksum is not None:
-                # Cheap (a packed generation is small) and the only check that tells a
-                # header pointing at another generation of the same file.
-                actual = buffer_digest(mapped[offset:end], header.checksum.partition(":")[0])
-                if actual != header.checksum:
-                    raise ChecksumMismatch(
-                        f"dataset {header.name!r}: checksum mismatch (header {header.checksum}, data {actual})"
-                    )
-        if not writable and mapped is None:
-            rows.flags.writeable = False  # (a map made with PROT_READ gives read-only arrays already)
-        self.rows = rows
-
-    @property
-    def bytes(self) -> memoryview:
-        return memoryview(self.map) if self.map is not None else memoryview(b"")
-
-    def committed_length(self, header: Header) -> int:
-        if self.control is None:
-            return header.shape[0] if header.shape else 0
-        return int(self.control[_LENGTH])
-
-    def published(self) -> int:
-        return 0 if self.control is None else int(self.control[_PUBLISHED])
-
-
-def validate_length(header: Header, mapped: _Mapped, length: int) -> int:
-    if length > mapped.capacity:
-        raise FormatError(
-            f"dataset {header.name!r}: committed length {length} exceeds the data file's {mapped.capacity} rows"
-        )
-    return length
 
 
 class Writer:
@@ -495,7 +296,7 @@ class Writer:
                     f"cannot {what} in dataset {self.name!r}: {values} does not fit its dtype {target} "
                     f"({low} to {high})"
                 )
-            return _asarray(values, target)
+            return np.asarray(values, target)
         if (value_type is float or value_type is int) and kind in "fc":
             if target.itemsize >= _WIDEST_PYTHON_NUMBER[kind]:  # holds any Python float: cannot overflow
                 return self._parsed(values, target)
@@ -836,189 +637,6 @@ class Writer:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{self._committed} committed, {self._length} written"
         return f"<mmstore.Writer {self.name!r} {state}>"
-
-
-def _as_wait(value: Any, what: str) -> float | None:
-    """A wait in seconds for wait()/follow(): None or infinity is None, wait forever; NaN
-    and anything but a number are refused (InvalidArgumentError, a ValueError)."""
-    if value is None:
-        return None
-    try:
-        seconds = float(value)
-    except (TypeError, ValueError):
-        raise InvalidArgumentError(f"{what} must be a number of seconds or None, not {value!r}") from None
-    if math.isnan(seconds):
-        raise InvalidArgumentError(f"{what} must be a number of seconds or None, not NaN")
-    return None if seconds == math.inf else seconds
-
-
-def _generation_of(header: Any) -> tuple[str, int, int]:
-    """What tells one generation of a dataset from every other: its generation number
-    restarts at 1 after a delete and a create, but its data file's name (a fresh token)
-    is never reused; generations packed into one data file differ in number and offset."""
-    return header.data_file, header.generation, header.offset
-
-
-class Reader:
-    """Follows one dataset: ``array`` is its committed prefix as of the last refresh."""
-
-    _header: Header
-    _mapped: _Mapped
-
-    def __init__(self, store: Store, location: _Location) -> None:
-        self._store = store
-        self._location = location
-        self._waiter: Waiter | None = None
-        self._waiter_pid = os.getpid()
-        self._closed = False
-        self.name = location.name
-        self._load(store._current_entry(location), first=True)
-
-    def _load(self, entry: _Entry, first: bool = False) -> None:
-        """Follow ``entry`` (the current one): map its data file (again) and take the
-        committed length from the map actually used, as Store._read does. That map may
-        belong to a newer entry than ``entry`` (a replacement between our reading the
-        sidecar and mapping), or be too small for the length read from it (the writer
-        grew the file and flushed since the map was made: map again)."""
-        mapped = entry.mapped  # (read once: another thread may replace the entry's map)
-        mapped_before: tuple[_Entry, int] | None = None
-        for _attempt in range(1000):
-            if mapped is None:
-                entry, mapped = self._store._map_entry(self._location, entry)
-            length = mapped.committed_length(entry.header)
-            if length <= mapped.capacity or mapped_before == (entry, mapped.size):
-                break  # it fits; or a new map of the same, unchanged file does not: corrupt
-            mapped_before = (entry, mapped.size)
-            mapped = None
-        if mapped is None:
-            raise FormatError(f"dataset {self.name!r}: its data file grew too often to read a consistent length")
-        header = entry.header
-        length = validate_length(header, mapped, length)
-        waiter = self._waiter
-        if not first and waiter is not None and _generation_of(header) != _generation_of(self._header):
-            waiter.close()  # it watches the old generation's data file
-            self._waiter = None
-        self._header, self._mapped, self._length = header, mapped, length
-        self._published = mapped.published()
-
-    @property
-    def generation(self) -> int:
-        return self._header.generation
-
-    @property
-    def dtype(self) -> np.dtype[Any]:
-        return self._header.dtype
-
-    @property
-    def array(self) -> np.ndarray:
-        """The committed rows (read-only, zero-copy) as of the last refresh()/wait()."""
-        rows = self._mapped.rows
-        return rows[: self._length] if self._header.shape else rows
-
-    def __len__(self) -> int:
-        return self._length
-
-    def refresh(self) -> int:
-        """Pick up new commits (a flush, or a replacement of the dataset); return the length."""
-        if self._closed:
-            raise ClosedError(f"reader of dataset {self.name!r} is closed")
-        entry = self._store._current_entry(self._location)
-        header = entry.header
-        if _generation_of(header) == _generation_of(self._header):
-            mapped = self._mapped
-            length = mapped.committed_length(header)
-            if length <= mapped.capacity:  # (the usual case: the same map still covers it)
-                self._header, self._length = header, length
-                self._published = mapped.published()
-                return length
-        self._load(entry)  # a new generation, or rows past our map: map again
-        return self._length
-
-    def wait(self, min_len: int | None = None, timeout: float | None = None, *, min_length: int | None = None) -> bool:
-        """Block until the dataset has at least ``min_len`` committed rows (without
-        ``min_len``: until any new commit), or until it is replaced by a new
-        generation. Return False if ``timeout`` passed first. (``min_length`` is
-        another name for ``min_len``.)"""
-        if min_length is not None:
-            if min_len is not None and min_len != min_length:
-                raise InvalidArgumentError(f"min_len={min_len!r} and min_length={min_length!r} disagree; give one")
-            min_len = min_length
-        min_length = min_len
-        timeout = _as_wait(timeout, "timeout")
-        generation, published, length = _generation_of(self._header), self._published, self._length
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            self.refresh()
-            if _generation_of(self._header) != generation:
-                return True
-            if min_length is not None:
-                if self._length >= min_length:
-                    return True
-            elif (self._published, self._length) != (published, length):
-                return True
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                return False
-            waiter = self._waiter  # (once: close() in another thread may drop it)
-            if waiter is not None and self._waiter_pid != os.getpid():
-                waiter.close_in_child()  # forked: the inotify instance is shared with the parent
-                self._waiter = waiter = None
-            if waiter is None:
-                self._waiter_pid = os.getpid()
-                directory = self._location.directory
-                self._waiter = waiter = Waiter([self._location.data_path(self._header.data_file)], [directory])
-                if self._closed:  # close() ran meanwhile and found no waiter to close
-                    self._waiter = None
-                    waiter.close()
-                continue  # re-check: a commit may have landed before the watch existed
-            # An untimed wait wakes now and then to notice a close of the store (whose
-            # close() knows nothing of readers); close() of the reader wakes it at once.
-            waiter.wait(_STORE_CLOSE_CHECK_SECONDS if remaining is None else min(remaining, _STORE_CLOSE_CHECK_SECONDS))
-
-    def follow(self, start: int = 0, idle_timeout: float | None = None) -> Iterator[np.ndarray]:
-        """Yield blocks of newly committed rows, in order, each exactly once.
-
-        Starts at row ``start``; stops after ``idle_timeout`` seconds without a
-        new commit (never, by default, or with infinity). If the dataset is
-        replaced, following continues from row 0 of the new generation.
-        """
-        return self._follow(start, _as_wait(idle_timeout, "idle_timeout"))  # (checked now, not at first next())
-
-    def _follow(self, start: int, idle_timeout: float | None) -> Iterator[np.ndarray]:
-        position = start
-        generation = _generation_of(self._header)
-        self.refresh()
-        while True:
-            if _generation_of(self._header) != generation:
-                generation, position = _generation_of(self._header), 0
-            if self._length > position:
-                block = self.array[position : self._length]
-                position = self._length
-                yield block
-                self.refresh()
-                continue
-            # wait() refreshes, so the loop goes on with the state it found.
-            if not self.wait(position + 1, idle_timeout):
-                return
-
-    def close(self) -> None:
-        """Stop following; a wait() (or follow()) blocked in another thread raises ClosedError."""
-        self._closed = True  # (first: a wait() that makes a waiter after this closes it)
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None:
-            waiter.close()
-
-    def __enter__(self) -> Reader:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        return self.follow()
-
-    def __repr__(self) -> str:
-        return f"<mmstore.Reader {self.name!r} generation {self._header.generation}, {self._length} rows>"
 
 
 def create_dataset(

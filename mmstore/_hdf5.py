@@ -36,9 +36,9 @@ import numpy as np
 from . import _durable, _names
 from ._errors import DatasetNotFoundError, InvalidArgumentError, InvalidNameError, MmstoreError, UnsupportedDtypeError
 from ._format import FORMAT_VERSION, decode_dtype, encode_dtype
-from ._growable import CONTROL_BYTES, MissingDataFile
 from ._locks import mark_alive, names_file, remove_if_writer_gone
 from ._mapping import RowSource
+from ._maps import CONTROL_BYTES, MissingDataFile
 
 if TYPE_CHECKING:
     from ._store import Store

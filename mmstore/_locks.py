@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import math
 import os
 import resource
 import secrets
@@ -42,11 +43,12 @@ import stat
 import threading
 import time
 from collections import OrderedDict
+from typing import Any
 
 import filelock
 
 from ._durable import READ_FLAGS, io_error, make_directories
-from ._errors import LockTimeout
+from ._errors import InvalidArgumentError, LockTimeout
 
 _OPEN_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
 # Backoff while waiting for a contended lock: start fine-grained (commits hold
@@ -79,6 +81,21 @@ def _counter_start() -> int:
     """A random even count's Gray code (below 2**62: it never wraps)."""
     count = secrets.randbits(61) << 1
     return count ^ (count >> 1)
+
+
+def as_seconds(value: Any, what: str) -> float | None:
+    """A wait in seconds as the API takes one (a lock's timeout, wait()'s): None or infinity
+    is None, wait forever; NaN and anything but a number are refused (InvalidArgumentError,
+    a ValueError)."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(f"{what} must be a number of seconds or None, not {value!r}") from None
+    if math.isnan(seconds):
+        raise InvalidArgumentError(f"{what} must be a number of seconds or None, not NaN")
+    return None if seconds == math.inf else seconds
 
 
 def open_lock_file(path: str, permissions: int | None = None) -> int:

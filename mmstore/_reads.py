@@ -30,8 +30,8 @@ from . import _durable
 from ._entries import _Entry, _Location, _read_fd
 from ._errors import ClosedError, DatasetNotFoundError, FormatError
 from ._format import Header
-from ._growable import ChecksumMismatch, MissingDataFile, _Mapped, data_file_error, validate_length
 from ._locks import COUNTER_BYTES
+from ._maps import ChecksumMismatch, MissingDataFile, _Mapped, data_file_error, validate_length
 from ._names import validate_name
 
 _pread = os.pread  # (a module global: the repeated get's one system call)
@@ -129,24 +129,31 @@ class StoreReads:
                 entry = self._recheck_entry(location, map_data=True)
             else:
                 entry = self._current_entry(location, map_data=True)
-        mapped_before: tuple[_Entry, int] | None = None
         mapped = entry.mapped  # (read once: another thread may replace the entry's map)
+        if mapped is None:
+            entry, mapped = self._map_entry(location, entry)
+        if not entry.header.growable:
+            return mapped.rows[...], entry.header
+        entry, mapped, length = self._map_committed(location, entry, mapped)
+        return mapped.rows[:length], entry.header
+
+    def _map_committed(self, location: _Location, entry: _Entry, mapped: _Mapped | None) -> tuple[_Entry, _Mapped, int]:
+        """(entry, map, committed length) of a dataset whose entry was found current, the
+        length read from the map actually used. That map may belong to a newer entry (a
+        replacement between reading the sidecar and mapping), or be too small for the
+        length read from it: the writer grew the file and flushed since the map was made
+        (or a newer generation's writer grew that one before we read its length), so it
+        is mapped again. ``mapped``: the entry's map, if it has one."""
+        mapped_before: tuple[_Entry, int] | None = None
         for _attempt in range(1000):
             if mapped is None:
                 entry, mapped = self._map_entry(location, entry)
-            header = entry.header
-            if not header.growable:
-                return mapped.rows[...], header
-            length = int(mapped.control[1])  # type: ignore[index]
+            length = mapped.committed_length(entry.header)
             if length <= mapped.capacity or mapped_before == (entry, mapped.size):
-                break  # it fits; or a new map of the same, unchanged file does not: corrupt
-            mapped_before = (entry, mapped.size)
-            # The writer grew the file since we mapped it (or a newer generation's writer
-            # grew that one before we read its length): map it again.
+                return entry, mapped, validate_length(entry.header, mapped, length)
+            mapped_before = (entry, mapped.size)  # (a new map of the same, unchanged file that does not fit: corrupt)
             mapped = None
-        if mapped is None:
-            raise FormatError(f"dataset {name!r}: its data file grew too often to read a consistent length")
-        return mapped.rows[: validate_length(header, mapped, length)], header
+        raise FormatError(f"dataset {location.name!r}: its data file grew too often to read a consistent length")
 
     def _map_entry(self, location: _Location, entry: _Entry) -> tuple[_Entry, _Mapped]:
         """Map the entry's data file. If it vanished (or a packed generation's bytes no

@@ -269,7 +269,7 @@ def _check_data(store: Store, name: str, header: Any) -> str | None:
 
 
 def _check_open_data(fd: int, header: Any) -> str | None:
-    from ._growable import CONTROL_BYTES, _Mapped
+    from ._maps import CONTROL_BYTES, _Mapped
 
     mapped = _Mapped(header, "", writable=False, fd=fd)
     if not header.growable:

@@ -2,8 +2,8 @@
 
 Store opens (or creates) the store and owns its lifetime; its base classes do
 the rest: StoreReads (_reads.py) locates datasets and reads them, StoreWrites
-(_writes.py) commits them. Writer handles and readers of growable datasets are
-in _growable.py, checking and repair in _recovery.py.
+(_writes.py) commits them. Writer handles are in _growable.py, readers of
+growable datasets in _reader.py, checking and repair in _recovery.py.
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ from ._errors import (
     StoreNotFoundError,
 )
 from ._format import MANIFEST_NAME, Header, manifest_bytes, parse_header, parse_manifest
-from ._growable import Reader, Writer
-from ._locks import DatasetLock
+from ._growable import Writer
+from ._locks import DatasetLock, as_seconds
+from ._reader import Reader
 from ._reads import _live_stores, open_stores
 from ._writes import StoreWrites
 
@@ -69,15 +70,8 @@ _MANIFEST_LEAF = MANIFEST_NAME.removesuffix(".json")
 
 def _as_timeout(value: Any, what: str) -> float:
     """A lock wait in seconds: None, infinity (or a negative number) is -1, wait forever."""
-    if value is None:
-        return -1.0
-    try:
-        seconds = float(value)
-    except (TypeError, ValueError):
-        raise InvalidArgumentError(f"{what} must be a number of seconds or None, not {value!r}") from None
-    if math.isnan(seconds):
-        raise InvalidArgumentError(f"{what} must be a number of seconds or None, not NaN")
-    return -1.0 if seconds == math.inf else seconds
+    seconds = as_seconds(value, what)
+    return -1.0 if seconds is None else seconds
 
 
 def _manifest_as_sidecar(name: str, raw: bytes) -> Header:

@@ -39,7 +39,7 @@ from . import _durable
 from ._entries import _close_quietly
 from ._errors import ArgumentTypeError, FormatError, GenerationGoneError, InvalidArgumentError, MmstoreError
 from ._format import Header
-from ._growable import _Mapped, data_file_error, validate_length
+from ._maps import _Mapped, data_file_error, validate_length
 from ._store import Store
 
 __all__ = ["GenerationGoneError", "PinnedDataset", "from_dask", "pin", "to_dask"]

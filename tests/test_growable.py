@@ -995,12 +995,12 @@ def test_follow_and_wait_tell_a_new_dataset_by_its_data_file_not_its_generation_
 def test_verify_racing_growth_reports_a_growing_dataset_healthy(
     store: mmstore.Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from mmstore import _growable
+    from mmstore import _maps
 
     writer = store.create("x", np.int64, (0,), growable=True)
     writer.append(np.arange(10))
     writer.flush(durable=True)
-    real_mapped = _growable._Mapped
+    real_mapped = _maps._Mapped
     grown: list[int] = []
 
     class GrownAfterTheMap(real_mapped):  # type: ignore[misc,valid-type]
@@ -1011,7 +1011,7 @@ def test_verify_racing_growth_reports_a_growing_dataset_healthy(
                 writer.append(np.arange(len(writer), 10 * len(writer) + 300_000))
                 writer.flush()
 
-    monkeypatch.setattr(_growable, "_Mapped", GrownAfterTheMap)
+    monkeypatch.setattr(_maps, "_Mapped", GrownAfterTheMap)
     report = store.verify()
     monkeypatch.undo()
     assert len(grown) == 2
