@@ -187,27 +187,29 @@ class Cache:
             self._hot.move_to_end(name)
             self._touch(slot, now, count)
             return _fresh(hot[1])
-        try:
-            array, entry = self.store._read(name)
-        except DatasetNotFoundError:
+        value: Any = _MISSING
+        for _attempt in range(3):
+            try:
+                array, entry = self.store._read(name)
+            except DatasetNotFoundError:
+                break
+            attrs = entry.attrs
+            now = time.time()
+            expires = attrs.get("expires")
+            if expires is not None and now >= expires:
+                self._count(False, count)
+                return _MISSING
+            kind = attrs.get("kind", "array")
+            value = array if kind == "array" else self._assemble(kind, attrs, array)
+            if value is not _MISSING:
+                break
+            # A part of the entry we read is gone: a set() replacing it deletes the old
+            # parts after its commit (or an eviction ran). Read the entry again.
+            seen = self._changes[slot]
+        if value is _MISSING:
             self._hot.pop(name, None)
             self._count(False, count)
             return _MISSING
-        attrs = entry.attrs
-        now = time.time()
-        expires = attrs.get("expires")
-        if expires is not None and now >= expires:
-            self._count(False, count)
-            return _MISSING
-        kind = attrs.get("kind", "array")
-        if kind == "array":
-            value: Any = array
-        else:
-            value = self._assemble(kind, attrs, array)
-            if value is _MISSING:
-                self._hot.pop(name, None)
-                self._count(False, count)
-                return _MISSING
         if not seen & 1:
             self._hot[name] = (seen, value, expires)
             self._hot.move_to_end(name)
@@ -373,9 +375,9 @@ class Cache:
             else:
                 old = self._commit_entry(name, arrays[0] if arrays else np.zeros(0, np.uint8), attrs)
         except BaseException:
-            self._release(nbytes)
-            if "parts" in attrs:
+            if "parts" in attrs:  # (first: the release below may itself time out on a busy lock)
                 self._delete_parts(attrs["parts"])
+            self._release(nbytes)
             raise
         self._access_slots[slot] = int(time.time() * 1000)
         if old is not None:

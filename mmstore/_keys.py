@@ -50,7 +50,7 @@ def call_digester(function: Callable[..., Any]) -> Callable[[tuple[Any, ...], di
     """A function of a call's ``(args, kwargs)`` giving its digest (see the module docstring);
     the signature is looked at once, here, and a call by position only binds by hand."""
     try:
-        signature = inspect.signature(function)
+        signature = inspect.signature(function, follow_wrapped=False)  # (a wrapper may change defaults)
     except (TypeError, ValueError):  # (no signature to bind to: key the call as made)
         signature = None
     parameters = list(signature.parameters.values()) if signature is not None else []

@@ -237,12 +237,17 @@ class DatasetLock:
         that the caller locks the file the path names now. (After a few reopens in a row
         the lock is taken as it is: a file system whose stat() and fstat() disagree must
         not make us spin.)"""
+        if reopened >= 3:
+            return True
         try:
             found = os.stat(self.path)
-            if (found.st_ino, found.st_dev) == self._identity or reopened >= 3:
+            if (found.st_ino, found.st_dev) == self._identity:
                 return True
         except (FileNotFoundError, NotADirectoryError):
             pass
+        except BaseException:  # (an interrupt, EACCES: the flock must not stay held)
+            filelock.unlock_descriptor(self._fd)
+            raise
         filelock.unlock_descriptor(self._fd)
         self.close()
         return False

@@ -616,3 +616,67 @@ def test_large_arrays_are_committed_through_a_part(tmp_path: Path) -> None:
         cache.set("big", big)
         assert cache.delete("big") and cache.stats()["bytes"] == 0
         assert list(cache.store.keys("p")) == []
+
+
+def test_memoize_keys_a_wrapped_function_by_the_wrapper_s_own_signature(cache: mmstore.Cache) -> None:
+    # functools.wraps sets __wrapped__; binding a call to the inner function's signature
+    # applied its defaults, which the wrapper overrides: f(2) and f(2, scale=1) shared a key.
+    import functools
+
+    def scale_ten_by_default(func: Any) -> Any:
+        @functools.wraps(func)
+        def wrapper(x: int, *args: Any, **kwargs: Any) -> Any:
+            kwargs.setdefault("scale", 10)
+            return func(x, *args, **kwargs)
+
+        return wrapper
+
+    @cache.memoize
+    @scale_ten_by_default
+    def scaled(x: int, scale: int = 1) -> np.ndarray:
+        return np.array(x * scale)
+
+    assert int(scaled(2, scale=1)) == 2
+    assert int(scaled(2)) == 20
+    assert int(scaled(2, scale=1)) == 2
+
+
+def test_a_get_racing_the_replace_of_a_large_array_sees_the_old_or_the_new(tmp_path: Path) -> None:
+    # An array over 1 MiB is a marker entry plus a part; a replacing set() deletes the old
+    # part after its commit. A get that read the old marker found its part gone and
+    # returned the default, although the key was there all along.
+    old, new = np.full(300_000, 1.0), np.full(300_000, 2.0)  # 2.4 MB each
+    with mmstore.Cache(tmp_path / "c") as cache, mmstore.Cache(tmp_path / "c") as other:
+        cache.set("k", old)
+        real_get = cache.store.get
+        replaced: list[bool] = []
+
+        def get_after_a_replace(name: str, *default: Any) -> Any:
+            if name.startswith("p/") and not replaced:  # between our reading the marker and its part
+                replaced.append(True)
+                other.set("k", new)
+            return real_get(name, *default)
+
+        cache.store.get = get_after_a_replace  # type: ignore[method-assign]
+        value = cache.get("k", "DEFAULT")
+        assert replaced == [True]
+        assert isinstance(value, np.ndarray) and (value == 2.0).all()
+
+
+def test_a_set_that_times_out_at_its_commit_leaves_no_part_behind(tmp_path: Path) -> None:
+    with mmstore.Cache(tmp_path / "c", timeout=0.2) as cache, mmstore.Cache(tmp_path / "c") as other:
+        real_put = cache.store.put
+
+        def put_then_lose_the_lock(name: str, *args: Any, **kwargs: Any) -> None:
+            real_put(name, *args, **kwargs)
+            if name.startswith("p/"):  # the part is written: another process takes the cache lock
+                other._lock.acquire(10)
+
+        cache.store.put = put_then_lose_the_lock  # type: ignore[method-assign]
+        try:
+            with pytest.raises(mmstore.LockTimeout):
+                cache.set("k", np.zeros(300_000))
+        finally:
+            other._lock.release()
+        assert cache.store.keys("p") == []  # the part of the failed set is gone
+        assert "k" not in cache

@@ -6,6 +6,7 @@ import os
 import signal
 import stat
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -249,3 +250,28 @@ def test_a_lock_file_replaced_or_deleted_behind_a_writer_is_locked_anew(
         assert (held == workers.pattern(3, 4)).all()  # committed bytes are never written again
         assert (store.get("x") == 40.0).all() and store.attrs("x") == {}
     assert len(list(store_path.glob("x.*.dat"))) == 1  # the other's data file was not leaked
+
+
+def test_an_error_while_checking_the_lock_file_releases_the_flock(
+    store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Between taking the flock and the change counter, each acquire checks that the lock
+    # path still names the locked file: an interrupt (or EACCES) there left the flock
+    # held, and every other writer timed out.
+    with mmstore.Store(store_path) as store:
+        store.put("x", np.arange(2))
+        real_stat = os.stat
+
+        def interrupted(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+            if str(path).endswith(".x.lock"):
+                raise KeyboardInterrupt
+            return real_stat(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "stat", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            store.put("x", np.arange(3))
+        monkeypatch.undo()
+        with mmstore.Store(store_path, timeout=2) as other:  # another descriptor: a real flock conflict
+            other.put("x", np.arange(4))
+        store.put("x", np.arange(5))
+        assert store.get("x").tolist() == [0, 1, 2, 3, 4]
