@@ -406,7 +406,9 @@ class Cache:
     def get_or_compute(self, key: Any, compute: Callable[[], Any], ttl: float | None = None) -> Any:
         _check_ttl(ttl)  # (now: set() would refuse it only after the computation, which then goes uncached)
         """The cached value, or ``compute()`` stored and returned. When several processes
-        miss the same key at once, one computes and the others wait for its result."""
+        miss the same key at once, one computes and the others wait for its result; a call
+        made while this thread computes another key waits for no one (it computes the value
+        itself if the key's stripe is taken), so nested computations never deadlock."""
         value = self._lookup(key, count=False)
         if value is not _MISSING:
             self._count(True)
@@ -418,7 +420,14 @@ class Cache:
             self._count(False)
             return self._compute_and_store(key, compute, ttl)
         lock = self._compute_lock(stripe)
-        lock.acquire(self.lock_timeout)
+        if not held:
+            lock.acquire(self.lock_timeout)
+        elif not lock.try_acquire():
+            # A memoized call inside another, whose stripe someone else holds. Waiting
+            # while holding our own stripe could deadlock with a thread or process doing
+            # the reverse (stripes are taken in no global order): compute it ourselves.
+            self._count(False)
+            return self._compute_and_store(key, compute, ttl)
         held.add(stripe)
         try:
             value = self._lookup(key, count=False)

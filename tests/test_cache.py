@@ -680,3 +680,42 @@ def test_a_set_that_times_out_at_its_commit_leaves_no_part_behind(tmp_path: Path
             other._lock.release()
         assert cache.store.keys("p") == []  # the part of the failed set is gone
         assert "k" not in cache
+
+
+def test_nested_computations_in_two_threads_never_wait_on_each_other(tmp_path: Path) -> None:
+    # Thread A computes key a (holding a's compute stripe) and needs key b; thread B
+    # computes key c, whose stripe is b's, and needs key d, whose stripe is a's. Each held
+    # a stripe while waiting for the other's: both stalled for lock_timeout, then one
+    # raised LockTimeout (across processes alike). A nested computation now takes its
+    # stripe only if it is free, else computes without it.
+    with mmstore.Cache(tmp_path / "c", lock_timeout=5) as cache:
+
+        def stripe(key: str) -> int:
+            return int(cache._locate(key)[0][-8:], 16) % 4096
+
+        def find(wanted: int, exclude: set[str]) -> str:
+            return next(k for k in (f"k{i}" for i in range(10**6)) if stripe(k) == wanted and k not in exclude)
+
+        a, b = "a", "b"
+        c = find(stripe(b), {a, b})
+        d = find(stripe(a), {a, b, c})
+        both_inside = threading.Barrier(2, timeout=PROCESS_TIMEOUT)
+        results: dict[str, Any] = {}
+
+        def outer(key: str, inner: str) -> None:
+            def compute() -> np.ndarray:
+                both_inside.wait()  # each holds its outer stripe now
+                return cache.get_or_compute(inner, lambda: np.array([1.0])) + 1
+
+            try:
+                results[key] = cache.get_or_compute(key, compute)
+            except BaseException as exc:
+                results[key] = exc
+
+        threads = [threading.Thread(target=outer, args=(a, b)), threading.Thread(target=outer, args=(c, d))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(PROCESS_TIMEOUT)
+        assert [results[a].tolist(), results[c].tolist()] == [[2.0], [2.0]], results
+        assert cache.get(b).tolist() == [1.0] and cache.get(d).tolist() == [1.0]
