@@ -88,6 +88,16 @@ class _Location:
     def data_path(self, data_file: str) -> str:
         return self.directory + "/" + data_file
 
+    def create_data_file(self, permissions: int | None) -> tuple[str, int]:
+        """A new data file of this dataset, under a name never used before, created
+        exclusively: (its name, a write descriptor). StoreIOError (or StoreFullError,
+        ReadOnlyError) if it cannot be."""
+        data_file = _names.data_file_name(self.leaf, _names.new_token())
+        try:
+            return data_file, _durable.create_new(self.data_path(data_file), permissions)
+        except OSError as exc:
+            raise _durable.io_error(exc, f"dataset {self.name!r}: creating its data file") from None
+
     def open_file(self, file_name: str, flags: int, directory_fd: int | None = None) -> int:
         """Open ``file_name`` in the dataset's directory without following a group symlink.
 

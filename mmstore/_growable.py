@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import _durable, _names
+from . import _durable
 from ._errors import (
     ArgumentTypeError,
     ClosedError,
@@ -686,12 +686,8 @@ def create_dataset(
         old_header = store._committed_header(location)
         if old_header is not None and not exist_ok:
             raise DatasetExistsError(f"dataset {name!r} already exists (use open_writer, or exist_ok=True to replace)")
-        data_file = _names.data_file_name(location.leaf, _names.new_token())
+        data_file, fd = location.create_data_file(store.permissions)
         data_path = location.data_path(data_file)
-        try:
-            fd = _durable.create_new(data_path, store.permissions)
-        except OSError as exc:
-            raise _durable.io_error(exc, f"dataset {name!r}: creating its data file") from None
         try:
             mark_alive(fd)
             if growable:

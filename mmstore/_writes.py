@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _durable, _mapping, _names
+from . import _durable, _mapping
 from ._entries import _close_quietly, _Entry, _Location
 from ._errors import (
     ClosedError,
@@ -253,12 +253,8 @@ class StoreWrites(StoreReads):
     def _write_and_commit(self, location: _Location, write: Any, attrs: dict[str, Any], durable: bool) -> bool:
         """Write a new data file with ``write(fd, path) -> (dtype, shape, checksum)`` and commit it."""
         name = location.name
-        data_file = _names.data_file_name(location.leaf, _names.new_token())
+        data_file, fd = location.create_data_file(self.permissions)
         data_path = location.data_path(data_file)
-        try:
-            fd = _durable.create_new(data_path, self.permissions)
-        except OSError as exc:
-            raise _durable.io_error(exc, f"dataset {name!r}: creating its data file") from None
         old_header: Header | None = None
         committed = False
         try:
@@ -379,11 +375,7 @@ class StoreWrites(StoreReads):
                         return fd, old.data_file, offset, False
                     os.close(fd)
         lock.drop_held_file()
-        data_file = _names.data_file_name(location.leaf, _names.new_token())
-        try:
-            fd = _durable.create_new(location.data_path(data_file), self.permissions)
-        except OSError as exc:
-            raise _durable.io_error(exc, f"dataset {location.name!r}: creating its data file") from None
+        data_file, fd = location.create_data_file(self.permissions)
         mark_alive(fd)
         return fd, data_file, 0, True
 
