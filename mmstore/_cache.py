@@ -24,18 +24,18 @@ also reads the attrs of the entry it replaces or removes and releases that entry
 bytes: so each entry's bytes are released exactly once, however many processes
 replace or delete it at once. The bulk of a large value (its parts) is written
 before, outside the lock; only a small entry is committed under it.
+
+The control file's layout is in _cache_control.py, how a value is laid out as entries
+and parts in _cache_values.py.
 """
 
 from __future__ import annotations
 
 import atexit
 import functools
-import hashlib
 import math
-import mmap
 import numbers
 import os
-import struct
 import threading
 import time
 import weakref
@@ -45,31 +45,32 @@ from typing import Any
 
 import numpy as np
 
-from . import _durable, _keys, _mapping, _names
-from ._errors import ArgumentTypeError, DatasetNotFoundError, FormatError, InvalidArgumentError, MmstoreError
+from . import _keys, _names
+from ._cache_control import (
+    _CONTROL_NAME,
+    _EVICTIONS,
+    _HEADER_BYTES,
+    _HITS,
+    _MISSES,
+    _RESERVED,
+    _SLOTS,
+    _Change,
+    _entry_of,
+    _open_control,
+    _slot_of,
+)
+from ._cache_values import _fresh, _items_of, _split
+from ._errors import DatasetNotFoundError, FormatError, InvalidArgumentError, MmstoreError
 from ._format import encode_dtype
 from ._locks import DatasetLock
 from ._store import Store, _as_timeout
 
-_CONTROL_NAME = ".mmstore-cache"
-_MAGIC = b"MMSCACH\x01"
-_HEADER_BYTES = 4096
 _PUBLISH_SECONDS = 1.0  # a busy process adds its hit/miss counts to the shared ones at least this often
-_SLOTS = 65536  # access-time slots (u64 milliseconds); keys share a slot by hash
-# After the access-time table, a change-counter table with the same slots: every
-# set/delete/eviction bumps its key's slot before and after touching the entry,
-# so a hit whose slot still shows the (even) value seen when the entry was read
-# needs no system call at all. Odd means "a change is in progress": look again.
-# Every bump is made under the cache lock: a read-then-write by two processes at
-# once could lose one and bring the counter back to a value a reader has seen.
-_RESERVED, _HITS, _MISSES, _EVICTIONS, _VERSION_SLOT = 1, 2, 3, 4, 7  # u64 fields of the header
-_VERSION = 2
 _STRIPES = 4096
 # Arrays up to this size are committed as the entry itself, under the cache lock; larger
 # ones are written as a part first (outside it) so the lock is never held for long.
 _DIRECT_MAX_BYTES = 1 << 20
 _MISSING = object()
-_SCALAR_KINDS = (bool, int, float, str, type(None))
 
 _live_caches: weakref.WeakSet[Cache] = weakref.WeakSet()
 
@@ -674,38 +675,6 @@ class Cache:
         return f"<mmstore.Cache {self.path!r} max_bytes={self.max_bytes} ttl={self.ttl}>"
 
 
-def _entry_of(raw: bytes) -> tuple[str, int]:
-    """(entry name, access slot) of a key's canonical bytes."""
-    digest = hashlib.blake2b(raw, digest_size=16).hexdigest()
-    name = f"e/{digest[:2]}/{digest}"
-    return name, _slot_of(name)
-
-
-def _slot_of(name: str) -> int:
-    """The access-time and change-counter slot of entry ``e/<h2>/<h>``: from its digest."""
-    return int(name[-32:-24], 16) % _SLOTS
-
-
-class _Change:
-    """Two bumps of a change counter around a change: odd while it is under way.
-
-    A bump is a read and a write of shared memory: callers hold the cache lock, since
-    two processes bumping at once could lose one, and the counter come back to a value
-    a reader saw before a change."""
-
-    __slots__ = ("counters", "slot")
-
-    def __init__(self, counters: Any, slot: int) -> None:
-        self.counters = counters
-        self.slot = slot
-
-    def begin(self) -> None:
-        self.counters[self.slot] = (self.counters[self.slot] + 1) & 0xFFFFFFFFFFFFFFFF
-
-    def end(self) -> None:
-        self.counters[self.slot] = (self.counters[self.slot] + 1) & 0xFFFFFFFFFFFFFFFF
-
-
 def _check_ttl(ttl: Any) -> None:
     """A time to live is None (the default) or a positive, finite number of seconds (0 or
     less would be a mistake, not "forever"; infinity cannot be recorded)."""
@@ -713,115 +682,3 @@ def _check_ttl(ttl: Any) -> None:
         return
     if isinstance(ttl, bool) or not isinstance(ttl, numbers.Real) or not 0 < float(ttl) < math.inf:
         raise InvalidArgumentError(f"ttl must be a positive, finite number of seconds or None, not {ttl!r}")
-
-
-def _fresh(value: Any) -> Any:
-    """A value to hand out: new views and containers, so no caller can disturb another's."""
-    if isinstance(value, np.ndarray):
-        return value[...]
-    if isinstance(value, list):
-        return list(value)
-    if isinstance(value, dict):
-        return dict(value)
-    return value
-
-
-def _split(value: Any) -> tuple[str, list[np.ndarray], dict[str, Any]]:
-    """(kind, arrays, extra attrs) of a value to cache."""
-    _mapping.refuse_masked(value)
-    if isinstance(value, np.ndarray):
-        return "array", [value], {}
-    if isinstance(value, np.generic):
-        return "scalar", [np.asarray(value)], {}
-    if isinstance(value, float) and not math.isfinite(value):
-        return "float", [np.asarray(value, np.float64)], {}  # (strict JSON has no NaN or infinity)
-    if isinstance(value, _SCALAR_KINDS):
-        return "json", [], {"value": value}
-    if isinstance(value, (tuple, list)):
-        arrays, items = _split_items(value)
-        return ("tuple" if isinstance(value, tuple) else "list"), arrays, {"items": items}
-    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
-        arrays, items = _split_items(value.values())
-        return "dict", arrays, {"keys": list(value), "items": items}
-    raise ArgumentTypeError(
-        f"cannot cache a {type(value).__qualname__}: use an array, a scalar, or a tuple/list/dict (str keys) of them"
-    )
-
-
-def _split_items(values: Any) -> tuple[list[np.ndarray], list[Any]]:
-    """(parts, items) of a tuple/list/dict result's values. An item is "a" (an array part),
-    "n" (a NumPy scalar, a 0-d part), "f" (a Python float JSON cannot hold, a 0-d part) or
-    [value] (a Python bool, int, float, str or None, kept in the attrs): each comes back
-    as the type it went in as."""
-    parts: list[np.ndarray] = []
-    items: list[Any] = []
-    for item in values:
-        if isinstance(item, np.ndarray):
-            parts.append(item)
-            items.append("a")
-        elif isinstance(item, np.generic):
-            parts.append(np.asarray(item))
-            items.append("n")
-        elif isinstance(item, float) and not math.isfinite(item):
-            parts.append(np.asarray(item, np.float64))
-            items.append("f")
-        elif item is None or isinstance(item, (bool, str)):
-            items.append([item if item is None or type(item) in (bool, str) else str(item)])
-        elif isinstance(item, int):
-            items.append([int(item)])
-        elif isinstance(item, float):
-            items.append([float(item)])
-        else:
-            raise ArgumentTypeError(
-                f"cannot cache a {type(item).__qualname__} inside a result: use arrays, numbers, str or None"
-            )
-    return parts, items
-
-
-def _items_of(items: list[Any], parts: list[Any]) -> list[Any]:
-    """The values of a tuple/list/dict result from its items and parts (see _split_items)."""
-    values: list[Any] = []
-    next_part = iter(parts).__next__
-    for item in items:
-        if isinstance(item, list):
-            values.append(item[0])
-        elif item == "a":
-            values.append(next_part())
-        elif item == "n":
-            values.append(next_part()[()])
-        elif item == "f":
-            values.append(float(next_part()[()]))
-        else:
-            raise FormatError(f"cache entry with an item of unknown kind {item!r}")
-    return values
-
-
-def _open_control(root: str, permissions: int | None) -> mmap.mmap:
-    """Map the shared control file, creating it (atomically, zeroed) if needed."""
-    path = os.path.join(root, _CONTROL_NAME)
-    size = _HEADER_BYTES + 2 * _SLOTS * 8
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        # Not a store temp-file name: recovery must not take this for a dataset's sidecar.
-        temp = os.path.join(root, f"{_CONTROL_NAME}-new-{_names.new_token()}")
-        new = _durable.create_new(temp, permissions)
-        try:
-            os.posix_fallocate(new, 0, size)
-            os.pwrite(new, _MAGIC, 0)
-            os.pwrite(new, struct.pack("<Q", _VERSION), 8 * _VERSION_SLOT)
-        finally:
-            os.close(new)
-        try:
-            os.link(temp, path)  # never replace a control file another process made first
-        except FileExistsError:
-            pass
-        finally:
-            os.unlink(temp)
-        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        if os.fstat(fd).st_size != size or os.pread(fd, 8, 0) != _MAGIC:
-            raise FormatError(f"cache {root!r}: {_CONTROL_NAME} is not an mmstore cache control file")
-        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    finally:
-        os.close(fd)
