@@ -51,18 +51,29 @@ list(itertools.starmap(call, [()]))
 """
 
 
-def count(root: str, kind: str) -> int:
-    env = {**os.environ, "PYTHONHASHSEED": "0", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+def deterministic_env() -> dict[str, str]:
+    """The environment of a counted child: fixed hashing, one BLAS thread."""
+    return {**os.environ, "PYTHONHASHSEED": "0", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+
+
+def callgrind_instructions(child: list[str], what: str, timeout: float = 600) -> int:
+    """User-space instructions that ``python -c *child`` runs inside itertools.starmap
+    (the child wraps exactly what is to be counted in one)."""
     with tempfile.TemporaryDirectory() as out:
         command = [
             "valgrind", "--tool=callgrind", "--toggle-collect=starmap_next",
-            f"--callgrind-out-file={out}/callgrind.out", sys.executable, "-c", CHILD, root, kind, HERE,
+            f"--callgrind-out-file={out}/callgrind.out", sys.executable, "-c", *child,
         ]  # fmt: skip
-        done = subprocess.run(command, capture_output=True, text=True, env=env, check=False, timeout=600)
+        env = deterministic_env()
+        done = subprocess.run(command, capture_output=True, text=True, env=env, check=False, timeout=timeout)
     found = re.search(r"Collected : (\d+)", done.stderr)
     if done.returncode != 0 or found is None:
-        raise RuntimeError(f"callgrind run failed ({kind}):\n{done.stderr[-2000:]}")
+        raise RuntimeError(f"callgrind run failed ({what}):\n{done.stderr[-2000:]}")
     return int(found.group(1))
+
+
+def count(root: str, kind: str) -> int:
+    return callgrind_instructions([CHILD, root, kind, HERE], kind)
 
 
 def main() -> int:

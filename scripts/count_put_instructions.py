@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
 
+from count_get_instructions import callgrind_instructions, deterministic_env  # (scripts/ is sys.path[0])
+
 HERE = os.path.dirname(os.path.abspath(__file__))
+
 PUTS = 400
 KEYS = 20
 
@@ -60,10 +62,6 @@ else:
 """
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONHASHSEED": "0", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
-
-
 def _scratch() -> str:
     return tempfile.mkdtemp(dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
 
@@ -71,19 +69,9 @@ def _scratch() -> str:
 def instructions(kind: str) -> float:
     root = _scratch()
     try:
-        with tempfile.TemporaryDirectory() as out:
-            command = [
-                "valgrind", "--tool=callgrind", "--toggle-collect=starmap_next",
-                f"--callgrind-out-file={out}/callgrind.out",
-                sys.executable, "-c", CHILD, root, kind, HERE, str(PUTS), str(KEYS),
-            ]  # fmt: skip
-            done = subprocess.run(command, capture_output=True, text=True, env=_env(), check=False, timeout=900)
+        return callgrind_instructions([CHILD, root, kind, HERE, str(PUTS), str(KEYS)], kind, timeout=900) / PUTS
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    found = re.search(r"Collected : (\d+)", done.stderr)
-    if done.returncode != 0 or found is None:
-        raise RuntimeError(f"callgrind run failed ({kind}):\n{done.stderr[-2000:]}")
-    return int(found.group(1)) / PUTS
 
 
 def system_calls(kind: str) -> list[str] | None:
@@ -95,7 +83,7 @@ def system_calls(kind: str) -> list[str] | None:
         with tempfile.TemporaryDirectory() as out:
             trace = f"{out}/trace"
             command = ["strace", "-o", trace, sys.executable, "-c", CHILD, root, kind, HERE, "0", str(KEYS), "one"]
-            subprocess.run(command, capture_output=True, env=_env(), check=True, timeout=300)
+            subprocess.run(command, capture_output=True, env=deterministic_env(), check=True, timeout=300)
             with open(trace) as lines:
                 text = lines.read()
     finally:
