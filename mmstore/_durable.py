@@ -40,13 +40,16 @@ _RENAME_EXCHANGE = 2
 
 
 def libc_function(name: str, *argtypes: Any) -> Any:
-    """A C library function returning int (errno kept for ctypes.get_errno), or None."""
+    """A C library function returning int (errno kept for ctypes.get_errno), or None.
+    Without ``argtypes`` its arguments go as ctypes converts them by default (ints as
+    C int, bytes as char *), which skips a from_param() call per argument."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         function = getattr(libc, name)
     except (OSError, AttributeError):
         return None
-    function.argtypes = list(argtypes)
+    if argtypes:
+        function.argtypes = list(argtypes)
     function.restype = ctypes.c_int
     return function
 
@@ -71,7 +74,9 @@ def preallocate(fd: int, nbytes: int) -> None:
             raise OSError(err, os.strerror(err))
 
 
-_renameat2 = libc_function("renameat2", ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+# renameat2(int, const char *, int, const char *, unsigned int): every argument is an int
+# or bytes, which ctypes passes as such without argtypes (a commit calls it once).
+_renameat2 = libc_function("renameat2")
 _exchange_supported = _renameat2 is not None
 # os.fsencode without its Python-level call (a commit encodes two paths)
 _FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()

@@ -198,17 +198,33 @@ class _Entry:
     store's cache closes it.
     """
 
-    __slots__ = ("closed", "counter", "counter_fd", "device", "header", "inode", "mapped", "sidecar_fd")
+    __slots__ = ("closed", "counter", "counter_fd", "header", "identity", "mapped", "sidecar_fd")
 
-    def __init__(self, header: Header, sidecar_fd: int, st: os.stat_result) -> None:
+    def __init__(self, header: Header, sidecar_fd: int, st: os.stat_result | None = None) -> None:
         self.header = header
         self.mapped: _Mapped | None = None
         self.sidecar_fd = sidecar_fd
-        self.inode = st.st_ino
-        self.device = st.st_dev
+        # (inode, device) of the sidecar; a put leaves it to the first recheck that needs it
+        # (an fstat() a commit need not make: its own get trusts the change counter).
+        self.identity = None if st is None else (st.st_ino, st.st_dev)
         self.counter: bytes | None = None
         self.counter_fd = -1  # opened on the entry's first recheck (a first get never needs it)
         self.closed = False
+
+    def is_file(self, st: os.stat_result) -> bool:
+        """Whether ``st`` (a stat() of the sidecar path) is this entry's sidecar. False if
+        the entry was closed meanwhile (its descriptor number may name another file now)."""
+        identity = self.identity
+        if identity is None:
+            with _counter_guard:
+                if self.closed:
+                    return False
+                try:
+                    pinned = os.fstat(self.sidecar_fd)
+                except OSError:
+                    return False
+            self.identity = identity = (pinned.st_ino, pinned.st_dev)
+        return st.st_ino == identity[0] and st.st_dev == identity[1]
 
     def read_counter(self, location: _Location) -> bytes | None:
         """The change counter now if it shows no change under way, else None; opens the

@@ -93,13 +93,27 @@ class Header(NamedTuple):
         ).encode()
 
 
-def successor_header(old: Header | None, **fields: Any) -> Header:
+def successor_header(
+    old: Header | None,
+    *,
+    name: str,
+    dtype: np.dtype[Any],
+    shape: tuple[int, ...],
+    data_file: str,
+    offset: int,
+    attrs: dict[str, Any],
+    checksum: str | None,
+    growable: bool = False,
+    packed: bool = False,
+) -> Header:
     """The header of the generation that replaces ``old`` (or of generation 1 if there is
-    none): the next generation number, ``old``'s creation time, modified now."""
+    none): the next generation number, ``old``'s creation time, modified now. (Built as a
+    tuple: this is on every commit's path, and Header(**fields) merges dicts first.)"""
     now = timestamp_now()
-    if old is None:
-        return Header(generation=1, created=now, modified=now, **fields)
-    return Header(generation=old.generation + 1, created=old.created, modified=now, **fields)
+    generation, created = (1, now) if old is None else (old.generation + 1, old.created)
+    return _new_tuple(
+        Header, (name, dtype, shape, data_file, offset, generation, created, now, attrs, checksum, growable, packed)
+    )
 
 
 # --- timestamps ---------------------------------------------------------------
@@ -118,8 +132,13 @@ def timestamp_now() -> float:
     the text gets this very float."""
     micros = time.time_ns() // 1000
     seconds = micros / 1e6
-    whole, fraction = divmod(abs(micros), 1_000_000)
-    _remember_time_text(seconds, f"{'-' if micros < 0 else ''}{whole}.{fraction:06d}")
+    if micros >= 1_000_000:  # (always, on a clock set after 1970)
+        digits = str(micros)
+        text = f"{digits[:-6]}.{digits[-6:]}"
+    else:
+        whole, fraction = divmod(abs(micros), 1_000_000)
+        text = f"{'-' if micros < 0 else ''}{whole}.{fraction:06d}"
+    _remember_time_text(seconds, text)
     return seconds
 
 

@@ -130,4 +130,7 @@ def lock_file_name(leaf: str) -> str:
 def new_token() -> str:
     # random (not os.urandom) saves a system call per file; it is reseeded in a
     # forked child, and O_EXCL turns the rare collision into a retry, not a clash.
-    return f"{random.getrandbits(4 * TOKEN_HEX_DIGITS):016x}"
+    return _random_bits(4 * TOKEN_HEX_DIGITS).to_bytes(TOKEN_HEX_DIGITS // 2, "little").hex()
+
+
+_random_bits = random.getrandbits

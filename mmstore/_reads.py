@@ -215,7 +215,7 @@ class StoreReads:
                 raise self._missing(name) from None
             if entries.get(name) is not entry:
                 counter = None  # (its descriptor may have been closed before the read)
-            elif st.st_ino == entry.inode and st.st_dev == entry.device:
+            elif entry.is_file(st):
                 if counter is not None:
                     entry.counter = counter
                 return entry

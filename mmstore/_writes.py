@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from . import _durable, _mapping
-from ._entries import _close_quietly, _Entry, _Location
+from ._entries import _Entry, _Location
 from ._errors import (
     ClosedError,
     DatasetNotFoundError,
@@ -434,10 +434,10 @@ class StoreWrites(StoreReads):
             self._fsync_failure = exc
             raise
 
-    def _write_sidecar_locked(self, location: _Location, header: Header, durable: bool) -> _Entry | None:
+    def _write_sidecar_locked(self, location: _Location, header: Header, durable: bool) -> _Entry:
         """Commit ``header`` as the dataset's sidecar (the caller holds the dataset lock).
 
-        Returns the new cached entry (None if it could not be made). A caller that releases
+        Returns the new cached entry. A caller that releases
         the lock right after may set the entry's counter to the value the release wrote:
         until another writer takes the lock, the entry is current without a stat()."""
         content = header.to_json()
@@ -455,12 +455,7 @@ class StoreWrites(StoreReads):
             raise
         except OSError as exc:
             raise _durable.io_error(exc, f"dataset {location.name!r}: committing its header") from None
-        try:
-            entry = _Entry(header, sidecar_fd, os.fstat(sidecar_fd))
-        except OSError:
-            _close_quietly(sidecar_fd)
-            self._drop_entry(location.name)
-            return None
+        entry = _Entry(header, sidecar_fd)
         self._remember(location.name, entry)
         return entry
 
