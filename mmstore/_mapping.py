@@ -171,8 +171,10 @@ def write_and_digest(fd: int, array: np.ndarray | RowSource) -> str:
     """write_array() to ``fd`` with a new hasher; return the checksum string (``xxh3_64:hex``)."""
     if isinstance(array, np.ndarray) and 0 < array.nbytes <= _STREAM_CHUNK_BYTES and array.flags.c_contiguous:
         data = array.reshape(-1).view(np.uint8)  # the usual small put: one write, one hash call
-        _durable.write_all(fd, data)
-        return f"{XXH3_ALGORITHM}:{xxhash.xxh3_64_hexdigest(data.data)}"
+        written = os.write(fd, data)
+        if written != data.size:  # (a short write: write the rest)
+            _durable.write_all(fd, data[written:])
+        return f"{XXH3_ALGORITHM}:{xxhash.xxh3_64_hexdigest(data)}"
     hasher = new_hasher()
     write_array(fd, array, hasher)
     return f"{XXH3_ALGORITHM}:{hasher.hexdigest()}"
