@@ -120,6 +120,22 @@ def _map_read_only(fd: int, size: int) -> mmap.mmap:
     return _map_without_descriptor(fd, size)
 
 
+def _map_whole_read_only(fd: int) -> mmap.mmap | None:
+    """A read-only shared map of the whole file, sized by mmap.mmap's own fstat() (so the
+    caller need not make one), or None where _Mapped's checked path must decide: an empty
+    or not regular file (mmap refuses both), the descriptor share used up, any error."""
+    state = _quarter_limit
+    if state[1] + 1 >= _LIMIT_READS or len(_maps_with_descriptors) + 1 >= state[0]:
+        return None  # (time to read the limit again, or near it: the checked path does)
+    try:
+        mapped = _mmap(fd, 0, mmap.MAP_SHARED, _READ)
+    except (OSError, ValueError):
+        return None
+    state[1] += 1
+    _track(_weak(mapped, _untrack))
+    return mapped
+
+
 def _descriptor_limit() -> int:
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     return 1 << 30 if soft == resource.RLIM_INFINITY else soft
@@ -165,24 +181,36 @@ class _Mapped:
             except OSError as exc:
                 raise data_file_error(header, exc) from None
         try:
-            st = _fstat(fd)
-            if not _S_ISREG(st.st_mode):
-                raise FormatError(f"dataset {header.name!r}: data file {header.data_file!r} is not a regular file")
-            self.size = size = st.st_size
-            if header.growable:
-                if offset != CONTROL_BYTES or size < CONTROL_BYTES or self.row_bytes == 0:
-                    raise FormatError(f"dataset {header.name!r}: growable data file has no valid control block")
-                self.capacity = (size - CONTROL_BYTES) // self.row_bytes
+            # A reader maps the whole file first (its size is then the map's), and checks
+            # the size against the header before any array is made of the map.
+            mapped = None if writable else _map_whole_read_only(fd)
+            if mapped is not None:
+                size = len(mapped)
             else:
-                self.capacity = shape[0] if shape else 1
-                count = _prod(shape)
-                end = offset + count * dtype.itemsize
-                # A packed file may run on past this generation (an unfinished append
-                # of a killed writer); any other data file is exactly its data.
-                if size < end if header.packed else size != end:
-                    raise FormatError(f"dataset {header.name!r}: data file is {size} bytes, the header needs {end}")
-            if not size:
-                mapped = None
+                st = _fstat(fd)
+                if not _S_ISREG(st.st_mode):
+                    raise FormatError(f"dataset {header.name!r}: data file {header.data_file!r} is not a regular file")
+                size = st.st_size
+            self.size = size
+            try:
+                if header.growable:
+                    if offset != CONTROL_BYTES or size < CONTROL_BYTES or self.row_bytes == 0:
+                        raise FormatError(f"dataset {header.name!r}: growable data file has no valid control block")
+                    self.capacity = (size - CONTROL_BYTES) // self.row_bytes
+                else:
+                    self.capacity = shape[0] if shape else 1
+                    count = _prod(shape)
+                    end = offset + count * dtype.itemsize
+                    # A packed file may run on past this generation (an unfinished append
+                    # of a killed writer); any other data file is exactly its data.
+                    if size < end if header.packed else size != end:
+                        raise FormatError(f"dataset {header.name!r}: data file is {size} bytes, the header needs {end}")
+            except BaseException:
+                if mapped is not None:
+                    mapped.close()
+                raise
+            if mapped is not None or not size:
+                pass
             elif writable:
                 mapped = _mmap(fd, size, mmap.MAP_SHARED, _READ_WRITE)
             else:
