@@ -14,7 +14,7 @@ import threading
 
 from . import _durable, _names
 from ._errors import FormatError
-from ._format import Header
+from ._format import MAX_SIDECAR_BYTES, Header
 from ._locks import COUNTER_BYTES, DatasetLock, counter_is_even
 from ._maps import _Mapped
 
@@ -285,13 +285,17 @@ def _with_parents(root: str, directories: set[str]) -> list[str]:
 
 
 def _read_fd(fd: int) -> bytes:
-    """Read a small file whole; a short read of a regular file means its end (one system call)."""
+    """Read a small file whole; a short read of a regular file means its end (one system
+    call). Stops past MAX_SIDECAR_BYTES (a larger file is refused by its reader anyway),
+    so that a device planted in place of a sidecar cannot make it read forever."""
     data = os.read(fd, _READ_ALL)
     if len(data) < _READ_ALL:
         return data
     chunks = [data]
-    while chunk := os.read(fd, _READ_ALL):
+    total = len(data)
+    while total <= MAX_SIDECAR_BYTES and (chunk := os.read(fd, _READ_ALL)):
         chunks.append(chunk)
+        total += len(chunk)
     return b"".join(chunks)
 
 

@@ -269,14 +269,19 @@ class StoreReads:
                     raise FormatError(f"dataset {name!r}: sidecar is a symlink; refusing to follow it") from None
                 raise
             try:
-                st = os.fstat(fd)
-                if not stat.S_ISREG(st.st_mode):
-                    raise FormatError(f"dataset {name!r}: sidecar is not a regular file")
-                header = self._parse_sidecar(name, _read_fd(fd))
+                # Read first: a sidecar that parses needs no fstat() (its identity is found
+                # when a recheck first needs it). Whatever fails is first asked whether it is
+                # a regular file at all (a directory, a FIFO or a device planted there).
+                try:
+                    header = self._parse_sidecar(name, _read_fd(fd))
+                except (OSError, FormatError):
+                    if not stat.S_ISREG(os.fstat(fd).st_mode):
+                        raise FormatError(f"dataset {name!r}: sidecar is not a regular file") from None
+                    raise
             except BaseException:
                 os.close(fd)
                 raise
-            entry = _Entry(header, fd, st)
+            entry = _Entry(header, fd)
             entry.counter = counter
             self._remember(name, entry)
             if map_data:

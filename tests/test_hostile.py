@@ -337,3 +337,17 @@ def test_group_symlink_swapped_in_after_a_read_is_not_followed(
         assert "grp/x" not in reader and list(reader) == []
         assert set(reader.verify().problems) == {"grp/"}
     assert_outside_untouched(outside)
+
+
+def test_sidecar_read_stops_past_the_size_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sidecar is read before anything asks whether it is a regular file: a device that
+    never ends (here /dev/zero) must not make the read go on for ever."""
+    from mmstore import _entries
+
+    monkeypatch.setattr(_entries, "MAX_SIDECAR_BYTES", 300_000)
+    fd = os.open("/dev/zero", os.O_RDONLY)
+    try:
+        data = _entries._read_fd(fd)
+    finally:
+        os.close(fd)
+    assert 300_000 < len(data) <= 300_000 + (1 << 16)
