@@ -170,7 +170,8 @@ def write_array(fd: int, array: np.ndarray | RowSource, hasher: Any) -> None:
 def write_and_digest(fd: int, array: np.ndarray | RowSource) -> str:
     """write_array() to ``fd`` with a new hasher; return the checksum string (``xxh3_64:hex``)."""
     if isinstance(array, np.ndarray) and 0 < array.nbytes <= _STREAM_CHUNK_BYTES and array.flags.c_contiguous:
-        data = array.reshape(-1).view(np.uint8)  # the usual small put: one write, one hash call
+        # The usual small put: one write, one hash call, both of the byte view (a buffer).
+        data: Any = array.reshape(-1).view(np.uint8)
         written = os.write(fd, data)
         if written != data.size:  # (a short write: write the rest)
             _durable.write_all(fd, data[written:])
