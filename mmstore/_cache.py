@@ -6,6 +6,8 @@ Layout inside the cache directory (itself a store):
                                list the parts of a tuple/list/dict result or of an
                                array larger than _DIRECT_MAX_BYTES (kind "large")
     p/<h2>/<h>/<token>/<i>     the parts of such a result (written before the marker)
+    p/<h2>/<h>/<token>/.writing  held (flock) by the set writing those parts until its
+                               marker is committed: see _cache_values.py
     .mmstore-cache             shared control file: byte accounting, counters, and an
                                access-time table used to pick the least recently used
     .mmstore-cache-lock        the lock that serialises byte accounting and eviction
@@ -18,6 +20,10 @@ cache lock) before it writes, and a removal releases them after it deletes, so t
 committed entries never exceed ``max_bytes``. A process killed between the two
 steps leaves bytes reserved that nothing uses; that errs on the safe side, and
 ``Cache.resync()`` recounts when no other process is writing.
+
+Parts that no entry names and no live set is writing (a set killed before its commit,
+a delete or eviction killed before deleting them) are swept by clear() and resync() and
+when eviction alone cannot make room; opening a cache sweeps those of killed sets.
 
 Every commit, deletion and eviction of an entry is made under the cache lock, which
 also reads the attrs of the entry it replaces or removes and releases that entry's
@@ -45,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _keys, _names
+from . import _keys
 from ._cache_control import (
     _CONTROL_NAME,
     _EVICTIONS,
@@ -59,7 +65,7 @@ from ._cache_control import (
     _open_control,
     _slot_of,
 )
-from ._cache_values import _fresh, _items_of, _split
+from ._cache_values import _fresh, _hold_part_directory, _items_of, _let_go_of_part_directory, _split, _sweep_part_sets
 from ._errors import DatasetNotFoundError, FormatError, InvalidArgumentError, MmstoreError
 from ._format import encode_dtype
 from ._locks import DatasetLock
@@ -148,6 +154,7 @@ class Cache:
         self._compute_locks: dict[int, DatasetLock] = {}
         self._held = threading.local()
         self._names: dict[Any, tuple[str, int]] = {}
+        _sweep_part_sets(self.store, thorough=False)  # (like the store's recovery: killed sets' leftovers)
 
     # --- keys -------------------------------------------------------------------
 
@@ -366,9 +373,11 @@ class Cache:
         if kind == "array" and nbytes > _DIRECT_MAX_BYTES:
             attrs["kind"] = kind = "large"
         self._reserve(nbytes)
+        base, writing = "", -1
         try:
             if kind in ("tuple", "list", "dict", "large"):
-                base = f"p/{name[2:]}/{_names.new_token()}"
+                # Held until the commit: a sweep leaves the parts of a live set alone.
+                base, writing = _hold_part_directory(self.path, name, self.store.permissions)
                 attrs["parts"] = [f"{base}/{index}" for index in range(len(arrays))]
                 for part, array in zip(attrs["parts"], arrays, strict=True):
                     self.store.put(part, array)  # (outside the cache lock: the bulk of the bytes)
@@ -380,6 +389,9 @@ class Cache:
                 self._delete_parts(attrs["parts"])
             self._release(nbytes)
             raise
+        finally:
+            if writing >= 0:
+                _let_go_of_part_directory(self.path, base, writing)
         self._access_slots[slot] = int(time.time() * 1000)
         if old is not None:
             self._delete_parts(old.get("parts", ()))
@@ -460,16 +472,15 @@ class Cache:
         return True
 
     def clear(self) -> int:
-        """Remove every entry; return how many there were."""
+        """Remove every entry; return how many there were. A set in flight keeps its parts
+        (deleting them would make it commit a marker naming nothing): its entry comes after."""
         count = 0
         for name in self.store.keys("e"):
-            if self._remove_entry(name) is not None:
+            removed = self._remove_entry(name)
+            if removed is not None:
                 count += 1
-        for name in self.store.keys("p"):
-            try:
-                self.store.delete(name)
-            except DatasetNotFoundError:
-                pass
+                self._delete_parts(removed.get("parts", ()))
+        _sweep_part_sets(self.store)
         return count
 
     def _entry_attrs(self, name: str) -> dict[str, Any] | None:
@@ -546,11 +557,13 @@ class Cache:
             self._header[_EVICTIONS] += 1
 
     def _resync_locked(self) -> None:
+        _sweep_part_sets(self.store)
         self._header[_RESERVED] = sum(nbytes for _used, _name, nbytes, _parts in self._entries())
 
     def resync(self) -> int:
         """Recount the reserved bytes from the entries (use when no other process is
-        writing, e.g. after a crash left bytes reserved); return the new figure."""
+        writing, e.g. after a crash left bytes reserved) and delete the parts of values
+        whose set or deleter was killed; return the new figure."""
         self._lock.acquire(self.store.timeout)
         try:
             self._resync_locked()

@@ -1,18 +1,36 @@
 """How the cache lays out a value: one array entry, a JSON scalar in an empty entry's
 attrs, or an empty marker entry whose attrs list a tuple/list/dict result's items and
-the parts (arrays, written before the marker) they are made of."""
+the parts (arrays, written before the marker) they are made of.
+
+The parts of one value live in a directory of their own, ``p/<h2>/<h>/<token>``. From
+before its first part until its marker is committed (or its parts are deleted again),
+the set writing them holds the liveness lock (``_locks.mark_alive``, a flock the kernel
+drops when the process dies) on the directory's ``.writing`` file. So a sweep can tell
+the parts of a set in flight, which it must leave alone, from those of a set killed
+before its commit or of an entry whose deleter was killed before deleting them, which
+nothing else would ever delete (see ``_sweep_part_sets``).
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Any
+import os
+import re
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import _mapping
-from ._errors import ArgumentTypeError, FormatError
+from . import _durable, _mapping, _names
+from ._errors import ArgumentTypeError, DatasetNotFoundError, FormatError, MmstoreError
+from ._locks import mark_alive, names_file, remove_if_writer_gone
+
+if TYPE_CHECKING:
+    from ._store import Store
 
 _SCALAR_KINDS = (bool, int, float, str, type(None))
+_WRITING = ".writing"  # a part directory's liveness file (not a dataset name: it starts with ".")
+_HEX = re.compile(r"[0-9a-f]+")
+_PART_SIDECAR = re.compile(r"([0-9]+)\.json")
 
 
 def _fresh(value: Any) -> Any:
@@ -94,3 +112,97 @@ def _items_of(items: list[Any], parts: list[Any]) -> list[Any]:
         else:
             raise FormatError(f"cache entry with an item of unknown kind {item!r}")
     return values
+
+
+def _hold_part_directory(root: str, entry: str, permissions: int | None) -> tuple[str, int]:
+    """(base, descriptor) of a new part directory ``p/<h2>/<h>/<token>`` for entry
+    ``e/<h2>/<h>``: the descriptor holds the liveness lock of its ``.writing`` file until
+    ``_let_go_of_part_directory``. A sweep may probe that file between its creation and our
+    lock, and then remove it: we start over under a new token (as the HDF5 export does
+    with its temp file)."""
+    for _attempt in range(100):
+        base = f"p/{entry[2:]}/{_names.new_token()}"
+        path = os.path.join(root, base, _WRITING)
+        try:
+            fd = _durable.create_new(path, permissions)
+        except OSError as exc:
+            raise _durable.io_error(exc, f"cache {root!r}: creating a part directory") from None
+        held = False
+        try:
+            held = mark_alive(fd) and names_file(path, fd)
+        finally:
+            if not held:
+                os.close(fd)
+                _durable.unlink_quietly(path)
+        if held:
+            return base, fd
+    raise MmstoreError(f"cache {root!r}: could not hold a part directory")
+
+
+def _let_go_of_part_directory(root: str, base: str, fd: int) -> None:
+    """Drop the liveness file of a part directory whose marker is committed or whose parts
+    are deleted: unlinked while still locked, so no sweep ever finds it unlocked."""
+    try:
+        _durable.unlink_quietly(os.path.join(root, base, _WRITING))
+    finally:
+        os.close(fd)
+
+
+def _sweep_part_sets(store: Store, thorough: bool = True) -> int:
+    """Delete the parts that no entry names and no live set is writing: those of a set
+    killed before its commit, or of an entry whose deleter was killed before deleting
+    them, which nothing else would ever delete. Returns how many values' parts went.
+    Not ``thorough``: only the directories whose ``.writing`` a killed set left (the
+    others' entries are not read, which is most of the cost).
+
+    No cache lock is needed: only the set that holds a part directory's liveness lock
+    commits a marker naming its parts, and it lets go only after that commit. So once the
+    lock is free (or the file gone), an entry that does not name the parts now never will.
+    """
+    swept = 0
+    for h2 in _subdirectories(os.path.join(store.path, "p")):
+        for h in _subdirectories(h2.path):
+            for token in _subdirectories(h.path):
+                try:
+                    files = os.listdir(token.path)
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                # Listed before the probe: a directory listed before its set made .writing had
+                # no parts yet; parts written after the listing are found next time.
+                if _WRITING in files:
+                    if not remove_if_writer_gone(os.path.join(token.path, _WRITING)):
+                        continue  # a live set is writing them (or has just let go: see next time)
+                elif not thorough:
+                    continue
+                base = f"p/{h2.name}/{h.name}/{token.name}"
+                parts = [f"{base}/{match[1]}" for match in map(_PART_SIDECAR.fullmatch, files) if match]
+                if not parts or _names_part_set(store, f"e/{h2.name}/{h.name}", base):
+                    continue
+                for part in parts:
+                    try:
+                        store.delete(part)
+                    except DatasetNotFoundError:
+                        pass  # (its deleter got there first)
+                swept += 1
+    return swept
+
+
+def _names_part_set(store: Store, entry: str, base: str) -> bool:
+    """True if ``entry`` names the parts under ``base``, or cannot be read (its parts are
+    kept with it: ``recover()`` quarantines it)."""
+    try:
+        attrs = store.header(entry).attrs
+    except DatasetNotFoundError:
+        return False
+    except (MmstoreError, OSError):
+        return True
+    return any(str(part).startswith(base + "/") for part in attrs.get("parts", ()))
+
+
+def _subdirectories(path: str) -> list[os.DirEntry[str]]:
+    """The hex-named subdirectories of ``path`` (a part directory's levels), not symlinks."""
+    try:
+        with os.scandir(path) as entries:
+            return [e for e in entries if _HEX.fullmatch(e.name) and e.is_dir(follow_symlinks=False)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []

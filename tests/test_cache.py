@@ -6,6 +6,7 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import pytest
 
 import mmstore
 from tests import workers
-from tests.conftest import PROCESS_TIMEOUT, collect_results
+from tests.conftest import PROCESS_TIMEOUT, collect_results, store_files
 
 
 @pytest.fixture
@@ -719,3 +720,114 @@ def test_nested_computations_in_two_threads_never_wait_on_each_other(tmp_path: P
             thread.join(PROCESS_TIMEOUT)
         assert [results[a].tolist(), results[c].tolist()] == [[2.0], [2.0]], results
         assert cache.get(b).tolist() == [1.0] and cache.get(d).tolist() == [1.0]
+
+
+def _liveness_files(path: str) -> list[str]:
+    """The part directories' liveness files left in a cache (a set holds one only while it writes)."""
+    return [name for name in store_files(Path(path)) if name.endswith("/.writing")]
+
+
+def _kill_a_set_before_its_commit(
+    spawn: Any, path: str, cache: mmstore.Cache, while_alive: Callable[[], Any]
+) -> list[str]:
+    """Start a process setting "lost" to a 2.4 MB array, SIGKILL it once its part is written
+    and before its marker is committed; return the part it left. ``while_alive`` runs
+    while it is paused there, and (as each sweep must) leaves its part alone."""
+    before = set(cache.store.keys("p"))
+    paused, go = spawn.Event(), spawn.Event()
+    child = spawn.Process(target=workers.set_large_pausing_before_commit, args=(path, "lost", 2.0, paused, go))
+    child.start()
+    try:
+        assert paused.wait(PROCESS_TIMEOUT)
+        lost = sorted(set(cache.store.keys("p")) - before)
+        assert len(lost) == 1
+        while_alive()
+        assert sorted(set(cache.store.keys("p")) - before) == lost  # its writer is alive: kept
+    finally:
+        child.kill()
+        child.join(PROCESS_TIMEOUT)
+    assert child.exitcode == -9
+    return lost
+
+
+@pytest.mark.parametrize("sweep", ["resync", "reopen"])
+def test_parts_of_a_set_killed_before_its_commit_are_swept(tmp_path: Path, spawn: Any, sweep: str) -> None:
+    # A set killed between writing a large value's part and committing its marker left the
+    # part for good: eviction and resync() only walk the entries, and none names it.
+    path = str(tmp_path / "cache")
+    with mmstore.Cache(path) as cache:
+        kept = np.full(300_000, 1.0)
+        cache.set("kept", kept)
+        kept_parts = cache.store.keys("p")
+        lost = _kill_a_set_before_its_commit(spawn, path, cache, lambda: (cache.resync(), mmstore.Cache(path).close()))
+        assert lost[0] in cache.store.keys("p")
+        if sweep == "resync":
+            assert cache.resync() == kept.nbytes
+        else:
+            mmstore.Cache(path).close()  # opening for writing sweeps, as the store's recovery does
+        assert cache.store.keys("p") == kept_parts and _liveness_files(path) == []
+        assert "lost" not in cache and np.array_equal(cache.get("kept"), kept)
+
+
+def test_parts_of_a_killed_set_are_swept_when_eviction_cannot_make_room(tmp_path: Path, spawn: Any) -> None:
+    path, max_bytes = str(tmp_path / "cache"), 5 << 20
+    with mmstore.Cache(path, max_bytes=max_bytes) as cache:
+        # (no resync() while it is alive: that would forget the bytes it reserved)
+        lost = _kill_a_set_before_its_commit(spawn, path, cache, lambda: mmstore.Cache(path).close())
+        big = np.full(375_000, 3.0)  # 3 MB: with the killed set's 2.4 MB still reserved, over the bound
+        cache.set("big", big)
+        assert lost[0] not in cache.store.keys("p") and len(cache.store.keys("p")) == 1
+        assert np.array_equal(cache.get("big"), big) and cache.stats()["bytes"] == big.nbytes
+        assert _liveness_files(path) == []
+
+
+def test_parts_left_by_a_delete_killed_before_deleting_them_are_swept(tmp_path: Path) -> None:
+    with mmstore.Cache(tmp_path / "c") as cache:
+        cache.set("t", (np.arange(3), np.full(300_000, 1.0)))
+        cache.set("k", np.full(300_000, 2.0))
+        name, _slot = cache._locate("t")
+        assert cache._remove_entry(name) is not None  # what a delete killed before its parts leaves
+        assert len(cache.store.keys("p")) == 3
+        assert cache.resync() == 2_400_000
+        assert len(cache.store.keys("p")) == 1 and np.array_equal(cache.get("k"), np.full(300_000, 2.0))
+
+
+def test_a_set_racing_clear_in_another_process_keeps_its_parts(tmp_path: Path, spawn: Any) -> None:
+    # clear() deleted every part, those of a set in flight too: the set then committed a
+    # marker naming nothing, which read as a miss but counted in len() and in the bytes.
+    path = str(tmp_path / "cache")
+    with mmstore.Cache(path) as cache:
+        cache.set("old", np.full(300_000, 1.0))
+        paused, go = spawn.Event(), spawn.Event()
+        child = spawn.Process(target=workers.set_large_pausing_before_commit, args=(path, "new", 2.0, paused, go))
+        child.start()
+        try:
+            assert paused.wait(PROCESS_TIMEOUT)  # its part is written, its marker not committed
+            assert cache.clear() == 1
+        finally:
+            go.set()
+            child.join(PROCESS_TIMEOUT)
+        assert child.exitcode == 0
+        value = cache.get("new")
+        assert isinstance(value, np.ndarray) and (value == 2.0).all() and "old" not in cache
+        assert len(cache) == 1 and cache.stats()["bytes"] == value.nbytes == _committed_bytes(path)
+        assert len(cache.store.keys("p")) == 1 and _liveness_files(path) == []
+
+
+def test_a_set_racing_clear_in_this_process_keeps_its_parts(tmp_path: Path) -> None:
+    with mmstore.Cache(tmp_path / "c") as cache, mmstore.Cache(tmp_path / "c") as other:
+        other.set("old", (np.zeros(2), 1))
+        commit = cache._commit_entry
+
+        def clear_first(name: str, array: np.ndarray, attrs: dict[str, Any]) -> Any:
+            assert other.clear() == 1  # between the parts and the marker of our set
+            return commit(name, array, attrs)
+
+        cache._commit_entry = clear_first  # type: ignore[method-assign]
+        cache.set("t", (np.arange(3), np.full(300_000, 2.0), "x"))
+        value = other.get("t", "MISSING")
+        assert value != "MISSING", "the marker names parts that clear() deleted"
+        small, large, text = value
+        assert small.tolist() == [0, 1, 2] and (large == 2.0).all() and text == "x"
+        assert len(other) == 1 and other.stats()["bytes"] == _committed_bytes(str(tmp_path / "c"))
+        assert len(cache.store.keys("p")) == 2 and _liveness_files(str(tmp_path / "c")) == []

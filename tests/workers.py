@@ -340,3 +340,22 @@ def open_writer_and_report(path: str, name: str, results: Any) -> None:
                 results.put(len(writer))
         except mmstore.MmstoreError as exc:
             results.put(type(exc).__name__)
+
+
+def set_large_pausing_before_commit(path: str, key: str, value: float, paused: Any, go: Any) -> None:
+    """Set ``key`` to a 2.4 MB array (written as a part outside the cache lock), pausing after
+    its part is written and before its marker is committed, until ``go`` is set (crash tests
+    SIGKILL us there instead)."""
+    from mmstore import _cache
+
+    commit = _cache.Cache._commit_entry
+
+    def pausing(self: Any, name: str, array: np.ndarray, attrs: dict[str, Any]) -> Any:
+        paused.set()
+        if not go.wait(120):
+            raise TimeoutError("the test never let the paused set commit")
+        return commit(self, name, array, attrs)
+
+    _cache.Cache._commit_entry = pausing  # type: ignore[method-assign]
+    with mmstore.Cache(path) as cache:
+        cache.set(key, np.full(300_000, value))
