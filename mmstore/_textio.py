@@ -8,7 +8,8 @@ memory for one block, not for the file.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
 import numpy as np
@@ -73,26 +74,39 @@ def dtype_text(dtype: np.dtype[Any]) -> str:
 def text_blocks(
     stream: IO[str], label: str, dtype: np.dtype[Any], delimiter: str | None, skip_rows: int
 ) -> Iterator[np.ndarray]:
-    """Parse a text table in blocks of lines; a bad line raises TextFormatError naming it."""
+    """Parse a text table in blocks of BLOCK_LINES rows (fewer if they would take more than
+    BLOCK_BYTES); a bad line raises TextFormatError naming it.
+
+    np.loadtxt reads each block from one iterator over the stream's lines and stops after
+    ``max_rows`` rows, having taken from the iterator exactly the lines they span, so a
+    block ends where a row does: a quoted value that spans lines is never cut in two (a
+    block of a fixed count of lines silently made two wrong rows of it). Comment and blank
+    lines count for no row, so a block short of rows means the stream has ended.
+    """
     converters = _bool_converters(dtype)
     line_number = 0
     for _ in range(skip_rows):
         if not stream.readline():
             return
         line_number += 1
-    while True:
-        lines = []
-        first = line_number + 1
+    lines: list[str] = []  # the lines of the block being read (for error messages)
+
+    def each_line() -> Iterator[str]:
         for line in stream:
-            line_number += 1
             lines.append(line)
-            if len(lines) >= BLOCK_LINES:
-                break
-        if not lines:
-            return
+            yield line
+
+    source = each_line()
+    # np.loadtxt allocates max_rows rows at once: a block is also held to BLOCK_BYTES, and
+    # the first blocks are smaller (a file of a few lines allocates little).
+    most_rows = max(1, min(BLOCK_LINES, BLOCK_BYTES // max(dtype.itemsize, 1)))
+    block_rows = min(most_rows, 1024)
+    while True:
+        lines.clear()
+        first = line_number + 1
         try:
-            block = np.loadtxt(
-                lines,
+            block = _loadtxt(
+                source,
                 dtype=dtype,
                 delimiter=delimiter,
                 ndmin=1,
@@ -100,11 +114,25 @@ def text_blocks(
                 encoding=None,
                 quotechar='"',
                 converters=converters,
+                max_rows=block_rows,
             )
         except (ValueError, TypeError) as exc:
-            raise _locate_error(lines, first, label, dtype, delimiter, exc) from None
-        if block.size or block.shape[0]:
+            raise _locate_error(list(lines), first, label, dtype, delimiter, exc) from None
+        line_number += len(lines)
+        if block.shape[0]:
             yield block
+        if block.shape[0] < block_rows:
+            return
+        block_rows = min(2 * block_rows, most_rows)
+
+
+def _loadtxt(lines: Iterable[str], **options: Any) -> np.ndarray:
+    """np.loadtxt, without its warnings that the input or a line held no data: comment and
+    blank lines (or an empty cell) are no data, not a problem to warn of, and they count
+    for no row of ``max_rows`` (what text_blocks relies on, not a change to warn of)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r".*contained no data", UserWarning)
+        return np.loadtxt(lines, **options)
 
 
 def _bool_converters(dtype: np.dtype[Any]) -> Any:
@@ -159,7 +187,7 @@ def _locate_error(
         for column, cell in enumerate(cells, start=1):
             kind = leaves[column - 1][2] if names else dtype
             try:
-                np.loadtxt([cell], dtype=kind, ndmin=1, encoding=None, converters=_bool_converters(kind))
+                _loadtxt([cell], dtype=kind, ndmin=1, encoding=None, converters=_bool_converters(kind))
             except (ValueError, TypeError):
                 field = f" ({names[column - 1]!r})" if names else ""
                 return TextFormatError(
@@ -331,8 +359,7 @@ def _text_cell(value: Any, delimiter: str) -> str:
 def _quoted(text: str, delimiter: str) -> str:
     """``text`` as a CSV field: in double quotes (inner ones doubled) if it is empty or holds
     the delimiter (any whitespace for a space, which is how the reader splits such files),
-    a quote, a line break or the comment sign, which text_blocks reads back as written.
-    (A quoted line break that falls on a block boundary of text_blocks is not read back.)"""
+    a quote, a line break or the comment sign, which text_blocks reads back as written."""
     if text and not (
         delimiter in text
         or '"' in text

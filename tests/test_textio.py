@@ -1,0 +1,92 @@
+"""Text tables are parsed in blocks of rows; a quoted value that spans lines is never cut."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from typing import Any
+from unittest import mock
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mmstore import _textio
+from mmstore._textio import text_blocks
+
+TWO_TEXTS = np.dtype([("a", "U12"), ("b", "U12")])
+
+
+def parse(text: str, delimiter: str | None, block_lines: int) -> Any:
+    """The rows of ``text`` parsed by text_blocks in blocks of ``block_lines`` rows, or the
+    error's type."""
+    with mock.patch.object(_textio, "BLOCK_LINES", block_lines):
+        try:
+            blocks = list(text_blocks(io.StringIO(text), "t", TWO_TEXTS, delimiter, 0))
+        except ValueError:  # (TextFormatError is one)
+            return ValueError
+    return np.concatenate(blocks).tolist() if blocks else []
+
+
+def parse_whole(text: str, delimiter: str | None) -> Any:
+    """The rows of ``text`` parsed by one np.loadtxt call, or ValueError."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # ("input contained no data")
+            rows = np.loadtxt(
+                text.splitlines(keepends=True), dtype=TWO_TEXTS, delimiter=delimiter, ndmin=1,
+                comments="#", encoding=None, quotechar='"',
+            )  # fmt: skip
+    except ValueError:
+        return ValueError
+    return rows.tolist()
+
+
+def test_a_quoted_line_break_on_a_block_boundary_is_read_back() -> None:
+    text = 'x,"first\nsecond"\ny,plain\n'
+    assert parse(text, ",", 1) == [("x", "first\nsecond"), ("y", "plain")]
+    assert parse(text, ",", 1) == parse_whole(text, ",")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    text=st.text(alphabet='ab"#, \t\n', max_size=60),
+    delimiter=st.sampled_from([",", None, ";"]),
+    block_lines=st.integers(1, 3),
+)
+def test_blocks_parse_as_the_whole(text: str, delimiter: str | None, block_lines: int) -> None:
+    """Whatever the cuts, the rows (or the failure) are those of one parse of the whole text."""
+    assert parse(text, delimiter, block_lines) == parse_whole(text, delimiter)
+
+
+def _field(delimiter: str | None) -> st.SearchStrategy[str]:
+    stop = " \t" if delimiter is None else delimiter
+    plain = st.text(alphabet="ab1.", min_size=1 if delimiter is None else 0, max_size=4)
+    empty = 1 if delimiter is None else 0  # (NumPy reads "" as no field between blanks)
+    quoted = st.text(alphabet=f'ab#"\n{stop}', min_size=empty, max_size=6).map(
+        lambda text: '"' + text.replace('"', '""') + '"'
+    )
+    return plain | quoted
+
+
+@st.composite
+def tables(draw: st.DrawFn) -> tuple[str, str | None]:
+    """Two-column tables whose quoted cells hold quotes, delimiters, '#' and line breaks."""
+    delimiter = draw(st.sampled_from([",", None, ";"]))
+    field = _field(delimiter)
+    lines = []
+    for _ in range(draw(st.integers(1, 8))):
+        if draw(st.integers(0, 5)) == 0:
+            lines.append('# a comment with a quote: "')
+        else:
+            lines.append(draw(field) + ("," if delimiter == "," else ";" if delimiter == ";" else " ") + draw(field))
+    return "\n".join(lines) + "\n", delimiter
+
+
+@settings(max_examples=300, deadline=None)
+@given(table=tables(), block_lines=st.integers(1, 3))
+def test_quoted_line_breaks_survive_any_cut(table: tuple[str, str | None], block_lines: int) -> None:
+    text, delimiter = table
+    whole = parse_whole(text, delimiter)
+    assert isinstance(whole, list), whole  # (these tables are valid)
+    assert parse(text, delimiter, block_lines) == whole
