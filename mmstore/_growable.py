@@ -1,4 +1,7 @@
-"""Writer handles: appends, in-place edits, and the datasets they create.
+"""Writer handles: appends, in-place edits, flush and close.
+
+Store.create and Store.open_writer make and hand over a Writer in _create.py; values
+that are not already rows of the dataset's dtype are converted (or refused) in _rows.py.
 
 A growable dataset's data file starts with a 4096-byte control block, then the
 rows (docs/FORMAT.md, "Growable datasets")::
@@ -24,11 +27,8 @@ the map can never hit ENOSPC as a SIGBUS), so a reader's map never loses pages.
 
 from __future__ import annotations
 
-import math
-import operator
 import os
 import struct
-import sys
 import threading
 import warnings
 import zlib
@@ -41,13 +41,11 @@ from . import _durable
 from ._errors import (
     ArgumentTypeError,
     ClosedError,
-    DatasetExistsError,
     FsyncError,
     InvalidArgumentError,
 )
-from ._format import XXH3_ALGORITHM, Header, as_dtype, encode_attrs, encode_dtype, successor_header, timestamp_now
-from ._locks import mark_alive
-from ._mapping import buffer_digest, refuse_masked
+from ._format import XXH3_ALGORITHM, Header, timestamp_now
+from ._mapping import buffer_digest
 from ._maps import (
     _CRC,
     _CRC_KNOWN,
@@ -56,38 +54,19 @@ from ._maps import (
     _PUBLISH_OFFSET,
     CONTROL_BYTES,
     _Mapped,
-    data_file_error,
-    initial_control_block,
-    row_bytes,
     validate_length,
 )
+from ._rows import as_rows, converted
 
 if TYPE_CHECKING:
     from ._entries import _Location
     from ._store import Store
 
-_NUMERIC_KINDS = frozenset("iufc")
-# Python numbers convert through these; a float dataset at least this wide cannot overflow.
-_FLOAT64 = np.dtype(np.float64)
-_WIDEST_FLOAT = {"f": _FLOAT64, "c": np.dtype(np.complex128)}
-_WIDEST_PYTHON_NUMBER = {"f": 8, "c": 16}  # (checked by Writer._converted; booleans convert as NumPy does)
 # Appends up to this size are copied through the map (no system call); larger
 # ones use pwrite(), which avoids a page fault per fresh page.
 _MAPPED_APPEND_BYTES = 64 * 1024
 _MIN_GROWTH_BYTES = 1 << 20
 _PACK_U64 = struct.Struct("<Q").pack
-
-
-_INTEGER_LIMITS: dict[np.dtype[Any], tuple[int, int]] = {}
-
-
-def _integer_limits(dtype: np.dtype[Any]) -> tuple[int, int]:
-    """(smallest, largest) value of an integer dtype, as Python ints (np.iinfo is slow)."""
-    limits = _INTEGER_LIMITS.get(dtype)
-    if limits is None:
-        info = np.iinfo(dtype)
-        limits = _INTEGER_LIMITS[dtype] = (int(info.min), int(info.max))
-    return limits
 
 
 def _allocate(fd: int, size: int, name: str) -> None:
@@ -184,7 +163,7 @@ class Writer:
         names = self.dtype.names
         if names is None:
             if not (type(value) is np.ndarray and value.dtype == self.dtype):
-                value = self._converted(value, "store values")
+                value = converted(value, self.dtype, self.name, "store values")
         elif isinstance(value, (np.ndarray, np.void)) and value.dtype.names not in (None, names):
             # (Other record edits are left to NumPy: an index may pick a field, and a value
             # may be a scalar spread over rows. But NumPy assigns records by position.)
@@ -239,7 +218,7 @@ class Writer:
                 mapped.rows[start] = rows
                 self._length = start + 1
             return
-        block = self._as_rows(rows)
+        block = as_rows(rows, self.dtype, self._mapped.row_shape, self.name)
         count = block.shape[0]
         if count == 0:
             return
@@ -268,142 +247,6 @@ class Writer:
                     self._check_open()  # closed from a signal handler meanwhile: EBADF
                     raise _durable.io_error(exc, f"dataset {self.name!r}: appending {count} rows") from None
             self._length = end
-
-    def _as_rows(self, rows: Any) -> np.ndarray:
-        row_shape = self._mapped.row_shape
-        block = self._converted(rows, "append rows")
-        if block.shape == row_shape and (row_shape or block.ndim == 0):
-            return block.reshape((1, *row_shape))
-        if block.shape[1:] != row_shape or block.ndim == 0:
-            raise InvalidArgumentError(
-                f"rows of shape {block.shape} do not fit dataset {self.name!r} with rows of shape {row_shape}"
-            )
-        return block
-
-    def _converted(self, values: Any, what: str) -> np.ndarray:
-        """``values`` as an array that converts to the dataset's dtype without losing
-        anything NumPy would drop silently: no float to integer, no text to number,
-        integers only if every value fits, floats only if no finite value overflows to
-        infinity, text only if no string is longer than the field (InvalidArgumentError
-        otherwise)."""
-        target = self.dtype
-        kind = target.kind
-        value_type = type(values)
-        if value_type is int and kind in "iu":  # one Python int: the commonest edit, checked cheaply
-            low, high = _integer_limits(target)
-            if not low <= values <= high:
-                raise InvalidArgumentError(
-                    f"cannot {what} in dataset {self.name!r}: {values} does not fit its dtype {target} "
-                    f"({low} to {high})"
-                )
-            return np.asarray(values, target)
-        if (value_type is float or value_type is int) and kind in "fc":
-            if target.itemsize >= _WIDEST_PYTHON_NUMBER[kind]:  # holds any Python float: cannot overflow
-                return self._parsed(values, target)
-            block = self._parsed(values, _FLOAT64 if value_type is float else _WIDEST_FLOAT[kind])  # checked below
-        elif isinstance(values, np.ndarray):
-            refuse_masked(values)
-            block = values
-        elif target.names is not None:
-            if not isinstance(values, (tuple, list, np.void)):
-                raise InvalidArgumentError(
-                    f"cannot {what} of a {type(values).__name__} in dataset {self.name!r} of record dtype {target}: "
-                    "give a tuple per row or an array of that dtype"
-                )
-            # A record (np.void) keeps its own fields, which are checked below: converted, its
-            # fields would be taken by position.
-            block = np.asarray(values) if isinstance(values, np.void) else self._parsed(values, target)
-        elif kind in _NUMERIC_KINDS:
-            block = self._parsed(values, None)  # its own dtype first: checked below
-            if block.dtype.kind == "O" and kind in "fc":
-                # Python ints past 64 bits, Decimal, Fraction, None (NaN): NumPy converts them
-                # (into the widest float first: one that overflows a narrower one is checked below).
-                block = self._parsed(
-                    values, target if target.itemsize >= _WIDEST_PYTHON_NUMBER[kind] else _WIDEST_FLOAT[kind]
-                )
-        elif kind in "SU":
-            # Text: its own dtype first, since NumPy cuts a longer string to the field's
-            # width as it converts; then converted as before (str into bytes fields, say).
-            block = self._parsed(values, None)
-            if block.dtype.kind in "SU":
-                self._check_text_fits(block, target, what)
-            block = self._parsed(block if block.dtype.kind in "SU" else values, target)
-        else:  # booleans (from any truth value, as NumPy does), dates, times and text (parsed)
-            block = self._parsed(values, target)
-        source = block.dtype
-        if source == target:
-            return block
-        if source.names is not None or target.names is not None:
-            if source.names != target.names or not np.can_cast(source, target, "same_kind"):
-                # (records match by field name, not position)
-                raise InvalidArgumentError(
-                    f"cannot {what} of dtype {source} in dataset {self.name!r} of dtype {target}"
-                )
-            for field in target.names or ():  # narrowed fields: only values that fit
-                into, come_from = target.fields[field][0], source.fields[field][0]  # type: ignore[index]
-                if come_from.kind in "biu" and into.kind in "iu" and not np.can_cast(come_from, into, "safe"):
-                    self._check_fits(block[field], into, f"{what} (field {field!r})")
-                else:
-                    self._check_narrowed(block[field], into, f"{what} (field {field!r})")
-            return block
-        if source.kind in "biu" and kind in "iu" and not np.can_cast(source, target, "safe"):
-            self._check_fits(block, target, what)
-            return block
-        if not np.can_cast(source, target, "same_kind"):
-            raise InvalidArgumentError(
-                f"cannot {what} of dtype {source} in dataset {self.name!r} of dtype {target} "
-                "(it would lose information; convert explicitly first)"
-            )
-        if kind in "fcSU":
-            self._check_narrowed(block, target, what)
-        return block
-
-    def _check_narrowed(self, values: np.ndarray, target: np.dtype[Any], what: str) -> None:
-        """InvalidArgumentError if converting ``values`` (a convertible dtype) to ``target``
-        overflows a finite number to infinity or cuts a string short."""
-        source = values.dtype
-        if np.can_cast(source, target, "safe"):
-            return
-        if target.kind in "fc" and source.kind in "iufc":
-            with np.errstate(over="ignore", invalid="ignore"):
-                overflowed = np.isinf(values.astype(target)) & np.isfinite(values)
-            if overflowed.any():
-                raise InvalidArgumentError(
-                    f"cannot {what} in dataset {self.name!r}: {values[overflowed].flat[0]} overflows its dtype "
-                    f"{target} (largest {np.finfo(target).max})"
-                )
-        elif target.kind in "SU" and source.kind in "SU":
-            self._check_text_fits(values, target, what)
-
-    def _check_text_fits(self, values: np.ndarray, target: np.dtype[Any], what: str) -> None:
-        """InvalidArgumentError if a string in ``values`` is longer than ``target``'s field."""
-        width = target.itemsize // (4 if target.kind == "U" else 1)
-        if values.dtype.itemsize // (4 if values.dtype.kind == "U" else 1) <= width or not values.size:
-            return
-        longest = int(np.char.str_len(values).max())
-        if longest > width:
-            raise InvalidArgumentError(
-                f"cannot {what} in dataset {self.name!r}: a string of {longest} characters does not fit its "
-                f"dtype {target} ({width} at most)"
-            )
-
-    def _check_fits(self, values: np.ndarray, target: np.dtype[Any], what: str) -> None:
-        """InvalidArgumentError unless every integer in ``values`` fits ``target``."""
-        low, high = _integer_limits(target)
-        if values.size and (values.min() < low or values.max() > high):
-            raise InvalidArgumentError(
-                f"cannot {what} in dataset {self.name!r}: values from {values.min()} to {values.max()} "
-                f"do not fit its dtype {target} ({low} to {high})"
-            )
-
-    def _parsed(self, values: Any, dtype: np.dtype[Any] | None) -> np.ndarray:
-        try:
-            return np.asarray(values, dtype=dtype)
-        except (TypeError, ValueError, OverflowError) as exc:
-            shown = self.dtype if dtype is None else dtype
-            raise InvalidArgumentError(
-                f"cannot convert values to dataset {self.name!r}'s dtype {shown}: {exc}"
-            ) from None
 
     def _grow(self, needed: int) -> None:
         """Reserve room for ``needed`` rows and map the file again (under _use_guard)."""
@@ -637,166 +480,3 @@ class Writer:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{self._committed} committed, {self._length} written"
         return f"<mmstore.Writer {self.name!r} {state}>"
-
-
-def create_dataset(
-    store: Store,
-    location: _Location,
-    dtype: Any,
-    shape: Any,
-    growable: bool,
-    attrs: Any,
-    capacity: int | None,
-    exist_ok: bool,
-) -> Writer:
-    """Store.create: make the data file, commit its sidecar, return the writer (holding the lock)."""
-    name = location.name
-    dtype = as_dtype(dtype, f"dataset {name!r}")
-    encode_dtype(dtype)
-    shape = _as_shape(shape, name)
-    if growable and (not shape or row_bytes(dtype, shape[1:]) == 0):
-        raise InvalidArgumentError(
-            f"dataset {name!r}: a growable dataset needs at least one dimension and non-empty rows; got shape {shape}"
-        )
-    if capacity is not None:
-        try:
-            capacity = operator.index(capacity)
-        except TypeError:
-            raise InvalidArgumentError(
-                f"dataset {name!r}: capacity must be a whole number of rows or None, not {capacity!r}"
-            ) from None
-        if capacity < 0:
-            raise InvalidArgumentError(f"dataset {name!r}: capacity {capacity} is negative")
-    if growable:
-        nbytes = CONTROL_BYTES + max(shape[0], capacity or 0, 1) * row_bytes(dtype, shape[1:])
-    else:
-        nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes > sys.maxsize:  # (a file offset, and a map's size, are signed 64-bit numbers)
-        raise InvalidArgumentError(
-            f"dataset {name!r}: shape {shape}"
-            + (f" with capacity {capacity}" if capacity else "")
-            + f" needs {nbytes} bytes, more than a file can hold"
-        )
-    attrs_record = encode_attrs(attrs) if attrs else {}
-    lock = location.lock
-    lock.acquire(store.timeout)
-    writer = None
-    try:
-        lock.drop_held_file()  # a packed file this may replace: do not pin its space
-        old_header = store._committed_header(location)
-        if old_header is not None and not exist_ok:
-            raise DatasetExistsError(f"dataset {name!r} already exists (use open_writer, or exist_ok=True to replace)")
-        data_file, fd = location.create_data_file(store.permissions)
-        data_path = location.data_path(data_file)
-        try:
-            mark_alive(fd)
-            if growable:
-                rows = max(shape[0], capacity or 0)
-                _durable.write_all(fd, initial_control_block())
-                _allocate(fd, CONTROL_BYTES + max(rows, 1) * row_bytes(dtype, shape[1:]), name)
-                if shape[0]:
-                    zeros_crc = 0
-                    zero_block = bytes(min(shape[0] * row_bytes(dtype, shape[1:]), 1 << 24))
-                    remaining = shape[0] * row_bytes(dtype, shape[1:])
-                    while remaining:
-                        step = min(remaining, len(zero_block))
-                        zeros_crc = zlib.crc32(zero_block[:step], zeros_crc)
-                        remaining -= step
-                    os.pwrite(fd, struct.pack("<QQIIQ", shape[0], 0, zeros_crc, 1, shape[0]), 8)
-                offset = CONTROL_BYTES
-            else:
-                nbytes = math.prod(shape) * dtype.itemsize
-                if nbytes:
-                    _allocate(fd, nbytes, name)
-                offset = 0
-            header = successor_header(
-                old_header, name=name, dtype=dtype, shape=shape, data_file=data_file, offset=offset,
-                attrs=attrs_record, checksum=None, growable=growable,
-            )  # fmt: skip
-            store._write_sidecar_locked(location, header, durable=False)
-        except BaseException:
-            os.close(fd)
-            store._discard_uncommitted(location, data_file)
-            raise
-        store._mark_dirty(location, data_path)  # Store.flush() makes the new dataset durable
-        os.close(fd)  # the writer reopens it; the file is referenced now
-        if old_header is not None:
-            _durable.unlink_quietly(location.data_path(old_header.data_file))
-        writer = _open_locked(store, location, header)
-        writer._owns_lock = True  # (if a failure follows, _abandon releases the lock, once)
-        lock.holder = f"the writer of {writer.name!r} (not closed yet)"
-        store._writers.add(writer)
-    except BaseException:
-        _abandon(writer, lock)
-        raise
-    return _handed_over(store, writer)
-
-
-def open_dataset_writer(store: Store, location: _Location) -> Writer:
-    """Store.open_writer: take the dataset's lock and open its data file read-write."""
-    lock = location.lock
-    lock.acquire(store.timeout)
-    writer = None
-    try:
-        lock.drop_held_file()  # the writer maps the file itself
-        header = store._current_entry(location).header
-        writer = _open_locked(store, location, header)
-        writer._owns_lock = True
-        lock.holder = f"the writer of {writer.name!r} (not closed yet)"
-        store._writers.add(writer)
-    except BaseException:
-        _abandon(writer, lock)
-        raise
-    return _handed_over(store, writer)
-
-
-def _open_locked(store: Store, location: _Location, header: Header) -> Writer:
-    """The writer of a dataset whose lock the caller holds (and releases if this raises)."""
-    try:
-        fd = location.open_file(header.data_file, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        raise data_file_error(header, exc) from None
-    try:
-        return Writer(store, location, header, fd)
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def _abandon(writer: Writer | None, lock: Any) -> None:
-    """On a failure before a new writer was handed over: drop it (if it got that far)
-    without its lock, then release the lock, once."""
-    if writer is not None:
-        writer._store._writers.discard(writer)
-        with writer._close_guard:
-            if writer._closed or writer._closing:
-                return  # a concurrent Store.close() closed it, releasing the lock: once is all
-            writer._closed = True
-        fd, writer._fd = writer._fd, -1
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    lock.release()
-
-
-def _handed_over(store: Store, writer: Writer) -> Writer:
-    """A new writer, which owns its dataset's lock from here; if close() ran meanwhile (it
-    marks the store closed before closing the writers it knows), the writer is closed,
-    releasing the lock once whoever gets there first, and ClosedError raised."""
-    if store._closed:
-        writer.close()
-        store._check_open()
-    return writer
-
-
-def _as_shape(shape: Any, name: str) -> tuple[int, ...]:
-    if isinstance(shape, (int, np.integer)):
-        shape = (shape,)
-    try:
-        result = tuple(operator.index(n) for n in shape)
-    except TypeError:
-        raise InvalidArgumentError(f"dataset {name!r}: shape must be a tuple of integers, not {shape!r}") from None
-    if any(n < 0 for n in result):
-        raise InvalidArgumentError(f"dataset {name!r}: shape {result} has a negative dimension")
-    return result

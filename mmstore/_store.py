@@ -397,14 +397,14 @@ class Store(StoreWrites):
         DatasetExistsError unless ``exist_ok`` (then it is replaced).
         """
         self._check_writable()
-        from ._growable import create_dataset
+        from ._create import create_dataset
 
         return create_dataset(self, self._locate_for_writing(name), dtype, shape, growable, attrs, capacity, exist_ok)
 
     def open_writer(self, name: str) -> Writer:
         """Reopen an existing dataset for appends and in-place edits (waits for its lock)."""
         self._check_writable()
-        from ._growable import open_dataset_writer
+        from ._create import open_dataset_writer
 
         return open_dataset_writer(self, self._locate_for_writing(name))
 
