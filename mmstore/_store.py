@@ -2,7 +2,8 @@
 
 Store opens (or creates) the store and owns its lifetime; its base classes do
 the rest: StoreReads (_reads.py) locates datasets and reads them, StoreWrites
-(_writes.py) commits them. Writer handles are in _growable.py, readers of
+(_writes.py) commits them. Writer handles are in _growable.py (made by create() and
+open_writer() through _create.py, their values converted in _rows.py), readers of
 growable datasets in _reader.py, checking and repair in _recovery.py.
 """
 
