@@ -248,18 +248,15 @@ class _Entry:
             return None
         return raw if counter_is_even(raw) else None
 
-    def take_counter(self, older: _Entry) -> None:
-        """Take over the counter descriptor of the entry this one replaces (the same
-        dataset's lock file): saves an open() per generation. ``self`` is not yet
-        shared with other threads; ``older`` has been popped and is closed next."""
-        with _counter_guard:
-            if not older.closed and older.counter_fd >= 0:
-                self.counter_fd, older.counter_fd = older.counter_fd, -1
-
-    def close(self) -> None:
+    def close(self, successor: _Entry | None = None) -> None:
+        """Close the entry's descriptors. ``successor``, the entry that replaces this one
+        (not yet shared with other threads), takes over its counter descriptor instead
+        (the same dataset's lock file): saves an open() per generation."""
         with _counter_guard:
             self.closed = True
             counter_fd, self.counter_fd = self.counter_fd, -1
+            if successor is not None and counter_fd >= 0:
+                successor.counter_fd, counter_fd = counter_fd, -1
         _close_quietly(self.sidecar_fd)
         if counter_fd >= 0:
             _close_quietly(counter_fd)

@@ -298,8 +298,7 @@ class StoreReads:
         entries = self._entries
         old = entries.pop(name, None)
         if old is not None:
-            entry.take_counter(old)
-            old.close()
+            old.close(successor=entry)
         # The descriptor budget is per process: the open stores share it, and the one
         # holding the most entries gives up its least recently used first.
         while self._entries_in_process() >= self._entry_budget:

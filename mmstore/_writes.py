@@ -36,6 +36,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
+import xxhash
 
 from . import _durable, _mapping
 from ._entries import _Entry, _Location
@@ -305,8 +306,8 @@ class StoreWrites(StoreReads):
         name = location.name
         if not array.flags.c_contiguous:
             array = np.ascontiguousarray(array)  # (0-d stays 0-d)
-        data = array.reshape(-1).view(np.uint8)
-        checksum = _mapping.buffer_digest(data, XXH3_ALGORITHM)
+        data: Any = array.reshape(-1).view(np.uint8)  # (a buffer)
+        checksum = f"{XXH3_ALGORITHM}:{xxhash.xxh3_64_hexdigest(data)}"
         old_header: Header | None = None
         entry = None
         lock = location.lock
@@ -317,7 +318,9 @@ class StoreWrites(StoreReads):
             committed = False
             try:
                 try:
-                    _durable.write_all(fd, data, offset)
+                    written = os.pwrite(fd, data, offset)  # (the usual case: all of it)
+                    if written != data.size:
+                        _durable.write_all(fd, data[written:], offset + written)
                     if durable:
                         self._fsync(fd, f"dataset {name!r}")
                 except OSError as exc:
