@@ -8,6 +8,7 @@ Layout inside the cache directory (itself a store):
     p/<h2>/<h>/<token>/<i>     the parts of such a result (written before the marker)
     p/<h2>/<h>/<token>/.writing  held (flock) by the set writing those parts until its
                                marker is committed: see _cache_values.py
+                               (a <token> directory goes with its parts)
     .mmstore-cache             shared control file: byte accounting, counters, and an
                                access-time table used to pick the least recently used
     .mmstore-cache-lock        the lock that serialises byte accounting and eviction
@@ -65,7 +66,15 @@ from ._cache_control import (
     _open_control,
     _slot_of,
 )
-from ._cache_values import _fresh, _hold_part_directory, _items_of, _let_go_of_part_directory, _split, _sweep_part_sets
+from ._cache_values import (
+    _delete_parts,
+    _fresh,
+    _hold_part_directory,
+    _items_of,
+    _let_go_of_part_directory,
+    _split,
+    _sweep_part_sets,
+)
 from ._errors import DatasetNotFoundError, FormatError, InvalidArgumentError, MmstoreError
 from ._format import encode_dtype
 from ._locks import DatasetLock
@@ -330,7 +339,7 @@ class Cache:
                 continue
             removed = self._remove_entry(name, expired_at=time.time())
             if removed is not None:
-                self._delete_parts(removed.get("parts", ()))
+                _delete_parts(self.store, removed.get("parts", ()))
         return live
 
     def _remove_entry(self, name: str, expired_at: float | None = None) -> dict[str, Any] | None:
@@ -386,7 +395,7 @@ class Cache:
                 old = self._commit_entry(name, arrays[0] if arrays else np.zeros(0, np.uint8), attrs)
         except BaseException:
             if "parts" in attrs:  # (first: the release below may itself time out on a busy lock)
-                self._delete_parts(attrs["parts"])
+                _delete_parts(self.store, attrs["parts"])
             self._release(nbytes)
             raise
         finally:
@@ -394,7 +403,7 @@ class Cache:
                 _let_go_of_part_directory(self.path, base, writing)
         self._access_slots[slot] = int(time.time() * 1000)
         if old is not None:
-            self._delete_parts(old.get("parts", ()))
+            _delete_parts(self.store, old.get("parts", ()))
 
     def _commit_entry(self, name: str, array: np.ndarray, attrs: dict[str, Any]) -> dict[str, Any] | None:
         """Commit entry ``name`` (its bytes reserved) and release the bytes of the entry it
@@ -468,7 +477,7 @@ class Cache:
         removed = self._remove_entry(name)
         if removed is None:
             return False
-        self._delete_parts(removed.get("parts", ()))
+        _delete_parts(self.store, removed.get("parts", ()))
         return True
 
     def clear(self) -> int:
@@ -479,7 +488,7 @@ class Cache:
             removed = self._remove_entry(name)
             if removed is not None:
                 count += 1
-                self._delete_parts(removed.get("parts", ()))
+                _delete_parts(self.store, removed.get("parts", ()))
         _sweep_part_sets(self.store)
         return count
 
@@ -488,13 +497,6 @@ class Cache:
             return dict(self.store.header(name).attrs)
         except (DatasetNotFoundError, FormatError):
             return None
-
-    def _delete_parts(self, parts: Any) -> None:
-        for part in parts:
-            try:
-                self.store.delete(part)
-            except DatasetNotFoundError:
-                pass
 
     # --- byte accounting and eviction ---------------------------------------------
 
@@ -551,7 +553,7 @@ class Cache:
                 break
             if not self._delete_entry(name):
                 continue
-            self._delete_parts(parts)
+            _delete_parts(self.store, parts)
             freed += nbytes
             self._header[_RESERVED] = max(0, int(self._header[_RESERVED]) - nbytes)
             self._header[_EVICTIONS] += 1

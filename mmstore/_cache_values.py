@@ -8,7 +8,9 @@ the set writing them holds the liveness lock (``_locks.mark_alive``, a flock the
 drops when the process dies) on the directory's ``.writing`` file. So a sweep can tell
 the parts of a set in flight, which it must leave alone, from those of a set killed
 before its commit or of an entry whose deleter was killed before deleting them, which
-nothing else would ever delete (see ``_sweep_part_sets``).
+nothing else would ever delete (see ``_sweep_part_sets``). Whoever deletes parts, or lets
+go of a directory whose parts are gone, then removes what is left of the directory (the
+parts' lock files, a dead set's ``.writing``): see ``_remove_part_directory``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ _SCALAR_KINDS = (bool, int, float, str, type(None))
 _WRITING = ".writing"  # a part directory's liveness file (not a dataset name: it starts with ".")
 _HEX = re.compile(r"[0-9a-f]+")
 _PART_SIDECAR = re.compile(r"([0-9]+)\.json")
+_PART_LOCK = re.compile(r"\.[0-9]+\.lock")  # a part's writer lock file (see _names.lock_file_name)
+_PART_BASE = re.compile(r"p/[0-9a-f]+/[0-9a-f]+/[0-9a-f]+")
+# The part directory itself is opened without following a symlink planted in its place.
+_DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def _fresh(value: Any) -> Any:
@@ -119,12 +125,16 @@ def _hold_part_directory(root: str, entry: str, permissions: int | None) -> tupl
     ``e/<h2>/<h>``: the descriptor holds the liveness lock of its ``.writing`` file until
     ``_let_go_of_part_directory``. A sweep may probe that file between its creation and our
     lock, and then remove it: we start over under a new token (as the HDF5 export does
-    with its temp file)."""
+    with its temp file). A sweep may also remove the new directory while it is still
+    empty (``_remove_part_directory``): the file's creation then fails, and we start over
+    likewise."""
     for _attempt in range(100):
         base = f"p/{entry[2:]}/{_names.new_token()}"
         path = os.path.join(root, base, _WRITING)
         try:
             fd = _durable.create_new(path, permissions)
+        except FileNotFoundError:
+            continue
         except OSError as exc:
             raise _durable.io_error(exc, f"cache {root!r}: creating a part directory") from None
         held = False
@@ -141,19 +151,114 @@ def _hold_part_directory(root: str, entry: str, permissions: int | None) -> tupl
 
 def _let_go_of_part_directory(root: str, base: str, fd: int) -> None:
     """Drop the liveness file of a part directory whose marker is committed or whose parts
-    are deleted: unlinked while still locked, so no sweep ever finds it unlocked."""
+    are deleted: unlinked while still locked, so no sweep ever finds it unlocked. Then
+    remove the directory if its parts are gone (deleted by our failed set, or by a
+    replace, delete or eviction that came between our commit and now, and left the
+    directory to us as we still held it)."""
     try:
         _durable.unlink_quietly(os.path.join(root, base, _WRITING))
     finally:
         os.close(fd)
+    _remove_part_directory(root, base)
+
+
+def _delete_parts(store: Store, parts: Any) -> None:
+    """Delete a value's parts (one already gone is skipped: a concurrent deleter or sweep got
+    there first), then what is left of their directories."""
+    bases: list[str] = []
+    for part in parts:
+        try:
+            store.delete(part)
+        except DatasetNotFoundError:
+            pass
+        base = str(part).rpartition("/")[0]
+        if base not in bases:
+            bases.append(base)
+    for base in bases:
+        _remove_part_directory(store.path, base)
+
+
+def _remove_part_directory(root: str, base: str) -> bool:
+    """Remove part directory ``base`` once its parts are gone: the parts' lock files, a
+    dead set's ``.writing``, then the directory. True if it is gone. Best effort: a
+    directory still in use, or holding a file that is not ours, stays (a later sweep
+    looks again), and errors are not raised (the user's operation has succeeded).
+
+    Who calls this: each deleter of parts after its deletes (delete, replace, eviction,
+    clear, a failed set, a sweep), found or not, and each set after letting go. The last
+    of these to act lists the directory after every deletion and the liveness unlink, so
+    it finds the directory empty of parts and removes it. Races:
+
+    * Two deleters (or a sweep and a deleter) of the same parts: the second finds a part
+      gone (DatasetNotFoundError, skipped) or the directory gone. Its delete may recreate
+      the directory and a lock file (taking a part's lock creates them); its own call
+      here, which follows, removes them again. Both may unlink the same files and rmdir
+      the same directory: missing files and a failed rmdir are not errors.
+    * A data file still there: a delete unlinks the sidecar under the part's lock and the
+      data file after it; we leave the directory to that deleter's own call. (A killed
+      put's data or temp file stays until the store's recovery at the next open removes
+      it; the sweep that follows removes the directory.)
+    * A set in flight: it holds ``.writing`` from before its first part until its commit
+      (or its parts' deletion), so we leave a directory whose ``.writing`` is locked. The
+      file is probed by path after the listing: a lock file we list was made after it,
+      so if the probe finds no ``.writing``, the set that made the files has let go and no
+      part will ever be written here again (the token is never reused). A brand-new
+      directory we list empty may get its ``.writing`` just after our probe: rmdir then
+      fails (not empty), or succeeds first and the set starts over under a new token.
+      The ``<h2>`` and ``<h>`` levels are never removed: another set of the same key may
+      be creating its directory in them.
+    * A reader that maps a part keeps a valid array: unlinking never invalidates a map.
+    * A Store that keeps a part's lock file open (a parked lock, a reader's change
+      counter): the inode outlives its name. Nothing can be served or written wrong
+      through it. Lock files go only when no sidecar is left, and none can come back (part
+      names are never reused); so the delete that removed a sidecar bumped the counter
+      of the lock file any reader had opened while it existed, and a reader that opens
+      its counter later finds no lock file, or a new one, and stats the (missing)
+      sidecar. A writer or deleter taking the lock through an orphaned descriptor sees
+      that the path no longer names it (``DatasetLock._still_named``) and reopens it,
+      then finds no sidecar.
+    """
+    if not _PART_BASE.fullmatch(base):
+        return False  # (parts are named in an entry's attrs: remove only what has this shape)
+    path = os.path.join(root, base)
+    try:
+        fd = os.open(path, _DIRECTORY_FLAGS)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    try:
+        locks = []
+        for name in os.listdir(fd):
+            if _PART_LOCK.fullmatch(name):
+                locks.append(name)
+            elif name != _WRITING:
+                return False  # a part (or its data file, about to go) is left, or a file not ours
+        writing = os.path.join(path, _WRITING)
+        if os.path.lexists(writing) and not remove_if_writer_gone(writing) and os.path.lexists(writing):
+            return False  # a live set holds it (it removes the directory when it lets go)
+        for name in locks:
+            try:
+                os.unlink(name, dir_fd=fd)
+            except FileNotFoundError:
+                pass
+        os.rmdir(path)
+    except FileNotFoundError:
+        return True  # (another caller removed it first)
+    except OSError:
+        return False  # not empty (a file arrived: its maker calls us again), or not ours to remove
+    finally:
+        os.close(fd)
+    return True
 
 
 def _sweep_part_sets(store: Store, thorough: bool = True) -> int:
     """Delete the parts that no entry names and no live set is writing: those of a set
     killed before its commit, or of an entry whose deleter was killed before deleting
-    them, which nothing else would ever delete. Returns how many values' parts went.
-    Not ``thorough``: only the directories whose ``.writing`` a killed set left (the
-    others' entries are not read, which is most of the cost).
+    them, which nothing else would ever delete; and what is left of directories whose
+    parts are gone (``_remove_part_directory``). Returns how many values' parts went.
+    Not ``thorough``: only the parts of directories whose ``.writing`` a killed set left
+    (the others' entries are not read, which is most of the cost).
 
     No cache lock is needed: only the set that holds a part directory's liveness lock
     commits a marker naming its parts, and it lets go only after that commit. So once the
@@ -167,23 +272,22 @@ def _sweep_part_sets(store: Store, thorough: bool = True) -> int:
                     files = os.listdir(token.path)
                 except (FileNotFoundError, NotADirectoryError):
                     continue
+                base = f"p/{h2.name}/{h.name}/{token.name}"
+                parts = [f"{base}/{match[1]}" for match in map(_PART_SIDECAR.fullmatch, files) if match]
                 # Listed before the probe: a directory listed before its set made .writing had
                 # no parts yet; parts written after the listing are found next time.
                 if _WRITING in files:
                     if not remove_if_writer_gone(os.path.join(token.path, _WRITING)):
                         continue  # a live set is writing them (or has just let go: see next time)
-                elif not thorough:
+                elif parts and not thorough:
                     continue
-                base = f"p/{h2.name}/{h.name}/{token.name}"
-                parts = [f"{base}/{match[1]}" for match in map(_PART_SIDECAR.fullmatch, files) if match]
-                if not parts or _names_part_set(store, f"e/{h2.name}/{h.name}", base):
+                if parts and _names_part_set(store, f"e/{h2.name}/{h.name}", base):
                     continue
-                for part in parts:
-                    try:
-                        store.delete(part)
-                    except DatasetNotFoundError:
-                        pass  # (its deleter got there first)
-                swept += 1
+                if parts:
+                    _delete_parts(store, parts)  # (then the directory)
+                    swept += 1
+                else:
+                    _remove_part_directory(store.path, base)  # lock files, perhaps a dead set's .writing
     return swept
 
 

@@ -680,6 +680,7 @@ def test_a_set_that_times_out_at_its_commit_leaves_no_part_behind(tmp_path: Path
         finally:
             other._lock.release()
         assert cache.store.keys("p") == []  # the part of the failed set is gone
+        assert _part_directories(tmp_path / "c") == []  # and its directory
         assert "k" not in cache
 
 
@@ -767,6 +768,7 @@ def test_parts_of_a_set_killed_before_its_commit_are_swept(tmp_path: Path, spawn
             mmstore.Cache(path).close()  # opening for writing sweeps, as the store's recovery does
         assert cache.store.keys("p") == kept_parts and _liveness_files(path) == []
         assert "lost" not in cache and np.array_equal(cache.get("kept"), kept)
+        _check_part_directories(path, cache)  # the killed set's directory is gone too
 
 
 def test_parts_of_a_killed_set_are_swept_when_eviction_cannot_make_room(tmp_path: Path, spawn: Any) -> None:
@@ -779,6 +781,7 @@ def test_parts_of_a_killed_set_are_swept_when_eviction_cannot_make_room(tmp_path
         assert lost[0] not in cache.store.keys("p") and len(cache.store.keys("p")) == 1
         assert np.array_equal(cache.get("big"), big) and cache.stats()["bytes"] == big.nbytes
         assert _liveness_files(path) == []
+        _check_part_directories(path, cache)
 
 
 def test_parts_left_by_a_delete_killed_before_deleting_them_are_swept(tmp_path: Path) -> None:
@@ -790,6 +793,7 @@ def test_parts_left_by_a_delete_killed_before_deleting_them_are_swept(tmp_path: 
         assert len(cache.store.keys("p")) == 3
         assert cache.resync() == 2_400_000
         assert len(cache.store.keys("p")) == 1 and np.array_equal(cache.get("k"), np.full(300_000, 2.0))
+        _check_part_directories(tmp_path / "c", cache)
 
 
 def test_a_set_racing_clear_in_another_process_keeps_its_parts(tmp_path: Path, spawn: Any) -> None:
@@ -812,6 +816,7 @@ def test_a_set_racing_clear_in_another_process_keeps_its_parts(tmp_path: Path, s
         assert isinstance(value, np.ndarray) and (value == 2.0).all() and "old" not in cache
         assert len(cache) == 1 and cache.stats()["bytes"] == value.nbytes == _committed_bytes(path)
         assert len(cache.store.keys("p")) == 1 and _liveness_files(path) == []
+        _check_part_directories(path, cache)
 
 
 def test_a_set_racing_clear_in_this_process_keeps_its_parts(tmp_path: Path) -> None:
@@ -831,3 +836,186 @@ def test_a_set_racing_clear_in_this_process_keeps_its_parts(tmp_path: Path) -> N
         assert small.tolist() == [0, 1, 2] and (large == 2.0).all() and text == "x"
         assert len(other) == 1 and other.stats()["bytes"] == _committed_bytes(str(tmp_path / "c"))
         assert len(cache.store.keys("p")) == 2 and _liveness_files(str(tmp_path / "c")) == []
+        _check_part_directories(tmp_path / "c", cache)
+
+
+def _part_directories(path: str | Path) -> list[str]:
+    """The part directories ``p/<h2>/<h>/<token>`` of a cache, relative to its root."""
+    return sorted(os.path.relpath(d, path) for d in Path(path).glob("p/*/*/*") if d.is_dir())
+
+
+def _check_part_directories(path: str | Path, cache: mmstore.Cache) -> None:
+    """Each part directory is a live entry's and holds exactly its parts' files."""
+    named = {}
+    for name in cache.store.keys("e"):
+        for part in cache.store.attrs(name).get("parts", ()):
+            named.setdefault(part.rpartition("/")[0], []).append(part.rpartition("/")[2])
+    assert _part_directories(path) == sorted(base for base, parts in named.items() if parts)
+    for base, parts in named.items():
+        expected = sorted(name for index in parts for name in (f"{index}.json", f".{index}.lock"))
+        files = sorted(os.listdir(os.path.join(path, base)))
+        assert [name for name in files if not name.endswith(".dat")] == expected
+        assert len(files) == len(expected) + len(parts)  # (and one data file per part)
+
+
+def test_replaced_and_removed_values_leave_no_part_directory_behind(tmp_path: Path) -> None:
+    # Deleting a value's parts left their directory and lock files for good: a cache that
+    # kept replacing a large value grew by a directory per set, which every open walked.
+    path = tmp_path / "c"
+    with mmstore.Cache(path) as cache:
+        for k in range(20):
+            cache.set("big", workers.large_value(k))
+            cache.set("t", (np.full(2, k), np.float32(k), "x"))
+            cache.set("no arrays", (k, "x"))  # a directory of no parts (none is named)
+        assert len(_part_directories(path)) == 2
+        _check_part_directories(path, cache)
+        assert np.array_equal(cache.get("big"), workers.large_value(19)) and cache.get("no arrays") == (19, "x")
+        assert cache.delete("big") and len(_part_directories(path)) == 1
+        _check_part_directories(path, cache)
+        cache.set("big", workers.large_value(0))
+        assert cache.clear() == 3 and _part_directories(path) == []
+        assert [name for name in store_files(path) if name.startswith("p/")] == []
+    with mmstore.Cache(path, max_bytes=5 << 20) as cache:
+        for k in range(6):  # 2.4 MB each: every set from the third evicts the oldest
+            cache.set(f"k{k}", workers.large_value(k))
+        assert cache.stats()["evictions"] == 4 and len(_part_directories(path)) == len(cache) == 2
+        _check_part_directories(path, cache)
+
+
+def test_a_value_replaced_before_its_set_lets_go_of_its_directory(tmp_path: Path) -> None:
+    # Another process may replace (or delete, or evict) a value between its commit and its
+    # set's letting go: the replacer then deletes its parts but must leave the directory,
+    # held by a live set, to that set.
+    with mmstore.Cache(tmp_path / "c") as cache, mmstore.Cache(tmp_path / "c") as other:
+        commit = cache._commit_entry
+
+        def commit_then_be_replaced(name: str, array: np.ndarray, attrs: dict[str, Any]) -> Any:
+            old = commit(name, array, attrs)
+            other.set("k", workers.large_value(2))
+            assert len(_part_directories(tmp_path / "c")) == 2  # ours (parts gone, still held) and other's
+            return old
+
+        cache._commit_entry = commit_then_be_replaced  # type: ignore[method-assign]
+        cache.set("k", workers.large_value(1))
+        assert np.array_equal(cache.get("k"), workers.large_value(2))
+        _check_part_directories(tmp_path / "c", cache)
+        assert len(_part_directories(tmp_path / "c")) == 1
+
+
+def test_a_second_deleter_of_the_same_parts_finds_nothing_and_leaves_nothing(tmp_path: Path) -> None:
+    from mmstore._cache_values import _delete_parts
+
+    path = tmp_path / "c"
+    with mmstore.Cache(path) as cache, mmstore.Cache(path) as other:
+        cache.set("k", (workers.large_value(1), np.arange(3)))
+        held = other.get("k")  # other's store maps the parts and has their change counters
+        name, _slot = cache._locate("k")
+        parts = cache.store.attrs(name)["parts"]
+        cache.set("k", workers.large_value(2))  # our store's locks of the old parts stay open (parked)
+        assert len(_part_directories(path)) == 1
+        # A late deleter of parts already gone: through its own parked lock files, and through
+        # a store that never locked them. Taking a part's lock recreates its directory.
+        _delete_parts(cache.store, parts)
+        _delete_parts(other.store, parts)
+        assert len(_part_directories(path)) == 1
+        assert all(other.store.get(part, None) is None for part in parts)
+        _check_part_directories(path, cache)
+        assert np.array_equal(held[0], workers.large_value(1)) and held[1].tolist() == [0, 1, 2]
+        assert np.array_equal(other.get("k"), workers.large_value(2))
+
+
+def test_part_directories_left_by_older_versions_or_killed_deleters_are_removed(tmp_path: Path) -> None:
+    # What deletes used to leave (lock files), a deleter killed before removing the
+    # directory, a dead set's liveness file: removed when the cache opens. A directory
+    # holding a file that is not ours stays, as do the <h2> and <h> levels.
+    path = tmp_path / "c"
+    with mmstore.Cache(path) as cache:
+        cache.set("live", workers.large_value(0))
+        cache.set("deleted", (np.arange(2), np.arange(3)))
+        name, _slot = cache._locate("deleted")
+        parts = cache.store.attrs(name)["parts"]
+        assert cache._remove_entry(name) is not None
+        for part in parts:
+            cache.store.delete(part)  # a deleter killed before it removed the directory
+    left = Path(path, "p", "ab", "ab" * 16)
+    for token, files in {"1" * 16: [".0.lock", ".1.lock"], "2" * 16: [".writing", ".0.lock"], "3" * 16: []}.items():
+        (left / token).mkdir(parents=True)
+        for file_name in files:
+            (left / token / file_name).touch()
+    (left / ("4" * 16)).mkdir()
+    (left / ("4" * 16) / ".0.lock").touch()
+    (left / ("4" * 16) / "notes.txt").touch()
+    assert len(_part_directories(path)) == 6
+    with mmstore.Cache(path) as cache:
+        kept = [f"p/ab/{'ab' * 16}/{'4' * 16}", *_part_directories_of(cache, "live")]
+        assert _part_directories(path) == sorted(kept)
+        assert left.is_dir() and np.array_equal(cache.get("live"), workers.large_value(0))
+
+
+def _part_directories_of(cache: mmstore.Cache, key: str) -> list[str]:
+    name, _slot = cache._locate(key)
+    return sorted({part.rpartition("/")[0] for part in cache.store.attrs(name)["parts"]})
+
+
+def test_a_sweep_that_removes_a_new_part_directory_makes_its_set_start_over(tmp_path: Path) -> None:
+    # A sweep may list a set's new directory before the set creates its liveness file in
+    # it, find it empty and remove it: the set must start over, not fail.
+    from mmstore import _durable
+    from mmstore._cache_values import _sweep_part_sets
+
+    with mmstore.Cache(tmp_path / "c") as cache, mmstore.Cache(tmp_path / "c") as other:
+        make_directories = _durable.make_directories
+        swept: list[str] = []
+
+        def make_then_sweep(path: str, permissions: int | None = None) -> None:
+            make_directories(path, permissions)
+            if "/p/" in path and not swept:
+                swept.append(path)
+                _sweep_part_sets(other.store)  # finds the new directory empty and removes it
+
+        _durable.make_directories = make_then_sweep  # type: ignore[assignment]
+        try:
+            cache.set("k", workers.large_value(1))
+        finally:
+            _durable.make_directories = make_directories  # type: ignore[assignment]
+        assert swept and not os.path.exists(swept[0])
+        assert np.array_equal(other.get("k"), workers.large_value(1))
+        _check_part_directories(tmp_path / "c", cache)
+
+
+@pytest.mark.slow
+def test_a_reader_keeps_its_arrays_while_another_process_replaces_and_deletes_them(tmp_path: Path, spawn: Any) -> None:
+    path = str(tmp_path / "cache")
+    with mmstore.Cache(path) as cache:
+        cache.set("big", workers.large_value(0))
+        ready, done, results = spawn.Event(), spawn.Event(), spawn.Queue()
+        reader = spawn.Process(target=workers.read_large_while_replaced, args=(path, "big", ready, done, results))
+        reader.start()
+        try:
+            assert ready.wait(PROCESS_TIMEOUT)  # it holds value 0
+            for k in range(1, 121):
+                if k % 10 == 0:
+                    assert cache.delete("big")
+                cache.set("big", workers.large_value(k))
+            assert cache.delete("big")
+            assert _part_directories(path) == []  # every file it maps is unlinked now
+        finally:
+            done.set()
+        reads, held, problems = results.get(timeout=PROCESS_TIMEOUT)
+        reader.join(PROCESS_TIMEOUT)
+        assert reader.exitcode == 0
+        assert problems == 0 and held >= 1 and reads >= 1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Store.flush() takes a directory removed since the commit for a failed fsync: "
+    "_durable.fsync_dir wraps ENOENT in FsyncError, which flush()'s `except FileNotFoundError` "
+    "never sees (a fix in _store.py or _durable.py, outside the cache)",
+)
+def test_flush_after_another_handle_removes_a_part_directory_it_wrote(tmp_path: Path) -> None:
+    with mmstore.Cache(tmp_path / "c") as cache, mmstore.Cache(tmp_path / "c") as other:
+        cache.set("k", workers.large_value(1))
+        other.set("k", workers.large_value(2))  # removes the part directory cache's store wrote into
+        cache.store.flush()
+        cache.set("j", workers.large_value(3))

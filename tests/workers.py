@@ -359,3 +359,31 @@ def set_large_pausing_before_commit(path: str, key: str, value: float, paused: A
     _cache.Cache._commit_entry = pausing  # type: ignore[method-assign]
     with mmstore.Cache(path) as cache:
         cache.set(key, np.full(300_000, value))
+
+
+def large_value(k: int, n: int = 300_000) -> np.ndarray:
+    """Value k of a large cache key (2.4 MB by default: written as a part): element 0 is k."""
+    return np.arange(n, dtype=np.float64) * 3.0 + k
+
+
+def read_large_while_replaced(path: str, key: str, ready: Any, done: Any, results: Any) -> None:
+    """Hold the arrays of ``key`` (a large_value) read while another process replaces and
+    deletes it, checking each bit-exact as read; once ``done`` (every part and directory of
+    them is gone by then), check every held one again. Reports (reads, held, problems)."""
+    held: dict[int, np.ndarray] = {}
+    problems = reads = 0
+    with mmstore.Cache(path) as cache:
+        first = cache.get(key)
+        held[int(first[0])] = first
+        ready.set()
+        while not done.is_set():
+            value = cache.get(key)
+            reads += 1
+            if value is None:
+                continue  # deleted at this instant
+            k = int(value[0])
+            problems += not np.array_equal(value, large_value(k))
+            if k not in held and len(held) < 64:
+                held[k] = value
+        problems += sum(not np.array_equal(array, large_value(k)) for k, array in held.items())
+    results.put((reads, len(held), problems))
