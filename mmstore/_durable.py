@@ -174,8 +174,13 @@ def fsync(fd: int, what: str) -> None:
 
 
 def fsync_dir(path: str) -> None:
+    """fsync a directory. One that is gone raises FileNotFoundError as it is: it holds
+    nothing left to make durable, and that is no failed fsync (FsyncError makes a store
+    refuse further commits)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
     except OSError as exc:
         raise FsyncError(exc.errno, f"fsync of directory {path!r} failed: {exc.strerror or exc}") from None
     try:
@@ -212,7 +217,13 @@ def fsync_dir_chain(directory: str, root: str) -> None:
     """fsync ``directory`` and every parent up to ``root`` (new group directories
     are only durable once their own entry in the parent is)."""
     while True:
-        fsync_dir(directory)
+        try:
+            fsync_dir(directory)
+        except FileNotFoundError:
+            if directory == root:
+                raise
+            # (a group directory removed since the commit, say a cache's part directory:
+            # nothing in it is left to make durable, but its parent's entry is)
         if directory == root or not directory.startswith(root):
             return
         directory = os.path.dirname(directory)
