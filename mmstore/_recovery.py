@@ -88,7 +88,11 @@ def _recover_directory(store: Store, directory: str, files: list[str]) -> int:
     if not prefix:
         removed += _remove_stale_manifest_temps(directory, temp_files.pop("mmstore", []))
     for leaf in sorted(set(data_files) | set(temp_files)):
-        if leaf in sidecars and not data_files[leaf] and not temp_files[leaf]:
+        # A committed dataset with its one data file and no temp sidecar is what a clean
+        # store holds: nothing to lock or read (this runs at every writable open). A dead
+        # writer leaves a second data file or a temp sidecar; a lone data file the sidecar
+        # does not name is a corrupt dataset, which verify/recover handle.
+        if leaf in sidecars and len(data_files[leaf]) <= 1 and not temp_files[leaf]:
             continue
         name = prefix + leaf
         try:
