@@ -26,8 +26,6 @@ if TYPE_CHECKING:
     from ._entries import _Entry, _Location
     from ._store import Store
 
-_STORE_CLOSE_CHECK_SECONDS = 0.5
-
 
 def _generation_of(header: Any) -> tuple[str, int, int]:
     """What tells one generation of a dataset from every other: its generation number
@@ -136,9 +134,8 @@ class Reader:
                     self._waiter = None
                     waiter.close()
                 continue  # re-check: a commit may have landed before the watch existed
-            # An untimed wait wakes now and then to notice a close of the store (whose
-            # close() knows nothing of readers); close() of the reader wakes it at once.
-            waiter.wait(_STORE_CLOSE_CHECK_SECONDS if remaining is None else min(remaining, _STORE_CLOSE_CHECK_SECONDS))
+            # close() of the reader (Store.close() closes its readers) wakes it at once.
+            waiter.wait(remaining)
 
     def follow(self, start: int = 0, idle_timeout: float | None = None) -> Iterator[np.ndarray]:
         """Yield blocks of newly committed rows, in order, each exactly once.
@@ -171,7 +168,10 @@ class Reader:
         self._closed = True  # (first: a wait() that makes a waiter after this closes it)
         waiter, self._waiter = self._waiter, None
         if waiter is not None:
-            waiter.close()
+            if self._waiter_pid != os.getpid():
+                waiter.close_in_child()  # (forked: waking it would wake the parent's wait)
+            else:
+                waiter.close()
 
     def __enter__(self) -> Reader:
         return self

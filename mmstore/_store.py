@@ -142,6 +142,7 @@ class Store(StoreWrites):
         self._dirty: tuple[set[str], set[str], set[str]] = (set(), set(), set())
         self._dirty_guard = threading.RLock()
         self._writers: weakref.WeakSet[Writer] = weakref.WeakSet()
+        self._readers: weakref.WeakSet[Reader] = weakref.WeakSet()  # (close() closes them)
         self._fsync_failure: FsyncError | None = None
         self._parse_sidecar = parse_header  # (_warm_up swaps it for a moment)
         self._open_manifest()
@@ -412,7 +413,12 @@ class Store(StoreWrites):
     def open_reader(self, name: str) -> Reader:
         """A reader that follows the dataset: ``array``, ``refresh()``, ``wait()``, ``follow()``."""
         self._check_open()
-        return Reader(self, self._locate(name))
+        reader = Reader(self, self._locate(name))
+        self._readers.add(reader)
+        if self._closed:  # close() ran meanwhile and did not see it
+            reader.close()
+            self._check_open()
+        return reader
 
     def __setitem__(self, name: str, array: Any) -> None:
         self.put(name, array)
@@ -491,6 +497,9 @@ class Store(StoreWrites):
                 writer.close()  # (releases its lock even if its last sidecar write fails)
             except BaseException as exc:  # every writer is closed; the first error is raised below
                 error = error or exc
+        # A reader's wait() blocked in another thread wakes now, and raises ClosedError.
+        for reader in list(self._readers):
+            reader.close()
         # Only now: until its writers are closed, a fork must still find this store.
         _live_stores.pop(id(self), None)
         # close() drops bookkeeping only; durability is flush()'s job (DESIGN invariant 4).

@@ -1031,6 +1031,28 @@ def _inotify_descriptors() -> int:
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_closing_a_store_closes_its_readers(store_path: Path) -> None:
+    """Store.close() closes the readers it opened: their inotify descriptors go at once (a
+    wait() blocked in another thread wakes then, see the test below), and they refuse
+    further use; arrays already taken stay valid."""
+    with mmstore.Store(store_path) as producer, producer.create("t", np.int64, (0,), growable=True) as writer:
+        writer.append(np.arange(3))
+        writer.flush()
+        consumer = mmstore.Store(store_path, "r")
+        reader = consumer.open_reader("t")
+        assert reader.wait(4, timeout=0.01) is False  # (makes its waiter)
+        before = _inotify_descriptors()
+        rows = reader.array
+        consumer.close()
+        assert _inotify_descriptors() == before - 1
+        with pytest.raises(mmstore.ClosedError, match="reader"):
+            reader.refresh()
+        assert rows.tolist() == [0, 1, 2]
+        with pytest.raises(mmstore.ClosedError):
+            consumer.open_reader("t")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
 def test_readers_dropped_without_close_release_their_inotify_descriptors(store: mmstore.Store) -> None:
     with store.create("x", np.int64, (0,), growable=True) as writer:
         writer.append(np.arange(3))
