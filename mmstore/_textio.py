@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
@@ -19,6 +20,7 @@ from ._errors import MmstoreError, UnsupportedDtypeError
 from ._format import encode_dtype
 
 BLOCK_LINES = 65_536
+_RECENT_LINES = 4096  # (lines kept for the message of a bad one)
 BLOCK_BYTES = 32 * 2**20
 
 
@@ -84,32 +86,39 @@ def text_blocks(
     lines count for no row, so a block short of rows means the stream has ended.
     """
     converters = _bool_converters(dtype)
-    line_number = 0
+    read = [0]  # lines read from the stream so far
     for _ in range(skip_rows):
         if not stream.readline():
             return
-        line_number += 1
-    lines: list[str] = []  # the lines of the block being read (for error messages)
+        read[0] += 1
+    # The last lines read, numbered, for the message of a bad one (the row numpy refused is
+    # among the last it read). Bounded: comment lines, which count for no row, can be many.
+    recent: deque[tuple[int, str]] = deque(maxlen=_RECENT_LINES)
 
     def each_line() -> Iterator[str]:
         for line in stream:
-            lines.append(line)
+            read[0] += 1
+            recent.append((read[0], line))
             yield line
 
     source = each_line()
-    # np.loadtxt allocates max_rows rows at once: a block is also held to BLOCK_BYTES, and
-    # the first blocks are smaller (a file of a few lines allocates little).
+    # A plain dtype's table has a column per cell: read as 2-D (a block of one row would
+    # otherwise come back as a row of cells), a single column then as a vector.
+    plain = dtype.names is None and dtype.subdtype is None
+    # np.loadtxt allocates max_rows rows at once: the first block is small, and later ones
+    # are held to BLOCK_BYTES by the width of the rows read (a plain table's row is every
+    # column of it, which the dtype does not tell).
+    block_rows = 16
     most_rows = max(1, min(BLOCK_LINES, BLOCK_BYTES // max(dtype.itemsize, 1)))
-    block_rows = min(most_rows, 1024)
     while True:
-        lines.clear()
-        first = line_number + 1
+        block_rows = min(block_rows, most_rows)
+        first = read[0] + 1
         try:
             block = _loadtxt(
                 source,
                 dtype=dtype,
                 delimiter=delimiter,
-                ndmin=1,
+                ndmin=2 if plain else 1,
                 comments="#",
                 encoding=None,
                 quotechar='"',
@@ -117,13 +126,15 @@ def text_blocks(
                 max_rows=block_rows,
             )
         except (ValueError, TypeError) as exc:
-            raise _locate_error(list(lines), first, label, dtype, delimiter, exc) from None
-        line_number += len(lines)
-        if block.shape[0]:
-            yield block
-        if block.shape[0] < block_rows:
+            block_lines = [(number, line) for number, line in recent if number >= first]
+            raise _locate_error(block_lines, first, label, dtype, delimiter, exc) from None
+        rows = block.shape[0]
+        if rows:
+            most_rows = max(1, min(BLOCK_LINES, BLOCK_BYTES // max(block.nbytes // rows, 1)))
+            yield block[:, 0] if plain and block.shape[1] == 1 else block
+        if rows < block_rows:
             return
-        block_rows = min(2 * block_rows, most_rows)
+        block_rows *= 2
 
 
 def _loadtxt(lines: Iterable[str], **options: Any) -> np.ndarray:
@@ -156,24 +167,25 @@ def _parse_bool(text: str) -> bool:
 
 
 def _locate_error(
-    lines: list[str], first: int, label: str, dtype: np.dtype[Any], delimiter: str | None, exc: Exception
+    lines: list[tuple[int, str]], first: int, label: str, dtype: np.dtype[Any], delimiter: str | None, exc: Exception
 ) -> TextFormatError:
-    """Find the line and column that numpy refused, and say so."""
+    """Find the line and column that numpy refused among ``lines`` (numbered), and say so;
+    ``first``: the number of the block's first line, which numpy's own message counts from."""
     leaves = column_leaves(dtype) if dtype.names else []  # (a sub-array field is a column per element)
     names = [label for label, _path, _kind in leaves]
     expected: tuple[int, int] | None = None  # (columns, line) of the first row, for plain dtypes
-    for offset, line in enumerate(lines):
+    for number, line in lines:
         stripped = line.split("#", 1)[0].strip()
         if not stripped:
             continue
         cells = stripped.split(delimiter) if delimiter else stripped.split()
         if names and len(cells) != len(names):
             return TextFormatError(
-                f"{label} line {first + offset}: {len(cells)} columns, expected {len(names)} ({', '.join(names)})"
+                f"{label} line {number}: {len(cells)} columns, expected {len(names)} ({', '.join(names)})"
             )
         if not names:
             if expected is None:
-                expected = (len(cells), first + offset)
+                expected = (len(cells), number)
             elif len(cells) != expected[0]:
                 count, seen_on = expected
                 where = (
@@ -182,7 +194,7 @@ def _locate_error(
                     else f"column {count + 1} is one too many"
                 )
                 return TextFormatError(
-                    f"{label} line {first + offset}: {where} ({len(cells)} columns, {count} on line {seen_on})"
+                    f"{label} line {number}: {where} ({len(cells)} columns, {count} on line {seen_on})"
                 )
         for column, cell in enumerate(cells, start=1):
             kind = leaves[column - 1][2] if names else dtype
@@ -191,7 +203,7 @@ def _locate_error(
             except (ValueError, TypeError):
                 field = f" ({names[column - 1]!r})" if names else ""
                 return TextFormatError(
-                    f"{label} line {first + offset}, column {column}{field}: cannot parse {cell.strip()!r} as {kind}"
+                    f"{label} line {number}, column {column}{field}: cannot parse {cell.strip()!r} as {kind}"
                 )
     match = re.search(r"row (\d+)", str(exc))
     where = f" line {first + int(match.group(1)) - 1}" if match else ""

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import io
+import tracemalloc
 import warnings
 from typing import Any
 from unittest import mock
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mmstore import _textio
-from mmstore._textio import text_blocks
+from mmstore._textio import TextFormatError, text_blocks
 
 TWO_TEXTS = np.dtype([("a", "U12"), ("b", "U12")])
 
@@ -90,3 +92,43 @@ def test_quoted_line_breaks_survive_any_cut(table: tuple[str, str | None], block
     whole = parse_whole(text, delimiter)
     assert isinstance(whole, list), whole  # (these tables are valid)
     assert parse(text, delimiter, block_lines) == whole
+
+
+@pytest.mark.parametrize("rows", [1, 2, 15, 16, 17, 49, 1009])
+def test_a_plain_table_keeps_its_columns_in_every_block(rows: int) -> None:
+    """Blocks grow (16, 32, ... rows); one that holds a single row is still a row of
+    columns, and a one-column table is a vector."""
+    text = "".join(f"{i},{i + 0.5},{-i}\n" for i in range(rows))
+    blocks = list(text_blocks(io.StringIO(text), "t", np.dtype("f8"), ",", 0))
+    assert all(block.ndim == 2 and block.shape[1] == 3 for block in blocks)
+    assert np.concatenate(blocks).tolist() == [[i, i + 0.5, -i] for i in range(rows)]
+    column = list(text_blocks(io.StringIO("".join(f"{i}\n" for i in range(rows))), "t", np.dtype("i8"), ",", 0))
+    assert np.concatenate(column).tolist() == list(range(rows))
+
+
+def test_comment_lines_are_not_all_kept_in_memory() -> None:
+    """Comment lines count for no row, so a block can span any number of them: the lines
+    kept for error messages are bounded, not the whole file."""
+    lines = (f"# comment line {i} {'x' * 200}\n" if i < 100_000 else "1,2\n" for i in range(100_001))
+
+    class Stream:  # (a stream that makes its lines as they are read, as a pipe does)
+        def __iter__(self) -> Any:
+            return lines
+
+        def readline(self) -> str:
+            return next(lines, "")
+
+    tracemalloc.start()
+    try:
+        blocks = list(text_blocks(Stream(), "t", np.dtype("i8"), ",", 0))  # type: ignore[arg-type]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert np.concatenate(blocks).tolist() == [[1, 2]]
+    assert peak < 8 * 2**20, peak  # (the whole file is ~23 MB of lines)
+
+
+def test_a_bad_cell_is_named_by_its_line_across_blocks() -> None:
+    text = "".join(f"{i},{i}\n" for i in range(100)) + "# note\n" + "5,oops\n"
+    with pytest.raises(TextFormatError, match=r"t line 102, column 2: cannot parse 'oops'"):
+        list(text_blocks(io.StringIO(text), "t", np.dtype("i8"), ",", 0))
