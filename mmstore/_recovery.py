@@ -246,12 +246,25 @@ def verify_store(store: Store, progress: Callable[[str], None] | None = None) ->
             if problem is not None:
                 report.problems[name] = problem
         kept: dict[str, list[str]] = defaultdict(list)
+        # Leaves with more than one data file or a temp sidecar: the only ones recovery at a
+        # writable open looks at (see _recover_directory).
+        crowded = _crowded_leaves(files)
         for file_name in sorted(files):
             match = _names.DATA_FILE_RE.match(file_name) or _names.TEMP_FILE_RE.match(file_name)
-            if match is not None and match["leaf"] in unreadable:
+            leaf = None if match is None else match["leaf"]
+            if leaf in unreadable:
                 # Recovery leaves every file of a dataset whose sidecar it cannot read (it cannot
                 # tell which data file is the committed one); recover() quarantines them together.
-                kept[unreadable[match["leaf"]]].append(file_name)
+                kept[unreadable[leaf]].append(file_name)
+            elif (
+                leaf is not None
+                and leaf not in crowded
+                and file_name not in referenced
+                and prefix + leaf in report.problems
+            ):
+                # A lone data file the sidecar does not name (the one it names is missing): kept
+                # with its broken dataset, which recover() quarantines with it.
+                kept[prefix + leaf].append(file_name)
             elif _names.TEMP_FILE_RE.match(file_name) or (
                 _names.DATA_FILE_RE.match(file_name)
                 and file_name not in referenced
@@ -309,6 +322,20 @@ def _check_open_data(fd: int, header: Any) -> str | None:
     return "its data file grew too often to read a consistent length"
 
 
+def _crowded_leaves(files: list[str]) -> set[str]:
+    """The leaves in ``files`` with more than one data file, or with a temp sidecar."""
+    data_files: dict[str, int] = defaultdict(int)
+    crowded = set()
+    for file_name in files:
+        if (match := _names.DATA_FILE_RE.match(file_name)) is not None:
+            data_files[match["leaf"]] += 1
+            if data_files[match["leaf"]] > 1:
+                crowded.add(match["leaf"])
+        elif (match := _names.TEMP_FILE_RE.match(file_name)) is not None:
+            crowded.add(match["leaf"])
+    return crowded
+
+
 def _still_a_problem(store: Store, name: str) -> bool:
     """Checked again under the dataset's lock: does ``name`` still exist, and still fail?"""
     try:
@@ -350,7 +377,14 @@ def recover_store(store: Store) -> VerifyReport:
             moved = []
             for file_name in sorted(os.listdir(location.directory)):
                 match = _names.DATA_FILE_RE.match(file_name)
-                if match is not None and match["leaf"] == location.leaf:
+                # A put still writing its new data file (outside the lock we hold) keeps it:
+                # it commits a sidecar naming it, in place. (One created but not yet marked
+                # alive, a few microseconds' window, could still be moved.)
+                if (
+                    match is not None
+                    and match["leaf"] == location.leaf
+                    and writer_is_gone(os.path.join(location.directory, file_name))
+                ):
                     os.rename(
                         os.path.join(location.directory, file_name), os.path.join(os.path.dirname(target), file_name)
                     )

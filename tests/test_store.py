@@ -515,6 +515,43 @@ def test_writable_open_leaves_clean_datasets_unlocked_and_unread(
     assert not (store_path / "g" / ".x3.fedcba9876543210.tmp").exists()
 
 
+def test_a_lone_unnamed_data_file_is_kept_with_its_broken_dataset(store_path: Path) -> None:
+    """The sidecar names a data file that is missing, and another one lies beside it: no
+    writable open removes it (it looks at leaves with a second data file or a temp file
+    only), so verify() does not promise that; recover() quarantines it with the dataset."""
+    with mmstore.Store(store_path) as store:
+        store.put("x", np.arange(10))
+        committed = Path(store.info("x")["data_file"])
+    committed.unlink()
+    stray = store_path / "x.0123456789abcdef.dat"
+    stray.write_bytes(b"\0" * 80)
+    with mmstore.Store(store_path) as store:  # (a writable open: recovery ran)
+        report = store.verify()
+        assert report.leftovers == [] and stray.name in report.problems["x"]
+        assert list(store.recover().quarantined) == ["x"]
+    assert not stray.exists() and stray.name in {Path(p).name for p in store_files(store_path / ".quarantine")}
+
+
+def test_recover_leaves_the_data_file_of_a_put_in_flight(store_path: Path) -> None:
+    """A put writes its new data file outside the dataset lock, holding the file's liveness
+    lock: recover() quarantining the broken dataset meanwhile leaves that file in place, so
+    the put's commit names a file that is there."""
+    from mmstore import _locks
+
+    with mmstore.Store(store_path) as store:
+        store.put("x", np.arange(3))
+    (store_path / "x.json").write_text("{corrupt")
+    in_flight = store_path / "x.0123456789abcdef.dat"
+    fd = os.open(in_flight, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        _locks.mark_alive(fd)  # as a put in progress holds it
+        with mmstore.Store(store_path) as store:
+            assert list(store.recover().quarantined) == ["x"]
+        assert in_flight.exists()
+    finally:
+        os.close(fd)
+
+
 def test_recovery_keeps_files_of_live_writers(store_path: Path) -> None:
     from mmstore import _locks
 
