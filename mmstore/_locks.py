@@ -451,7 +451,7 @@ def mark_alive(fd: int, *, shared: bool = False) -> bool:
 def writer_is_gone(path: str) -> bool:
     """True if nobody holds the liveness lock on ``path`` (its writer has exited)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, READ_FLAGS)  # (O_NONBLOCK: a FIFO planted there does not hang us)
     except OSError as exc:
         if exc.errno in (errno.ENOENT, errno.ELOOP):
             return False
