@@ -24,7 +24,7 @@ import numpy as np
 
 from . import _durable, _mapping, _names
 from ._errors import ArgumentTypeError, DatasetNotFoundError, FormatError, MmstoreError
-from ._locks import mark_alive, names_file, remove_if_writer_gone
+from ._locks import hold_new_file, remove_if_writer_gone
 
 if TYPE_CHECKING:
     from ._store import Store
@@ -137,14 +137,7 @@ def _hold_part_directory(root: str, entry: str, permissions: int | None) -> tupl
             continue
         except OSError as exc:
             raise _durable.io_error(exc, f"cache {root!r}: creating a part directory") from None
-        held = False
-        try:
-            held = mark_alive(fd) and names_file(path, fd)
-        finally:
-            if not held:
-                os.close(fd)
-                _durable.unlink_quietly(path)
-        if held:
+        if hold_new_file(path, fd):
             return base, fd
     raise MmstoreError(f"cache {root!r}: could not hold a part directory")
 

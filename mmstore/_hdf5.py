@@ -36,7 +36,7 @@ import numpy as np
 from . import _durable, _names
 from ._errors import DatasetNotFoundError, InvalidArgumentError, InvalidNameError, MmstoreError, UnsupportedDtypeError
 from ._format import FORMAT_VERSION, decode_dtype, encode_dtype
-from ._locks import mark_alive, names_file, remove_if_writer_gone
+from ._locks import hold_new_file, remove_if_writer_gone
 from ._mapping import RowSource
 from ._maps import CONTROL_BYTES, MissingDataFile
 
@@ -247,14 +247,7 @@ def _create_temp(directory: str, output_name: str) -> tuple[str, int]:
     for _attempt in range(100):
         temp = os.path.join(directory, f".{output_name}.{_names.new_token()}.tmp")
         fd = os.open(temp, _durable.NEW_FILE_FLAGS, 0o666)
-        held = False
-        try:
-            held = mark_alive(fd, shared=True) and names_file(temp, fd)
-        finally:
-            if not held:
-                os.close(fd)
-                _durable.unlink_quietly(temp)
-        if held:
+        if hold_new_file(temp, fd, shared=True):
             return temp, fd
     raise MmstoreError(f"export to {os.path.join(directory, output_name)!r}: could not hold a temp file")
 

@@ -47,7 +47,7 @@ from typing import Any
 
 import filelock
 
-from ._durable import READ_FLAGS, io_error, make_directories
+from ._durable import READ_FLAGS, io_error, make_directories, unlink_quietly
 from ._errors import InvalidArgumentError, LockTimeout
 
 _OPEN_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -486,6 +486,21 @@ def remove_if_writer_gone(path: str) -> bool:
         return True
     finally:
         os.close(fd)
+
+
+def hold_new_file(path: str, fd: int, *, shared: bool = False) -> bool:
+    """Take the liveness lock of ``path``, just created as ``fd`` under a fresh name, and
+    check that ``path`` still names it: a probe (``remove_if_writer_gone``) may have
+    removed it between the creation and the lock. If not held, ``fd`` is closed and the
+    name removed: start over under a new one."""
+    held = False
+    try:
+        held = mark_alive(fd, shared=shared) and names_file(path, fd)
+    finally:
+        if not held:
+            os.close(fd)
+            unlink_quietly(path)
+    return held
 
 
 def names_file(path: str, fd: int) -> bool:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import mmstore
-from mmstore import _hdf5
+from mmstore import _hdf5, _locks
 from mmstore._locks import mark_alive, writer_is_gone
 from tests import workers
 from tests.conftest import PROCESS_TIMEOUT
@@ -386,7 +386,7 @@ def test_export_whose_fresh_temp_file_is_being_probed_starts_over(
         calls.append(fd)
         return len(calls) > 1 and mark_alive(fd, shared=shared)
 
-    monkeypatch.setattr(_hdf5, "mark_alive", probed_once)
+    monkeypatch.setattr(_locks, "mark_alive", probed_once)  # (as hold_new_file calls it)
     with mmstore.Store(tmp_path / "s") as store:
         store.put("x", np.arange(10))
         assert mmstore.export_hdf5(store, tmp_path / "out.h5") == ["x"]
