@@ -465,6 +465,9 @@ def cache_info(
         _require_store(path)
         with mmstore.Cache(path) as cache:
             stats = cache.stats()
+        # max_bytes is each handle's own setting (Cache(path, max_bytes=...)), not stored
+        # with the cache: this handle's None would read as "unbounded".
+        stats.pop("max_bytes", None)
         if as_json:
             print(json.dumps(stats, indent=2))
         else:

@@ -318,9 +318,11 @@ def test_lru_eviction_and_byte_bound(tmp_path: Path) -> None:
 def test_cache_cli(tmp_path: Path) -> None:
     from tests.test_cli import mmstore_cli
 
-    with mmstore.Cache(tmp_path / "c") as cache:
+    with mmstore.Cache(tmp_path / "c", max_bytes=2**20) as cache:
         cache.set("k", np.zeros(10))
-    assert b"entries" in mmstore_cli("cache", "info", str(tmp_path / "c")).stdout
+    shown = mmstore_cli("cache", "info", str(tmp_path / "c")).stdout
+    # (max_bytes belongs to each handle, not to the cache: the CLI's would read "None")
+    assert b"entries: 1" in shown and b"max_bytes" not in shown
     mmstore_cli("cache", "clear", str(tmp_path / "c"))
     with mmstore.Cache(tmp_path / "c") as cache:
         assert len(cache) == 0
