@@ -66,8 +66,8 @@ from ._cache_values import (
     _split,
     _sweep_part_sets,
 )
+from ._dtypes import encode_dtype
 from ._errors import DatasetNotFoundError, FormatError, InvalidArgumentError
-from ._format import encode_dtype
 from ._locks import DatasetLock
 from ._store import Store, _as_timeout
 

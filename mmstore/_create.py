@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import _durable
+from ._dtypes import as_dtype, encode_dtype
 from ._errors import DatasetExistsError, InvalidArgumentError
-from ._format import Header, as_dtype, encode_attrs, encode_dtype, successor_header
+from ._format import Header, encode_attrs, successor_header
 from ._growable import Writer, _allocate
 from ._locks import mark_alive
 from ._maps import CONTROL_BYTES, data_file_error, initial_control_block, row_bytes

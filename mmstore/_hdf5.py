@@ -34,8 +34,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import _durable, _names
+from ._dtypes import decode_dtype, encode_dtype
 from ._errors import DatasetNotFoundError, InvalidArgumentError, InvalidNameError, MmstoreError, UnsupportedDtypeError
-from ._format import FORMAT_VERSION, decode_dtype, encode_dtype
+from ._format import FORMAT_VERSION
 from ._locks import hold_new_file, remove_if_writer_gone
 from ._mapping import RowSource
 from ._maps import CONTROL_BYTES, MissingDataFile

@@ -16,8 +16,8 @@ from typing import IO, Any
 import numpy as np
 import numpy.lib.format as npy_format
 
+from ._dtypes import encode_dtype
 from ._errors import MmstoreError, UnsupportedDtypeError
-from ._format import encode_dtype
 
 BLOCK_LINES = 65_536
 _RECENT_LINES = 4096  # (lines kept for the message of a bad one)

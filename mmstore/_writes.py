@@ -39,6 +39,7 @@ import numpy as np
 import xxhash
 
 from . import _durable, _mapping
+from ._dtypes import as_dtype, encode_dtype
 from ._entries import _Entry, _Location
 from ._errors import (
     ClosedError,
@@ -57,9 +58,7 @@ from ._format import (
     PACKED_ALIGNMENT,
     XXH3_ALGORITHM,
     Header,
-    as_dtype,
     encode_attrs,
-    encode_dtype,
     successor_header,
 )
 from ._locks import mark_alive

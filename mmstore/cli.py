@@ -39,7 +39,7 @@ from ._cli_io import (
     unknown_source,
     write_output,
 )
-from ._format import encode_dtype
+from ._dtypes import encode_dtype
 from ._hdf5 import selected_names
 
 app = typer.Typer(
