@@ -72,7 +72,11 @@ def _walk(root: str) -> list[tuple[str, list[str], list[str], list[str]]]:
     return found
 
 
-def _recover_directory(store: Store, directory: str, files: list[str]) -> int:
+_LeafFiles = tuple[dict[str, list[str]], dict[str, list[str]], set[str]]
+
+
+def _files_by_leaf(files: list[str]) -> _LeafFiles:
+    """(data files, temp sidecars) of each leaf in ``files``, and the leaves with a sidecar."""
     data_files: dict[str, list[str]] = defaultdict(list)
     temp_files: dict[str, list[str]] = defaultdict(list)
     sidecars = set()
@@ -83,16 +87,28 @@ def _recover_directory(store: Store, directory: str, files: list[str]) -> int:
             temp_files[match["leaf"]].append(file_name)
         elif file_name.endswith(".json") and not file_name.startswith("."):
             sidecars.add(file_name[:-5])
+    return data_files, temp_files, sidecars
+
+
+def _recovery_looks_at(leaf: str, grouped: _LeafFiles) -> bool:
+    """Whether recovery at a writable open looks at ``leaf``. A committed dataset with its
+    one data file and no temp sidecar is what a clean store holds: nothing to lock or read
+    (this runs at every writable open). A dead writer leaves a second data file or a temp
+    sidecar; a lone data file the sidecar does not name is a corrupt dataset, which
+    verify/recover handle (verify_store relies on this rule)."""
+    data_files, temp_files, sidecars = grouped
+    return leaf not in sidecars or len(data_files.get(leaf, ())) > 1 or bool(temp_files.get(leaf))
+
+
+def _recover_directory(store: Store, directory: str, files: list[str]) -> int:
+    grouped = _files_by_leaf(files)
+    data_files, temp_files, _sidecars = grouped
     removed = 0
     prefix = "" if directory == store.path else directory[len(store.path) + 1 :] + "/"
     if not prefix:
         removed += _remove_stale_manifest_temps(directory, temp_files.pop("mmstore", []))
     for leaf in sorted(set(data_files) | set(temp_files)):
-        # A committed dataset with its one data file and no temp sidecar is what a clean
-        # store holds: nothing to lock or read (this runs at every writable open). A dead
-        # writer leaves a second data file or a temp sidecar; a lone data file the sidecar
-        # does not name is a corrupt dataset, which verify/recover handle.
-        if leaf in sidecars and len(data_files[leaf]) <= 1 and not temp_files[leaf]:
+        if not _recovery_looks_at(leaf, grouped):
             continue
         name = prefix + leaf
         try:
@@ -246,9 +262,7 @@ def verify_store(store: Store, progress: Callable[[str], None] | None = None) ->
             if problem is not None:
                 report.problems[name] = problem
         kept: dict[str, list[str]] = defaultdict(list)
-        # Leaves with more than one data file or a temp sidecar: the only ones recovery at a
-        # writable open looks at (see _recover_directory).
-        crowded = _crowded_leaves(files)
+        grouped = _files_by_leaf(files)
         for file_name in sorted(files):
             match = _names.DATA_FILE_RE.match(file_name) or _names.TEMP_FILE_RE.match(file_name)
             leaf = None if match is None else match["leaf"]
@@ -258,7 +272,7 @@ def verify_store(store: Store, progress: Callable[[str], None] | None = None) ->
                 kept[unreadable[leaf]].append(file_name)
             elif (
                 leaf is not None
-                and leaf not in crowded
+                and not _recovery_looks_at(leaf, grouped)
                 and file_name not in referenced
                 and prefix + leaf in report.problems
             ):
@@ -320,20 +334,6 @@ def _check_open_data(fd: int, header: Any) -> str | None:
         if checks == 3:
             return f"checksum mismatch over the first {crc_rows} rows"
     return "its data file grew too often to read a consistent length"
-
-
-def _crowded_leaves(files: list[str]) -> set[str]:
-    """The leaves in ``files`` with more than one data file, or with a temp sidecar."""
-    data_files: dict[str, int] = defaultdict(int)
-    crowded = set()
-    for file_name in files:
-        if (match := _names.DATA_FILE_RE.match(file_name)) is not None:
-            data_files[match["leaf"]] += 1
-            if data_files[match["leaf"]] > 1:
-                crowded.add(match["leaf"])
-        elif (match := _names.TEMP_FILE_RE.match(file_name)) is not None:
-            crowded.add(match["leaf"])
-    return crowded
 
 
 def _still_a_problem(store: Store, name: str) -> bool:
