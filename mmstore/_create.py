@@ -115,9 +115,7 @@ def create_dataset(
         if old_header is not None:
             _durable.unlink_quietly(location.data_path(old_header.data_file))
         writer = _open_locked(store, location, header)
-        writer._owns_lock = True  # (if a failure follows, _abandon releases the lock, once)
-        lock.holder = f"the writer of {writer.name!r} (not closed yet)"
-        store._writers.add(writer)
+        _register(store, writer, lock)
     except BaseException:
         _abandon(writer, lock)
         raise
@@ -133,9 +131,7 @@ def open_dataset_writer(store: Store, location: _Location) -> Writer:
         lock.drop_held_file()  # the writer maps the file itself
         header = store._current_entry(location).header
         writer = _open_locked(store, location, header)
-        writer._owns_lock = True
-        lock.holder = f"the writer of {writer.name!r} (not closed yet)"
-        store._writers.add(writer)
+        _register(store, writer, lock)
     except BaseException:
         _abandon(writer, lock)
         raise
@@ -153,6 +149,14 @@ def _open_locked(store: Store, location: _Location, header: Header) -> Writer:
     except BaseException:
         os.close(fd)
         raise
+
+
+def _register(store: Store, writer: Writer, lock: Any) -> None:
+    """Make a new writer the holder of its dataset's lock, known to its store. (The caller
+    has assigned ``writer`` already: if a failure follows, _abandon releases the lock, once.)"""
+    writer._owns_lock = True
+    lock.holder = f"the writer of {writer.name!r} (not closed yet)"
+    store._writers.add(writer)
 
 
 def _abandon(writer: Writer | None, lock: Any) -> None:
