@@ -378,8 +378,9 @@ def recover_store(store: Store) -> VerifyReport:
             for file_name in sorted(os.listdir(location.directory)):
                 match = _names.DATA_FILE_RE.match(file_name)
                 # A put still writing its new data file (outside the lock we hold) keeps it:
-                # it commits a sidecar naming it, in place. (One created but not yet marked
-                # alive, a few microseconds' window, could still be moved.)
+                # it commits a sidecar naming it, in place. One created but not yet marked
+                # alive (a few microseconds' window) may be moved: that put then finds, under
+                # this lock, that its path names no file, and writes the array again.
                 if (
                     match is not None
                     and match["leaf"] == location.leaf

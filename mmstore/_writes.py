@@ -61,7 +61,7 @@ from ._format import (
     encode_attrs,
     successor_header,
 )
-from ._locks import mark_alive
+from ._locks import mark_alive, names_file
 from ._reads import StoreReads
 
 _VANISHED = object()
@@ -272,7 +272,7 @@ class StoreWrites(StoreReads):
                     checksum=checksum,
                 )  # fmt: skip
 
-            outcome = self._commit(location, fd, make_header, durable)
+            outcome = self._commit(location, data_path, fd, make_header, durable)
             if outcome is _VANISHED:
                 return False  # recovery judged our unfinished file abandoned: write it again
             old_header = outcome
@@ -409,17 +409,19 @@ class StoreWrites(StoreReads):
                 dirty[1].add(location.sidecar)
             dirty[2].add(location.directory)
 
-    def _commit(self, location: _Location, data_fd: int, make_header: Any, durable: bool) -> Any:
+    def _commit(self, location: _Location, data_path: str, data_fd: int, make_header: Any, durable: bool) -> Any:
         """Swap in a new sidecar under the dataset lock and return the old header
-        (None if there was none), or _VANISHED if the new data file was unlinked
-        before we got the lock (recovery in another process judged it abandoned).
+        (None if there was none), or _VANISHED if ``data_path`` no longer names the new
+        data file: recovery in another process judged it abandoned in the instant between
+        its creation and its liveness lock, and unlinked it (a writable open) or moved it
+        to the quarantine (recover(), which moves files under this same lock).
         """
         lock = location.lock
         lock.acquire(self.timeout)
         entry = None
         try:
             lock.drop_held_file()  # a packed file this commit replaces: do not pin its space
-            if os.fstat(data_fd).st_nlink == 0:
+            if not names_file(data_path, data_fd):
                 return _VANISHED
             old_header = self._committed_header(location)
             entry = self._write_sidecar_locked(location, make_header(old_header), durable)

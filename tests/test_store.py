@@ -552,6 +552,46 @@ def test_recover_leaves_the_data_file_of_a_put_in_flight(store_path: Path) -> No
         os.close(fd)
 
 
+@pytest.mark.parametrize("recovery", ["recover", "writable open"])
+def test_put_whose_file_recovery_took_before_its_liveness_lock_writes_it_again(
+    store_path: Path, monkeypatch: pytest.MonkeyPatch, recovery: str
+) -> None:
+    """A put creates its data file, then takes the file's liveness lock: in between, another
+    process's recovery may judge the file abandoned. recover() moves it to the quarantine
+    (the dataset was broken), a writable open unlinks it. The put must notice at its commit
+    and write the array again, never commit a sidecar naming a file that is not there."""
+    from mmstore import _writes
+
+    with mmstore.Store(store_path) as store:
+        store.put("x", np.arange(3))
+    (store_path / "x.json").write_text("{corrupt")
+    array = np.arange(100.0)
+    taken: list[str] = []
+    real_mark_alive = _writes.mark_alive
+
+    def recovery_first(fd: int, **kwargs: Any) -> bool:
+        if not taken:  # (the first put's file only: the retry proceeds undisturbed)
+            (new_file,) = [p for p in store_path.glob("x.*.dat") if os.path.samestat(p.stat(), os.fstat(fd))]
+            taken.append(new_file.name)
+            if recovery == "recover":
+                with mmstore.Store(store_path) as other:
+                    assert list(other.recover().quarantined) == ["x"]
+                assert not new_file.exists()
+            else:
+                new_file.unlink()  # (what recover_on_open does with a dead writer's file)
+        return real_mark_alive(fd, **kwargs)
+
+    with mmstore.Store(store_path) as store:
+        monkeypatch.setattr(_writes, "mark_alive", recovery_first)
+        store.put("x", array)
+        monkeypatch.undo()
+        assert taken and store.info("x")["data_file"] != taken[0]
+        assert np.array_equal(store.get("x"), array)
+        assert store.verify().ok
+    with mmstore.Store(store_path, "r") as reader:
+        assert np.array_equal(reader.get("x"), array)
+
+
 def test_recovery_keeps_files_of_live_writers(store_path: Path) -> None:
     from mmstore import _locks
 
