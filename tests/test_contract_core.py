@@ -6,13 +6,19 @@ promise of the contract (docs/FORMAT.md, README "What you get") that those do no
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import mmstore
-from tests.conftest import store_files
+from tests.conftest import PROCESS_TIMEOUT, store_files
 
 # --- modes ------------------------------------------------------------------------
 
@@ -139,3 +145,149 @@ def test_a_dtype_whose_field_titles_are_not_strings_is_refused_as_unsupported(
     assert "'x'" in str(info.value) and "\n" not in str(info.value)
     assert "x" not in store
     assert [name for name in store_files(Path(store.path)) if not name.startswith(".")] == ["mmstore.json"]
+
+
+# --- writes refused by the file system ---------------------------------------------------
+
+UNWRITABLE_CHECK = """
+import os, sys, numpy as np, mmstore
+if os.geteuid() == 0:
+    os.setgid(65534); os.setuid(65534)  # chmod does not bind root
+store = mmstore.Store(sys.argv[1], "a")
+for name, call in [
+    ("put through a group without write permission", lambda: store.put("g/new", np.arange(2))),
+    ("replace a dataset whose group has no write permission", lambda: store.put("g/x", np.arange(2))),
+    ("put to a dataset whose lock file has no write permission", lambda: store.put("y", np.arange(2))),
+    ("delete a dataset whose lock file has no write permission", lambda: store.delete("y")),
+]:
+    try:
+        call()
+        print(name, "-> no error")
+    except mmstore.ReadOnlyError as exc:
+        assert isinstance(exc, PermissionError) and "\\n" not in str(exc), exc
+        print(name, "-> ReadOnlyError:", exc)
+    except BaseException as exc:
+        print(name, "->", type(exc).__name__, exc)
+store.put("z", np.arange(3))  # what the file system allows still works
+assert store.get("z").tolist() == [0, 1, 2]
+assert store.get("g/x").tolist() == [0, 1, 2] and store.get("y").tolist() == [0, 1]
+print("OK")
+"""
+
+
+def test_a_write_the_file_system_refuses_is_a_read_only_error() -> None:
+    """A store opened for writing in which some files or groups are not writable (another
+    user's, say): each write there is a ReadOnlyError (an MmstoreError and a
+    PermissionError) naming what was refused, and the committed values stay as they were."""
+    top = Path(tempfile.mkdtemp(prefix="mmstore-unwritable-"))
+    try:
+        top.chmod(0o755)
+        path = top / "store"
+        with mmstore.Store(path, permissions=0o644) as store:
+            store.put("g/x", np.arange(3))
+            store.put("y", np.arange(2))
+        path.chmod(0o777)  # the root is writable (the store opens for writing) ...
+        (path / "g").chmod(0o555)  # ... but not this group
+        (path / ".y.lock").chmod(0o444)  # ... nor this lock file
+        before = store_files(path)
+        done = subprocess.run(
+            [sys.executable, "-c", UNWRITABLE_CHECK, str(path)],
+            capture_output=True,
+            text=True,
+            timeout=PROCESS_TIMEOUT,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        lines = done.stdout.splitlines()
+        assert lines[-1] == "OK", done.stdout
+        assert len(lines) == 5, done.stdout
+        for line in lines[:-1]:
+            assert "-> ReadOnlyError:" in line, line
+        assert "g/" in lines[0] and "g/" in lines[1]
+        assert ".y.lock" in lines[2] and ".y.lock" in lines[3]
+        after = store_files(path)
+        assert set(before) <= set(after)  # nothing removed; added: only z's files (no refused write's)
+        assert {name for name in after if name not in before if not name.startswith("z.")} == {".z.lock"}
+        assert "z.json" in after
+    finally:
+        for directory, _dirs, _files in os.walk(top):
+            os.chmod(directory, 0o755)
+        shutil.rmtree(top)
+
+
+def test_creating_a_store_on_a_read_only_file_system_is_a_read_only_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def read_only_fs(*_args: object, **_kwargs: object) -> None:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(mmstore._durable, "make_directories", read_only_fs)
+    with pytest.raises(mmstore.ReadOnlyError, match="cannot create store"):
+        mmstore.Store(tmp_path / "new")
+    monkeypatch.undo()
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setattr(mmstore._durable, "create_new", read_only_fs)
+    for mode in ("a", "w-"):
+        with pytest.raises(mmstore.ReadOnlyError, match="cannot create store"):
+            mmstore.Store(tmp_path / "empty", mode)
+    assert list((tmp_path / "empty").iterdir()) == []
+
+
+READ_ONLY_MOUNT_CHECK = """
+import sys, numpy as np, mmstore
+path = sys.argv[1]
+with mmstore.Store(path, "r") as store:
+    assert store.keys() == ["g/x", "ticks", "y"], store.keys()
+    assert store.get("g/x").sum() == 45 and store.get("g/x").sum() == 45  # first and cached read
+    assert store.get("ticks").tolist() == [0, 1, 2, 3]
+    with store.open_reader("ticks") as reader:
+        assert reader.array.tolist() == [0, 1, 2, 3]
+    assert store.info("y")["shape"] == (3,) and store.attrs("y") == {"k": 1}
+    assert not store.verify().problems
+    store.flush()
+for mode in ("r+", "a"):
+    try:
+        mmstore.Store(path, mode)
+    except mmstore.ReadOnlyError as exc:
+        print(mode, "ReadOnlyError")
+try:
+    mmstore.Store(path + "/../new-store", "a")
+except mmstore.ReadOnlyError as exc:
+    print("new ReadOnlyError")
+except OSError as exc:
+    print("new", type(exc).__name__, exc)
+print("OK")
+"""
+
+
+def _read_only_bind_mount_works() -> bool:
+    if not shutil.which("unshare") or os.geteuid() != 0:
+        return False
+    probe = subprocess.run(
+        ["unshare", "-m", "sh", "-c", "mount --bind -o ro / /mnt"], capture_output=True, timeout=PROCESS_TIMEOUT
+    )
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _read_only_bind_mount_works(), reason="needs root and mount namespaces (unshare -m)")
+def test_a_store_on_a_read_only_mount_reads_and_refuses_writers(tmp_path: Path) -> None:
+    """DESIGN invariant 5: a read-only store on a read-only mount works (EROFS, not EACCES:
+    root is refused there too)."""
+    source, mount = tmp_path / "source", tmp_path / "mount"
+    mount.mkdir()
+    with mmstore.Store(source / "store") as store:
+        store.put("g/x", np.arange(10))
+        store.put("y", np.arange(3), attrs={"k": 1})
+        with store.create("ticks", "<i4", (0,), growable=True) as writer:
+            writer.append(np.arange(4, dtype="<i4"))
+    before = store_files(source)
+    # sh's $0 is the argument after its command: the Python check.
+    command = f'mount --bind -o ro "{source}" "{mount}" && exec "{sys.executable}" -c "$0" "{mount}/store"'
+    done = subprocess.run(
+        ["unshare", "-m", "sh", "-c", command, READ_ONLY_MOUNT_CHECK],
+        capture_output=True,
+        text=True,
+        timeout=PROCESS_TIMEOUT,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["r+ ReadOnlyError", "a ReadOnlyError", "new ReadOnlyError", "OK"]
+    assert store_files(source) == before
