@@ -291,3 +291,27 @@ def test_a_store_on_a_read_only_mount_reads_and_refuses_writers(tmp_path: Path) 
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.splitlines() == ["r+ ReadOnlyError", "a ReadOnlyError", "new ReadOnlyError", "OK"]
     assert store_files(source) == before
+
+
+# --- names ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("a" * 1025, "longer than 1024 characters"),
+        ("a/" * 50_000 + "b", "longer than 1024 characters"),
+        ("g/" + "x" * 201, "longer than 200 bytes"),
+        ("\U0001f600" * 51, "longer than 200 bytes"),
+    ],
+    ids=["1025-characters", "100k-characters", "long-part", "long-part-in-bytes"],
+)
+def test_an_over_long_name_gives_a_short_one_line_error(store: mmstore.Store, name: str, problem: str) -> None:
+    for call in (lambda: store.put(name, np.zeros(1)), lambda: store.get(name), lambda: store.delete(name)):
+        with pytest.raises(mmstore.InvalidNameError) as info:
+            call()
+        message = str(info.value)
+        assert "\n" not in message and problem in message
+        assert len(message) < 300, f"{len(message)}-character message"
+        assert repr(name[:20])[:-1] in message  # still shows which name
+    assert name not in store and store.keys() == []
