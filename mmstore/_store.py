@@ -431,6 +431,9 @@ class Store(StoreWrites):
         """Remove dataset ``name``; arrays already returned by ``get`` stay valid."""
         self._check_writable()
         location = self._locate_for_writing(name)
+        if not os.path.lexists(location.sidecar):
+            # Before locking: taking the lock would create the lock file (and its groups).
+            raise self._missing(name)
         lock = location.lock
         lock.acquire(self.timeout)
         try:

@@ -315,3 +315,27 @@ def test_an_over_long_name_gives_a_short_one_line_error(store: mmstore.Store, na
         assert len(message) < 300, f"{len(message)}-character message"
         assert repr(name[:20])[:-1] in message  # still shows which name
     assert name not in store and store.keys() == []
+
+
+# --- delete -------------------------------------------------------------------------------
+
+
+def _tree(root: Path) -> list[str]:
+    """Every file and directory under ``root``, relative to it, sorted."""
+    return sorted(str(path.relative_to(root)) for path in root.rglob("*"))
+
+
+def test_deleting_a_missing_dataset_is_a_key_error_that_changes_nothing(store: mmstore.Store, store_path: Path) -> None:
+    store.put("g/x", np.arange(3))
+    store.delete("g/x")
+    before = _tree(store_path)
+    for name in ("nope", "g/nope", "new/group/nope", "g/x"):
+        with pytest.raises(mmstore.DatasetNotFoundError) as info:
+            store.delete(name)
+        assert isinstance(info.value, KeyError) and repr(name) in str(info.value)
+        with pytest.raises(KeyError):
+            del store[name]
+    assert _tree(store_path) == before  # no lock file, no group directory made for nothing
+    store.put("new/group/nope", np.arange(2))  # and the names stay usable
+    del store["new/group/nope"]
+    assert "new/group/nope" not in store and store.keys() == []
