@@ -74,7 +74,11 @@ def encode_dtype(dtype: np.dtype[Any]) -> Any:
         except ValueError:  # fields out of order in memory: NumPy has no descr for them
             raise cannot from None
     encoded = _descr_to_json(descr)
-    if decode_dtype(encoded) != dtype:
+    try:
+        decoded = decode_dtype(encoded)
+    except (TypeError, ValueError):  # a descr JSON cannot hold (a field title that is not a str)
+        raise cannot from None
+    if decoded != dtype:
         raise cannot
     if len(_ENCODED_DTYPES) < 1024:
         _ENCODED_DTYPES[dtype] = encoded

@@ -22,7 +22,7 @@ import os
 import sys
 from typing import Any
 
-from ._errors import FsyncError, StoreFullError, StoreIOError
+from ._errors import FsyncError, ReadOnlyError, StoreFullError, StoreIOError
 
 NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: opening a FIFO planted where a sidecar or data file should be
@@ -82,14 +82,20 @@ _exchange_supported = _renameat2 is not None
 _FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
 
 
+def refused_write(exc: OSError) -> bool:
+    """Whether a write failed for want of permission or on a read-only mount (EROFS binds root too)."""
+    return isinstance(exc, PermissionError) or exc.errno == errno.EROFS
+
+
 def io_error(exc: OSError, what: str) -> OSError:
     """Wrap an OSError from a write path in the matching mmstore error."""
-    if isinstance(exc, StoreIOError):
+    if isinstance(exc, (StoreIOError, ReadOnlyError)):
         return exc
     if exc.errno in _FULL_ERRNOS:
         return StoreFullError(exc.errno, f"{what}: no space left ({os.strerror(exc.errno)})")
-    if isinstance(exc, PermissionError):
-        return exc
+    if refused_write(exc):
+        # (the file named: which group or lock file of the store is not writable)
+        return ReadOnlyError(exc.errno, f"{what}: {exc.strerror or exc}", exc.filename)
     return StoreIOError(exc.errno, f"{what}: {exc.strerror or exc}")
 
 

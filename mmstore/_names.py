@@ -46,8 +46,19 @@ def validate_name(name: object) -> str:
         raise InvalidNameError(f"dataset name must be a str, not {type(name).__name__}")
     problem = _name_problem(name)
     if problem is not None:
-        raise InvalidNameError(f"invalid dataset name {name!r}: {problem}")
+        raise InvalidNameError(f"invalid dataset name {_shown(name)}: {problem}")
     return name
+
+
+_SHOWN_CHARACTERS = 64
+
+
+def _shown(name: str) -> str:
+    """The name as an error message shows it: its repr(), cut short (a 100,000-character
+    name would otherwise make a 100,000-character message)."""
+    if len(name) <= _SHOWN_CHARACTERS:
+        return repr(name)
+    return f"{name[:_SHOWN_CHARACTERS]!r}... ({len(name)} characters)"
 
 
 # Printable ASCII without control characters: names made only of these skip the

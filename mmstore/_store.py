@@ -201,7 +201,9 @@ class Store(StoreWrites):
             _durable.make_directories(self.path, self.permissions)
         except FileExistsError:
             raise StoreNotFoundError(f"{self.path!r} exists and is not a directory") from None
-        except PermissionError as exc:
+        except OSError as exc:
+            if not _durable.refused_write(exc):
+                raise
             raise ReadOnlyError(f"cannot create store {self.path!r}: {exc.strerror or exc}") from None
         if self.mode == "a" and os.path.exists(manifest):
             self.format_version = self._read_manifest(manifest)
@@ -216,7 +218,9 @@ class Store(StoreWrites):
             )
         try:
             self._create_manifest(manifest)
-        except PermissionError as exc:
+        except OSError as exc:
+            if not _durable.refused_write(exc):
+                raise
             raise ReadOnlyError(f"cannot create store {self.path!r}: {exc.strerror or exc}") from None
         self.format_version = self._read_manifest(manifest)
 
@@ -427,6 +431,9 @@ class Store(StoreWrites):
         """Remove dataset ``name``; arrays already returned by ``get`` stay valid."""
         self._check_writable()
         location = self._locate_for_writing(name)
+        if not os.path.lexists(location.sidecar):
+            # Before locking: taking the lock would create the lock file (and its groups).
+            raise self._missing(name)
         lock = location.lock
         lock.acquire(self.timeout)
         try:
