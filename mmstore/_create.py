@@ -69,7 +69,7 @@ def create_dataset(
             + (f" with capacity {capacity}" if capacity else "")
             + f" needs {nbytes} bytes, more than a file can hold"
         )
-    attrs_record = encode_attrs(attrs) if attrs else {}
+    attrs_record = encode_attrs(attrs)
     lock = location.lock
     lock.acquire(store.timeout)
     writer = None

@@ -391,7 +391,7 @@ def _parse_any(name: str, raw: bytes) -> Header:
 
 def encode_attrs(attrs: Any) -> dict[str, Any]:
     """Validate user attrs: a mapping of str to JSON values (NumPy scalars/arrays allowed)."""
-    if attrs is None:
+    if attrs is None or (type(attrs) is dict and not attrs):  # (the usual case: nothing to check)
         return {}
     if not hasattr(attrs, "items"):
         raise InvalidArgumentError(f"attrs must be a mapping, not {type(attrs).__name__}")

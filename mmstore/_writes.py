@@ -136,7 +136,7 @@ class StoreWrites(StoreReads):
             encode_dtype(source.dtype)
         except UnsupportedDtypeError as exc:
             raise UnsupportedDtypeError(f"dataset {name!r}: {exc}") from None
-        attrs_record = encode_attrs(attrs) if attrs else {}
+        attrs_record = encode_attrs(attrs)
 
         if self.pack_small and isinstance(source, np.ndarray) and 0 < source.nbytes <= PACK_MAX_NBYTES:
             for _attempt in range(3):
@@ -176,7 +176,7 @@ class StoreWrites(StoreReads):
         target = as_dtype(dtype, f"dataset {name!r}") if dtype is not None else None
         if target is not None:
             encode_dtype(target)
-        attrs_record = encode_attrs(attrs) if attrs else {}
+        attrs_record = encode_attrs(attrs)
 
         def write(fd: int, _path: str) -> tuple[np.dtype[Any], tuple[int, ...], str]:
             hasher, rows = _mapping.new_hasher(), 0
@@ -230,7 +230,7 @@ class StoreWrites(StoreReads):
         if any(n < 0 for n in dims):
             raise InvalidArgumentError(f"dataset {name!r}: negative dimension in shape {dims}")
         nbytes = math.prod(dims) * kind.itemsize
-        attrs_record = encode_attrs(attrs) if attrs else {}
+        attrs_record = encode_attrs(attrs)
 
         def write(fd: int, path: str) -> tuple[np.dtype[Any], tuple[int, ...], str]:
             if nbytes:

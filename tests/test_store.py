@@ -332,7 +332,14 @@ def test_attrs_must_be_json(store: mmstore.Store) -> None:
         store.put("x", np.zeros(1), attrs={1: 2})
     with pytest.raises(ValueError, match="JSON"):
         store.put("x", np.zeros(1), attrs={"nan": float("nan")})
+    for not_a_mapping in ([], "", 0, [("a", 1)]):  # (empty ones too: they are not "no attrs")
+        with pytest.raises(ValueError, match="mapping"):
+            store.put("x", np.zeros(1), attrs=not_a_mapping)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="mapping"):
+            store.create("x", dtype="f8", shape=(0,), growable=True, attrs=not_a_mapping)  # type: ignore[arg-type]
     assert "x" not in store
+    store.put("x", np.zeros(1), attrs={})
+    assert store.attrs("x") == {}
 
 
 def test_durable_put_and_flush(store: mmstore.Store) -> None:
