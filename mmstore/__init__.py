@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ._cache import Cache
 from ._errors import (
+    AccessDeniedError,
     ArgumentTypeError,
     ClosedError,
     DatasetExistsError,
@@ -61,6 +62,7 @@ __all__ = [
     "LockTimeout",
     "MmstoreError",
     "ReadOnlyError",
+    "AccessDeniedError",
     "Reader",
     "Store",
     "StoreExistsError",

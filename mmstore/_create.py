@@ -143,7 +143,7 @@ def _open_locked(store: Store, location: _Location, header: Header) -> Writer:
     try:
         fd = location.open_file(header.data_file, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
-        raise data_file_error(header, exc) from None
+        raise data_file_error(header, exc, writing=True) from None
     try:
         return Writer(store, location, header, fd)
     except BaseException:

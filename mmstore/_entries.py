@@ -13,7 +13,7 @@ import stat
 import threading
 
 from . import _durable, _names
-from ._errors import FormatError
+from ._errors import AccessDeniedError, FormatError
 from ._format import MAX_SIDECAR_BYTES, Header
 from ._locks import COUNTER_BYTES, DatasetLock, counter_is_even
 from ._maps import _Mapped
@@ -308,6 +308,11 @@ def _collect_names(root: str, directory: str, names: list[str]) -> None:
         entries = list(os.scandir(directory))
     except (FileNotFoundError, NotADirectoryError):
         return
+    except PermissionError:
+        # (not skipped: a listing that silently left out a group's datasets would hide them)
+        raise AccessDeniedError(
+            errno.EACCES, f"store {root!r}: permission denied listing group directory {directory!r}"
+        ) from None
     for entry in entries:
         if entry.name.startswith("."):
             continue

@@ -9,6 +9,8 @@ CLI exits with when the error reaches it.
 
 from __future__ import annotations
 
+import errno
+
 
 class MmstoreError(Exception):
     """Root of every error raised by mmstore."""
@@ -62,6 +64,17 @@ class FormatError(MmstoreError, ValueError):
 
 class ReadOnlyError(MmstoreError, PermissionError):
     """A write to a store opened read-only, or to a dataset through a reader."""
+
+
+class AccessDeniedError(MmstoreError, PermissionError):
+    """The file system refused to let this process read part of the store (a sidecar,
+    data file, group directory or the manifest it has no read permission for)."""
+
+
+def access_denied(name: str, what: str, path: str | None = None) -> AccessDeniedError:
+    """The error for a read of dataset ``name``'s ``what`` (at ``path``) that the file system refused."""
+    where = f" ({path})" if path else ""
+    return AccessDeniedError(errno.EACCES, f"dataset {name!r}: permission denied reading {what}{where}")
 
 
 class LockTimeout(MmstoreError, TimeoutError):

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from . import _durable
-from ._errors import FormatError
+from ._errors import FormatError, ReadOnlyError, access_denied
 from ._format import Header
 from ._mapping import buffer_digest
 
@@ -63,10 +63,16 @@ class ChecksumMismatch(FormatError):
     changed the sidecar (and then the bytes) since the header was read."""
 
 
-def data_file_error(header: Header, exc: OSError) -> Exception:
-    """The error for a data file that could not be opened."""
+def data_file_error(header: Header, exc: OSError, writing: bool = False) -> Exception:
+    """The error for a data file that could not be opened (``writing``: read-write)."""
     if isinstance(exc, FileNotFoundError):
         return MissingDataFile(f"dataset {header.name!r}: data file {header.data_file!r} is missing")
+    if isinstance(exc, PermissionError):
+        if writing:
+            return ReadOnlyError(
+                exc.errno, f"dataset {header.name!r}: permission denied opening data file {header.data_file!r} to write"
+            )
+        return access_denied(header.name, f"its data file {header.data_file!r}")
     if exc.errno == errno.ELOOP:
         return FormatError(
             f"dataset {header.name!r}: data file {header.data_file!r} is a symlink; refusing to follow it"
@@ -179,7 +185,7 @@ class _Mapped:
             try:
                 fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC if writable else _durable.READ_FLAGS)
             except OSError as exc:
-                raise data_file_error(header, exc) from None
+                raise data_file_error(header, exc, writable) from None
         try:
             # A reader maps the whole file first (its size is then the map's), and checks
             # the size against the header before any array is made of the map.

@@ -28,7 +28,7 @@ import numpy as np
 
 from . import _durable
 from ._entries import _Entry, _Location, _read_fd
-from ._errors import ClosedError, DatasetNotFoundError, FormatError
+from ._errors import ClosedError, DatasetNotFoundError, FormatError, access_denied
 from ._format import Header
 from ._locks import COUNTER_BYTES
 from ._maps import ChecksumMismatch, MissingDataFile, _Mapped, data_file_error, validate_length
@@ -213,6 +213,8 @@ class StoreReads:
             except (FileNotFoundError, NotADirectoryError):
                 self._drop_entry(name)
                 raise self._missing(name) from None
+            except PermissionError:
+                raise access_denied(name, "its sidecar", location.sidecar) from None
             if entries.get(name) is not entry:
                 counter = None  # (its descriptor may have been closed before the read)
             elif entry.is_file(st):
@@ -267,6 +269,8 @@ class StoreReads:
             except OSError as exc:
                 if exc.errno == errno.ELOOP:
                     raise FormatError(f"dataset {name!r}: sidecar is a symlink; refusing to follow it") from None
+                if isinstance(exc, PermissionError):
+                    raise access_denied(name, "its sidecar", location.sidecar) from None
                 raise
             try:
                 # Read first: a sidecar that parses needs no fstat() (its identity is found

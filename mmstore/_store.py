@@ -10,6 +10,7 @@ growable datasets in _reader.py, checking and repair in _recovery.py.
 from __future__ import annotations
 
 import copy
+import errno
 import math
 import os
 import stat
@@ -25,6 +26,7 @@ import numpy as np
 from . import _durable, _names
 from ._entries import _collect_names, _descriptor_budget, _Entry, _first_symlink, _Location, _read_fd, _with_parents
 from ._errors import (
+    AccessDeniedError,
     FsyncError,
     InvalidArgumentError,
     InvalidNameError,
@@ -248,6 +250,10 @@ class Store(StoreWrites):
             raise StoreNotFoundError(f"no mmstore store at {self.path!r} ({MANIFEST_NAME} not found)") from None
         except NotADirectoryError:
             raise StoreNotFoundError(f"no mmstore store at {self.path!r} (not a directory)") from None
+        except PermissionError:
+            raise AccessDeniedError(
+                errno.EACCES, f"store {self.path!r}: permission denied reading its manifest ({manifest})"
+            ) from None
         try:
             raw = _read_fd(fd)
         finally:

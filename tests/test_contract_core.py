@@ -339,3 +339,67 @@ def test_deleting_a_missing_dataset_is_a_key_error_that_changes_nothing(store: m
     store.put("new/group/nope", np.arange(2))  # and the names stay usable
     del store["new/group/nope"]
     assert "new/group/nope" not in store and store.keys() == []
+
+
+# --- reads refused by the file system ----------------------------------------------------
+
+UNREADABLE_CHECK = """
+import os, sys, mmstore
+if os.geteuid() == 0:
+    os.setgid(65534); os.setuid(65534)  # chmod does not bind root
+path = sys.argv[1]
+try:
+    mmstore.Store(path + "/locked-out", "r")
+except mmstore.AccessDeniedError as exc:
+    print("open -> AccessDeniedError:", exc)
+store = mmstore.Store(path + "/store", "r")
+for name, call in [
+    ("get of an unreadable sidecar", lambda: store.get("a")),
+    ("info of an unreadable sidecar", lambda: store.info("a")),
+    ("get through an unsearchable group", lambda: store.get("g/b")),
+    ("get of an unreadable data file", lambda: store.get("c")),
+    ("listing with an unreadable group", lambda: list(store)),
+]:
+    try:
+        call()
+        print(name, "-> no error")
+    except mmstore.AccessDeniedError as exc:
+        assert isinstance(exc, PermissionError) and "\\n" not in str(exc), exc
+        print(name, "-> AccessDeniedError:", exc)
+    except BaseException as exc:
+        print(name, "->", type(exc).__name__, exc)
+assert store.get("ok").tolist() == [0, 1, 2]  # what may be read still reads
+print("OK")
+"""
+
+
+def test_a_read_the_file_system_refuses_is_an_access_denied_error() -> None:
+    """Files or groups this process may not read (another user's): each read is an
+    AccessDeniedError (an MmstoreError and a PermissionError) naming the dataset or the
+    store, never a bare OSError naming a file relative to some directory; the readable
+    datasets beside them read as usual."""
+    top = Path(tempfile.mkdtemp(prefix="mmstore-unreadable-"))
+    try:
+        top.chmod(0o755)
+        with mmstore.Store(top / "store", permissions=0o644) as store:
+            for name in ("a", "g/b", "c", "ok"):
+                store.put(name, np.arange(3))
+            data_file = Path(store.info("c")["data_file"])
+        mmstore.Store(top / "locked-out").close()
+        (top / "locked-out" / "mmstore.json").chmod(0o600)
+        (top / "store" / "a.json").chmod(0o600)
+        (top / "store" / "g").chmod(0o700)
+        data_file.chmod(0o600)
+        done = subprocess.run(
+            [sys.executable, "-c", UNREADABLE_CHECK, str(top)], capture_output=True, text=True, timeout=PROCESS_TIMEOUT
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        lines = done.stdout.splitlines()
+        assert lines[-1] == "OK" and len(lines) == 7, done.stdout
+        assert lines[0].startswith("open -> AccessDeniedError:") and "locked-out" in lines[0]
+        for line, named in zip(lines[1:-1], ["'a'", "'a'", "'g/b'", "'c'", "g"], strict=True):
+            assert "-> AccessDeniedError:" in line and named in line.partition("AccessDeniedError:")[2], line
+    finally:
+        for directory, _dirs, _files in os.walk(top):
+            os.chmod(directory, 0o755)
+        shutil.rmtree(top)
