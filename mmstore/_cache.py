@@ -8,7 +8,8 @@ Layout inside the cache directory (itself a store):
     p/<h2>/<h>/<token>/<i>     the parts of such a result (written before the marker)
     p/<h2>/<h>/<token>/.writing  held (flock) by the set writing those parts until its
                                marker is committed: see _cache_values.py
-                               (a <token> directory goes with its parts)
+                               (a <token> directory goes with its parts, and <h>
+                               with its last <token>)
     .mmstore-cache             shared control file: byte accounting, counters, and an
                                access-time table used to pick the least recently used
     .mmstore-cache-lock        the lock that serialises byte accounting and eviction
