@@ -127,35 +127,42 @@ class Cache(CacheEviction):
         if max_bytes is not None and max_bytes <= 0:
             raise InvalidArgumentError(f"max_bytes must be positive, not {max_bytes!r}")
         _check_ttl(ttl)
+        self.lock_timeout = _as_timeout(lock_timeout, "lock_timeout")
         self.store = Store(path, "a", timeout=timeout, permissions=permissions)
         self.path = self.store.path
-        self.max_bytes = max_bytes
-        self.ttl = ttl
-        self.lock_timeout = _as_timeout(lock_timeout, "lock_timeout")
-        self._control = _open_control(self.path, self.store.permissions)
-        self._header = np.frombuffer(self._control, dtype="<u8", count=8)
-        self._access = np.frombuffer(self._control, dtype="<u8", count=_SLOTS, offset=_HEADER_BYTES)
-        # The hit path writes through a memoryview (cheaper than a NumPy scalar store)
-        # and counts hits and misses locally, adding them to the shared counters in batches.
-        self._access_slots = memoryview(self._control)[_HEADER_BYTES : _HEADER_BYTES + _SLOTS * 8].cast("Q")
-        self._changes = memoryview(self._control)[_HEADER_BYTES + _SLOTS * 8 :].cast("Q")
-        # name -> (change counter seen before reading it, value, expiry); least recently used first
-        self._hot: OrderedDict[str, tuple[int, Any, float | None]] = OrderedDict()
-        self._hot_limit = max(16, self.store._entry_budget // 2)
-        self._hits = 0
-        self._misses = 0
-        self._published_at = time.time()
+        # What the open made is closed again if a later step fails (a control file that
+        # is not a cache's, a sweep that meets an unreadable directory ...): the store's
+        # descriptors and locks would otherwise stay open, and a fork would still see it.
+        try:
+            self.max_bytes = max_bytes
+            self.ttl = ttl
+            self._control = _open_control(self.path, self.store.permissions)
+            self._header = np.frombuffer(self._control, dtype="<u8", count=8)
+            self._access = np.frombuffer(self._control, dtype="<u8", count=_SLOTS, offset=_HEADER_BYTES)
+            # The hit path writes through a memoryview (cheaper than a NumPy scalar store)
+            # and counts hits and misses locally, adding them to the shared counters in batches.
+            self._access_slots = memoryview(self._control)[_HEADER_BYTES : _HEADER_BYTES + _SLOTS * 8].cast("Q")
+            self._changes = memoryview(self._control)[_HEADER_BYTES + _SLOTS * 8 :].cast("Q")
+            # name -> (change counter seen before reading it, value, expiry); least recently used first
+            self._hot: OrderedDict[str, tuple[int, Any, float | None]] = OrderedDict()
+            self._hot_limit = max(16, self.store._entry_budget // 2)
+            self._hits = 0
+            self._misses = 0
+            self._published_at = time.time()
+            self._lock = DatasetLock(
+                os.path.join(self.path, _CONTROL_NAME + "-lock"),
+                f"cache {self.path!r}",
+                self.store.permissions,
+                counted=False,
+            )
+            self._compute_locks: dict[int, DatasetLock] = {}
+            self._held = threading.local()
+            self._names: dict[Any, tuple[str, int]] = {}
+            _sweep_part_sets(self.store, thorough=False)  # (like the store's recovery: killed sets' leftovers)
+        except BaseException:
+            self._close_failed_open()
+            raise
         _live_caches.add(self)
-        self._lock = DatasetLock(
-            os.path.join(self.path, _CONTROL_NAME + "-lock"),
-            f"cache {self.path!r}",
-            self.store.permissions,
-            counted=False,
-        )
-        self._compute_locks: dict[int, DatasetLock] = {}
-        self._held = threading.local()
-        self._names: dict[Any, tuple[str, int]] = {}
-        _sweep_part_sets(self.store, thorough=False)  # (like the store's recovery: killed sets' leftovers)
 
     # --- keys -------------------------------------------------------------------
 
@@ -501,6 +508,20 @@ class Cache(CacheEviction):
         return decorate(function) if function is not None else decorate
 
     # --- lifetime ---------------------------------------------------------------------
+
+    def _close_failed_open(self) -> None:
+        """Close what a failed __init__ opened (the store, the control file's map)."""
+        for view in ("_access_slots", "_changes"):
+            if view in self.__dict__:
+                self.__dict__.pop(view).release()
+        self.__dict__.pop("_header", None)
+        self.__dict__.pop("_access", None)
+        control = self.__dict__.pop("_control", None)
+        try:
+            if control is not None:
+                control.close()
+        finally:
+            self.store.close()
 
     def close(self) -> None:
         if self.store.closed:

@@ -1177,3 +1177,36 @@ def test_a_late_deleter_whose_lock_creation_meets_a_vanishing_key_directory_find
         cache.set("k", (np.arange(5), np.arange(6)))
         assert other.get("k")[1].tolist() == list(range(6))
         _check_part_directories(tmp_path / "c", cache)
+
+
+def test_a_failed_open_closes_the_store_it_opened(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The sweep at open (or the control file's check) raising left the Cache's store open,
+    # with its descriptors and locks, for as long as anything held the failed Cache.
+    from mmstore import _cache
+
+    path = tmp_path / "c"
+    mmstore.Cache(path).close()
+    opened: list[mmstore.Store] = []
+
+    class RecordingStore(mmstore.Store):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            opened.append(self)
+
+    def failing_sweep(store: mmstore.Store, thorough: bool = True) -> int:
+        raise PermissionError(13, "Permission denied", os.path.join(store.path, "p", "ab"))
+
+    monkeypatch.setattr(_cache, "Store", RecordingStore)
+    monkeypatch.setattr(_cache, "_sweep_part_sets", failing_sweep)
+    descriptors = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(PermissionError):
+        mmstore.Cache(path)
+    assert len(opened) == 1 and opened[0].closed
+    assert len(os.listdir("/proc/self/fd")) == descriptors  # (the control file's map too)
+    Path(path, ".mmstore-cache").write_bytes(b"not a cache")
+    monkeypatch.undo()
+    monkeypatch.setattr(_cache, "Store", RecordingStore)
+    with pytest.raises(mmstore.FormatError):
+        mmstore.Cache(path)
+    assert len(opened) == 2 and opened[1].closed
+    assert len(os.listdir("/proc/self/fd")) == descriptors
