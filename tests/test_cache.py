@@ -1210,3 +1210,25 @@ def test_a_failed_open_closes_the_store_it_opened(tmp_path: Path, monkeypatch: p
         mmstore.Cache(path)
     assert len(opened) == 2 and opened[1].closed
     assert len(os.listdir("/proc/self/fd")) == descriptors
+
+
+def test_memoize_refuses_ndarray_subclasses_it_would_key_by_data_alone(cache: mmstore.Cache) -> None:
+    # A masked array was keyed by its data alone: a call with another mask (or a plain array,
+    # or another subclass with state or behaviour of its own) hit the first call's result.
+    calls: list[Any] = []
+
+    @cache.memoize
+    def total(x: np.ndarray) -> float:
+        calls.append(x)
+        return float(np.sum(x * x))
+
+    values = np.array([[1.0, 2.0]])
+    with pytest.raises(mmstore.ArgumentTypeError, match="MaskedArray"):
+        total(np.ma.array(values, mask=[[False, True]]))
+    with pytest.raises(mmstore.ArgumentTypeError, match="recarray"):
+        total(values.view(np.recarray))
+    assert calls == []
+    assert total(values) == 5.0 and total(np.ma.getdata(np.ma.array(values, mask=[[True, False]]))) == 5.0
+    memmap = np.memmap(cache.path + "/../m.bin", dtype="f8", mode="w+", shape=(1, 2))
+    memmap[:] = values
+    assert total(memmap) == 5.0 and len(calls) == 1  # a memmap is keyed by its data, as a plain array
