@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import json
 import math
 import numbers
 import os
@@ -108,8 +109,9 @@ def _publish_counts_at_exit() -> None:
 class Cache(CacheEviction):
     """A cache of NumPy results shared by every process on the machine, surviving restarts.
 
-    ``max_bytes`` bounds the bytes of cached arrays (least recently used go
-    first); ``ttl`` (seconds) is the default time to live. ``lock_timeout``
+    ``max_bytes`` bounds the bytes of cached values (least recently used go
+    first): their arrays' bytes, and the JSON text of the Python values kept
+    beside them (a str result, a tuple's numbers); ``ttl`` (seconds) is the default time to live. ``lock_timeout``
     bounds how long a process waits for another one computing the same key.
     Hits return read-only arrays mapped from the cache, never copies.
     """
@@ -319,7 +321,10 @@ class Cache(CacheEviction):
         kind, arrays, extra = _split(value)
         for array in arrays:
             encode_dtype(array.dtype)  # UnsupportedDtypeError (object arrays ...) before anything is written
-        nbytes = sum(array.nbytes for array in arrays)
+        # Python values kept in the entry's attrs (a str result, a tuple's numbers and
+        # strs, a dict's keys) count as the JSON text they are stored as: a cache of str
+        # results counted 0 bytes and grew past max_bytes without ever evicting.
+        nbytes = sum(array.nbytes for array in arrays) + (len(json.dumps(extra)) if extra else 0)
         if self.max_bytes is not None and nbytes > self.max_bytes:
             raise _TooLargeError(f"a value of {nbytes} bytes cannot fit in a cache of max_bytes={self.max_bytes}")
         ttl = self.ttl if ttl is None else ttl

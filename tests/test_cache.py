@@ -1232,3 +1232,26 @@ def test_memoize_refuses_ndarray_subclasses_it_would_key_by_data_alone(cache: mm
     memmap = np.memmap(cache.path + "/../m.bin", dtype="f8", mode="w+", shape=(1, 2))
     memmap[:] = values
     assert total(memmap) == 5.0 and len(calls) == 1  # a memmap is keyed by its data, as a plain array
+
+
+def test_python_values_kept_beside_the_arrays_count_toward_max_bytes(tmp_path: Path) -> None:
+    # A str result (or a tuple's strs and numbers) is kept in the entry's attrs: it counted
+    # 0 bytes, so a cache of such results grew past max_bytes without ever evicting.
+    path = str(tmp_path / "c")
+    with mmstore.Cache(path, max_bytes=10_000) as cache:
+        for k in range(30):
+            cache.set(f"s{k}", f"{k:04d}" + "x" * 996)
+            cache.set(f"t{k}", (np.zeros(1), "y" * 500, k))
+        stats = cache.stats()
+        assert stats["evictions"] > 0 and 0 < stats["bytes"] == _committed_bytes(path) <= 10_000
+        assert cache.get("s29") == "0029" + "x" * 996 and cache.get("s0") is None
+        assert cache.get("t29")[1:] == ("y" * 500, 29)
+        with pytest.raises(mmstore.InvalidArgumentError, match="cannot fit"):
+            cache.set("huge", "z" * 20_000)
+
+        @cache.memoize
+        def text(n: int) -> str:
+            return "z" * n
+
+        assert text(20_000) == "z" * 20_000 and "huge" not in cache  # returned uncached
+        assert cache.stats()["bytes"] == _committed_bytes(path) <= 10_000
