@@ -145,6 +145,7 @@ class Cache(CacheEviction):
             # and counts hits and misses locally, adding them to the shared counters in batches.
             self._access_slots = memoryview(self._control)[_HEADER_BYTES : _HEADER_BYTES + _SLOTS * 8].cast("Q")
             self._changes = memoryview(self._control)[_HEADER_BYTES + _SLOTS * 8 :].cast("Q")
+            self._views = (self._access_slots, self._changes)  # (released by close())
             # name -> (change counter seen before reading it, value, expiry); least recently used first
             self._hot: OrderedDict[str, tuple[int, Any, float | None]] = OrderedDict()
             self._hot_limit = max(16, self.store._entry_budget // 2)
@@ -194,7 +195,11 @@ class Cache(CacheEviction):
     def _lookup(self, key: Any, count: bool = True) -> Any:
         """The value, or _MISSING; ``count`` adds the outcome to the hit/miss counts."""
         name, slot = self._locate(key)
-        seen = self._changes[slot]  # read before the entry: a change after it shows up next time
+        try:
+            seen = self._changes[slot]  # read before the entry: a change after it shows up next time
+        except ValueError:  # (released by close(): no check on the hit path, which this costs nothing)
+            self.store._check_open()
+            raise
         hot = self._hot.get(name)
         if hot is not None and hot[0] == seen and not seen & 1:
             expires = hot[2]
@@ -317,6 +322,7 @@ class Cache(CacheEviction):
     def set(self, key: Any, value: Any, ttl: float | None = None) -> None:
         """Cache ``value``: an array, a NumPy or Python scalar, or a tuple/list/dict of them."""
         _check_ttl(ttl)
+        self.store._check_open()  # (before the shared byte count is touched)
         name, slot = self._locate(key)
         kind, arrays, extra = _split(value)
         for array in arrays:
@@ -532,11 +538,20 @@ class Cache(CacheEviction):
         if self.store.closed:
             return
         self._publish_counts()
-        self._access_slots.release()
+        self._hot.clear()
+        for view in self._views:
+            view.release()
         self.store.close()
         self._lock.close_when_released()
         for lock in list(self._compute_locks.values()):
             lock.close_when_released()
+        # The control file's map (and the descriptor it keeps) goes now, not when this
+        # object does: a closed cache a decorated function still refers to held it open.
+        self._header = self._access = np.zeros(0, "<u8")
+        try:
+            self._control.close()
+        except BufferError:
+            pass  # (another thread is inside an operation on it: the map goes with its last array)
 
     def __del__(self) -> None:
         # A cache dropped without close() still adds its hits and misses to stats().

@@ -1255,3 +1255,31 @@ def test_python_values_kept_beside_the_arrays_count_toward_max_bytes(tmp_path: P
 
         assert text(20_000) == "z" * 20_000 and "huge" not in cache  # returned uncached
         assert cache.stats()["bytes"] == _committed_bytes(path) <= 10_000
+
+
+def test_close_lets_go_of_the_control_file_and_later_calls_raise_closed_error(tmp_path: Path) -> None:
+    # close() left the control file's map (and its descriptor) open for as long as the
+    # Cache object lived (a decorated function refers to it), and a get of a key this
+    # handle had read before raised ValueError (a released memoryview), not ClosedError.
+    path = tmp_path / "c"
+    with mmstore.Cache(path) as cache:
+        cache.set("k", np.arange(3))
+        assert cache.get("k").tolist() == [0, 1, 2] and cache.get("k").tolist() == [0, 1, 2]  # (now hot)
+    descriptors = len(os.listdir("/proc/self/fd"))
+    closed = [mmstore.Cache(path) for _ in range(20)]
+    for other in closed:
+        other.close()
+    assert len(os.listdir("/proc/self/fd")) == descriptors
+    for call in (
+        lambda: cache.get("k"),
+        lambda: cache.get("missing"),
+        lambda: cache.set("k", np.arange(4)),
+        lambda: cache.delete("k"),
+        lambda: "k" in cache,
+        lambda: cache.stats(),
+        lambda: cache.memoize(lambda x: x)(1),
+    ):
+        with pytest.raises(mmstore.ClosedError):
+            call()
+    with mmstore.Cache(path) as reopened:
+        assert reopened.get("k").tolist() == [0, 1, 2] and reopened.stats()["bytes"] == 24
