@@ -5,6 +5,11 @@ Layout inside the cache directory (itself a store):
     e/<h2>/<h>                 one entry: the array, or an empty marker whose attrs
                                list the parts of a tuple/list/dict result or of an
                                array larger than _DIRECT_MAX_BYTES (kind "large")
+    e/<h2>/.<h>.lock           the entry's lock file (the store's): it stays after the
+                               entry goes, one per key ever stored. Lock files are never
+                               unlinked (docs/FORMAT.md), and a store's reader trusts the
+                               change counter of the one it opened: unlinking it could make
+                               a reader serve a replaced entry
     p/<h2>/<h>/<token>/<i>     the parts of such a result (written before the marker)
     p/<h2>/<h>/<token>/.writing  held (flock) by the set writing those parts until its
                                marker is committed: see _cache_values.py
