@@ -5,10 +5,16 @@ Layout inside the cache directory (itself a store):
     e/<h2>/<h>                 one entry: the array, or an empty marker whose attrs
                                list the parts of a tuple/list/dict result or of an
                                array larger than _DIRECT_MAX_BYTES (kind "large")
+    e/<h2>/.<h>.lock           the entry's lock file (the store's): it stays after the
+                               entry goes, one per key ever stored. Lock files are never
+                               unlinked (docs/FORMAT.md), and a store's reader trusts the
+                               change counter of the one it opened: unlinking it could make
+                               a reader serve a replaced entry
     p/<h2>/<h>/<token>/<i>     the parts of such a result (written before the marker)
     p/<h2>/<h>/<token>/.writing  held (flock) by the set writing those parts until its
                                marker is committed: see _cache_values.py
-                               (a <token> directory goes with its parts)
+                               (a <token> directory goes with its parts, and <h>
+                               with its last <token>)
     .mmstore-cache             shared control file: byte accounting, counters, and an
                                access-time table used to pick the least recently used
     .mmstore-cache-lock        the lock that serialises byte accounting and eviction
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import json
 import math
 import numbers
 import os
@@ -107,8 +114,9 @@ def _publish_counts_at_exit() -> None:
 class Cache(CacheEviction):
     """A cache of NumPy results shared by every process on the machine, surviving restarts.
 
-    ``max_bytes`` bounds the bytes of cached arrays (least recently used go
-    first); ``ttl`` (seconds) is the default time to live. ``lock_timeout``
+    ``max_bytes`` bounds the bytes of cached values (least recently used go
+    first): their arrays' bytes, and the JSON text of the Python values kept
+    beside them (a str result, a tuple's numbers); ``ttl`` (seconds) is the default time to live. ``lock_timeout``
     bounds how long a process waits for another one computing the same key.
     Hits return read-only arrays mapped from the cache, never copies.
     """
@@ -126,35 +134,43 @@ class Cache(CacheEviction):
         if max_bytes is not None and max_bytes <= 0:
             raise InvalidArgumentError(f"max_bytes must be positive, not {max_bytes!r}")
         _check_ttl(ttl)
+        self.lock_timeout = _as_timeout(lock_timeout, "lock_timeout")
         self.store = Store(path, "a", timeout=timeout, permissions=permissions)
         self.path = self.store.path
-        self.max_bytes = max_bytes
-        self.ttl = ttl
-        self.lock_timeout = _as_timeout(lock_timeout, "lock_timeout")
-        self._control = _open_control(self.path, self.store.permissions)
-        self._header = np.frombuffer(self._control, dtype="<u8", count=8)
-        self._access = np.frombuffer(self._control, dtype="<u8", count=_SLOTS, offset=_HEADER_BYTES)
-        # The hit path writes through a memoryview (cheaper than a NumPy scalar store)
-        # and counts hits and misses locally, adding them to the shared counters in batches.
-        self._access_slots = memoryview(self._control)[_HEADER_BYTES : _HEADER_BYTES + _SLOTS * 8].cast("Q")
-        self._changes = memoryview(self._control)[_HEADER_BYTES + _SLOTS * 8 :].cast("Q")
-        # name -> (change counter seen before reading it, value, expiry); least recently used first
-        self._hot: OrderedDict[str, tuple[int, Any, float | None]] = OrderedDict()
-        self._hot_limit = max(16, self.store._entry_budget // 2)
-        self._hits = 0
-        self._misses = 0
-        self._published_at = time.time()
+        # What the open made is closed again if a later step fails (a control file that
+        # is not a cache's, a sweep that meets an unreadable directory ...): the store's
+        # descriptors and locks would otherwise stay open, and a fork would still see it.
+        try:
+            self.max_bytes = max_bytes
+            self.ttl = ttl
+            self._control = _open_control(self.path, self.store.permissions)
+            self._header = np.frombuffer(self._control, dtype="<u8", count=8)
+            self._access = np.frombuffer(self._control, dtype="<u8", count=_SLOTS, offset=_HEADER_BYTES)
+            # The hit path writes through a memoryview (cheaper than a NumPy scalar store)
+            # and counts hits and misses locally, adding them to the shared counters in batches.
+            self._access_slots = memoryview(self._control)[_HEADER_BYTES : _HEADER_BYTES + _SLOTS * 8].cast("Q")
+            self._changes = memoryview(self._control)[_HEADER_BYTES + _SLOTS * 8 :].cast("Q")
+            self._views = (self._access_slots, self._changes)  # (released by close())
+            # name -> (change counter seen before reading it, value, expiry); least recently used first
+            self._hot: OrderedDict[str, tuple[int, Any, float | None]] = OrderedDict()
+            self._hot_limit = max(16, self.store._entry_budget // 2)
+            self._hits = 0
+            self._misses = 0
+            self._published_at = time.time()
+            self._lock = DatasetLock(
+                os.path.join(self.path, _CONTROL_NAME + "-lock"),
+                f"cache {self.path!r}",
+                self.store.permissions,
+                counted=False,
+            )
+            self._compute_locks: dict[int, DatasetLock] = {}
+            self._held = threading.local()
+            self._names: dict[Any, tuple[str, int]] = {}
+            _sweep_part_sets(self.store, thorough=False)  # (like the store's recovery: killed sets' leftovers)
+        except BaseException:
+            self._close_failed_open()
+            raise
         _live_caches.add(self)
-        self._lock = DatasetLock(
-            os.path.join(self.path, _CONTROL_NAME + "-lock"),
-            f"cache {self.path!r}",
-            self.store.permissions,
-            counted=False,
-        )
-        self._compute_locks: dict[int, DatasetLock] = {}
-        self._held = threading.local()
-        self._names: dict[Any, tuple[str, int]] = {}
-        _sweep_part_sets(self.store, thorough=False)  # (like the store's recovery: killed sets' leftovers)
 
     # --- keys -------------------------------------------------------------------
 
@@ -184,7 +200,11 @@ class Cache(CacheEviction):
     def _lookup(self, key: Any, count: bool = True) -> Any:
         """The value, or _MISSING; ``count`` adds the outcome to the hit/miss counts."""
         name, slot = self._locate(key)
-        seen = self._changes[slot]  # read before the entry: a change after it shows up next time
+        try:
+            seen = self._changes[slot]  # read before the entry: a change after it shows up next time
+        except ValueError:  # (released by close(): no check on the hit path, which this costs nothing)
+            self.store._check_open()
+            raise
         hot = self._hot.get(name)
         if hot is not None and hot[0] == seen and not seen & 1:
             expires = hot[2]
@@ -307,11 +327,15 @@ class Cache(CacheEviction):
     def set(self, key: Any, value: Any, ttl: float | None = None) -> None:
         """Cache ``value``: an array, a NumPy or Python scalar, or a tuple/list/dict of them."""
         _check_ttl(ttl)
+        self.store._check_open()  # (before the shared byte count is touched)
         name, slot = self._locate(key)
         kind, arrays, extra = _split(value)
         for array in arrays:
             encode_dtype(array.dtype)  # UnsupportedDtypeError (object arrays ...) before anything is written
-        nbytes = sum(array.nbytes for array in arrays)
+        # Python values kept in the entry's attrs (a str result, a tuple's numbers and
+        # strs, a dict's keys) count as the JSON text they are stored as: a cache of str
+        # results counted 0 bytes and grew past max_bytes without ever evicting.
+        nbytes = sum(array.nbytes for array in arrays) + (len(json.dumps(extra)) if extra else 0)
         if self.max_bytes is not None and nbytes > self.max_bytes:
             raise _TooLargeError(f"a value of {nbytes} bytes cannot fit in a cache of max_bytes={self.max_bytes}")
         ttl = self.ttl if ttl is None else ttl
@@ -501,15 +525,38 @@ class Cache(CacheEviction):
 
     # --- lifetime ---------------------------------------------------------------------
 
+    def _close_failed_open(self) -> None:
+        """Close what a failed __init__ opened (the store, the control file's map)."""
+        for view in ("_access_slots", "_changes"):
+            if view in self.__dict__:
+                self.__dict__.pop(view).release()
+        self.__dict__.pop("_header", None)
+        self.__dict__.pop("_access", None)
+        control = self.__dict__.pop("_control", None)
+        try:
+            if control is not None:
+                control.close()
+        finally:
+            self.store.close()
+
     def close(self) -> None:
         if self.store.closed:
             return
         self._publish_counts()
-        self._access_slots.release()
+        self._hot.clear()
+        for view in self._views:
+            view.release()
         self.store.close()
         self._lock.close_when_released()
         for lock in list(self._compute_locks.values()):
             lock.close_when_released()
+        # The control file's map (and the descriptor it keeps) goes now, not when this
+        # object does: a closed cache a decorated function still refers to held it open.
+        self._header = self._access = np.zeros(0, "<u8")
+        try:
+            self._control.close()
+        except BufferError:
+            pass  # (another thread is inside an operation on it: the map goes with its last array)
 
     def __del__(self) -> None:
         # A cache dropped without close() still adds its hits and misses to stats().

@@ -10,11 +10,13 @@ the parts of a set in flight, which it must leave alone, from those of a set kil
 before its commit or of an entry whose deleter was killed before deleting them, which
 nothing else would ever delete (see ``_sweep_part_sets``). Whoever deletes parts, or lets
 go of a directory whose parts are gone, then removes what is left of the directory (the
-parts' lock files, a dead set's ``.writing``): see ``_remove_part_directory``.
+parts' lock files, a dead set's ``.writing``), and the key's directory ``p/<h2>/<h>``
+once it holds no part directory: see ``_remove_part_directory``.
 """
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import re
@@ -126,8 +128,10 @@ def _hold_part_directory(root: str, entry: str, permissions: int | None) -> tupl
     ``_let_go_of_part_directory``. A sweep may probe that file between its creation and our
     lock, and then remove it: we start over under a new token (as the HDF5 export does
     with its temp file). A sweep may also remove the new directory while it is still
-    empty (``_remove_part_directory``): the file's creation then fails, and we start over
-    likewise."""
+    empty (``_remove_part_directory``), and a remover of the key's last other part
+    directory the key's directory ``<h>`` between our mkdir of it and of ``<token>``
+    (``_remove_key_directory``): the mkdir or the file's creation then fails with
+    ENOENT, and we start over likewise."""
     for _attempt in range(100):
         base = f"p/{entry[2:]}/{_names.new_token()}"
         path = os.path.join(root, base, _WRITING)
@@ -157,16 +161,28 @@ def _let_go_of_part_directory(root: str, base: str, fd: int) -> None:
 
 def _delete_parts(store: Store, parts: Any) -> None:
     """Delete a value's parts (one already gone is skipped: a concurrent deleter or sweep got
-    there first), then what is left of their directories."""
+    there first), then what is left of their directories.
+
+    A part whose directory is gone is gone too (a part directory is removed only once its
+    parts are, and its token is never reused): it is skipped without a delete, which would
+    take the part's lock and so recreate the directory, and with it the key's directory,
+    which another deleter may be removing at that instant (the lock's creation then fails
+    with ENOENT: also taken for "gone" once the directory is seen missing)."""
     bases: list[str] = []
     for part in parts:
+        base = str(part).rpartition("/")[0]
+        if base not in bases:
+            bases.append(base)
+        directory = os.path.join(store.path, base)
+        if not os.path.lexists(directory):
+            continue
         try:
             store.delete(part)
         except DatasetNotFoundError:
             pass
-        base = str(part).rpartition("/")[0]
-        if base not in bases:
-            bases.append(base)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT or os.path.lexists(directory):
+                raise
     for base in bases:
         _remove_part_directory(store.path, base)
 
@@ -198,8 +214,9 @@ def _remove_part_directory(root: str, base: str) -> bool:
       part will ever be written here again (the token is never reused). A brand-new
       directory we list empty may get its ``.writing`` just after our probe: rmdir then
       fails (not empty), or succeeds first and the set starts over under a new token.
-      The ``<h2>`` and ``<h>`` levels are never removed: another set of the same key may
-      be creating its directory in them.
+      The key's ``<h>`` directory goes with its last part directory
+      (``_remove_key_directory``, which says how a set creating a directory in it at
+      that instant starts over); ``<h2>`` stays.
     * A reader that maps a part keeps a valid array: unlinking never invalidates a map.
     * A Store that keeps a part's lock file open (a parked lock, a reader's change
       counter): the inode outlives its name. Nothing can be served or written wrong
@@ -237,12 +254,29 @@ def _remove_part_directory(root: str, base: str) -> bool:
                 pass
         os.rmdir(path)
     except FileNotFoundError:
-        return True  # (another caller removed it first)
+        pass  # (another caller removed it first)
     except OSError:
         return False  # not empty (a file arrived: its maker calls us again), or not ours to remove
     finally:
         os.close(fd)
+    _remove_key_directory(os.path.dirname(path))
     return True
+
+
+def _remove_key_directory(path: str) -> None:
+    """Remove a key's directory ``p/<h2>/<h>`` if it is empty: without it, every key ever
+    stored with parts would leave one for good. Its last part directory's remover calls
+    this (and a sweep, for one found empty). Not empty (another set of the key holds a
+    part directory in it) or already gone: left as it is.
+
+    A set creating its part directory here at this instant (``_hold_part_directory``) may
+    have made ``<h>`` and not yet ``<token>``: the rmdir can then win, its mkdir of
+    ``<token>`` fails with ENOENT, and it starts over under a new token, making ``<h>``
+    again. ``<h2>`` (at most 256 of them) stays."""
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
 
 
 def _sweep_part_sets(store: Store, thorough: bool = True) -> int:
@@ -260,7 +294,10 @@ def _sweep_part_sets(store: Store, thorough: bool = True) -> int:
     swept = 0
     for h2 in _subdirectories(os.path.join(store.path, "p")):
         for h in _subdirectories(h2.path):
-            for token in _subdirectories(h.path):
+            tokens = _subdirectories(h.path)
+            if not tokens:
+                _remove_key_directory(h.path)  # (left by an older version, or by a killed remover)
+            for token in tokens:
                 try:
                     files = os.listdir(token.path)
                 except (FileNotFoundError, NotADirectoryError):

@@ -3,7 +3,8 @@
 A key must be the same in every process and every run for the same call, and
 different for different calls, so arguments are encoded canonically (a type
 tag, then the value) and hashed with BLAKE2b. NumPy arrays are keyed by dtype,
-shape and content, never by identity. Anything else that has no canonical
+shape and content, never by identity (``np.memmap`` too; other ndarray subclasses,
+such as masked arrays, carry more than their data and are refused). Anything else that has no canonical
 encoding is refused with a clear error (pass ``key=`` to memoize instead):
 keying by ``repr`` would silently break on objects whose repr has an address.
 
@@ -122,6 +123,14 @@ def _feed_other(hasher: Any, value: Any, where: tuple[Any, ...]) -> None:
     if isinstance(value, bool):
         update(b"T" if value else b"F")
     elif isinstance(value, np.ndarray):
+        if not isinstance(value, np.memmap):
+            # A subclass may hold what its data does not (a masked array's mask, a
+            # matrix's meaning of *, a unit): keyed by its data alone, it would share a
+            # key with a plain array, or another mask, and hit the other's result.
+            raise UnhashableArgument(
+                f"cannot make a cache key from {_describe(where)}: a {type(value).__qualname__} (an ndarray "
+                "subclass, keyed by more than its data); pass np.asarray() of it, or key= to memoize"
+            )
         _feed_array(hasher, value, where)
     elif isinstance(value, np.generic):
         _feed_array(hasher, np.asarray(value), where)

@@ -1017,3 +1017,269 @@ def test_flush_after_another_handle_removes_a_part_directory_it_wrote(tmp_path: 
         other.set("k", workers.large_value(2))  # removes the part directory cache's store wrote into
         cache.store.flush()
         cache.set("j", workers.large_value(3))
+
+
+def _key_directories(path: str | Path) -> list[str]:
+    """The key directories ``p/<h2>/<h>`` of a cache, relative to its root."""
+    return sorted(os.path.relpath(d, path) for d in Path(path).glob("p/*/*") if d.is_dir())
+
+
+def _key_directory_of(cache: mmstore.Cache, key: str) -> str:
+    name, _slot = cache._locate(key)
+    return "p/" + name[2:]
+
+
+def test_keys_whose_values_had_parts_leave_no_key_directory_behind(tmp_path: Path) -> None:
+    # Every key ever stored with parts left its empty p/<h2>/<h> for good once its value was
+    # deleted, replaced by one without parts, evicted or cleared: a long-lived cache of
+    # distinct keys grew by a directory per key under any max_bytes, and every open walked them.
+    path = tmp_path / "c"
+    with mmstore.Cache(path, max_bytes=5 << 20) as cache:
+        for k in range(4):  # 2.4 MB each: every set from the third evicts the oldest
+            cache.set(f"large{k}", workers.large_value(k))
+        assert cache.stats()["evictions"] == 2
+        assert _key_directories(path) == sorted(_key_directory_of(cache, f"large{k}") for k in (2, 3))
+        cache.set("t", (np.arange(3), "x"))
+        cache.set("d", {"a": np.arange(2)})
+        assert cache.delete("large2") and cache.delete("t")
+        cache.set("d", np.arange(2))  # replaced by a value without parts
+        assert _key_directories(path) == [_key_directory_of(cache, "large3")]
+        _check_part_directories(path, cache)
+        cache.set("t", (np.arange(4), "y"))
+        assert cache.clear() == 3
+        assert _key_directories(path) == []
+        assert [name for name in store_files(path) if name.startswith("p/")] == []
+
+
+def test_a_sweep_removes_empty_key_directories_left_by_older_versions(tmp_path: Path) -> None:
+    path = tmp_path / "c"
+    with mmstore.Cache(path) as cache:
+        cache.set("live", (np.arange(2), np.arange(3)))
+        live = _key_directory_of(cache, "live")
+    for h2 in ("ab", "cd"):
+        Path(path, "p", h2, h2 * 16).mkdir(parents=True)  # what deletes used to leave
+    assert len(_key_directories(path)) == 3
+    with mmstore.Cache(path) as cache:  # opening sweeps
+        assert _key_directories(path) == [live]
+        assert cache.get("live")[1].tolist() == [0, 1, 2]
+
+
+def test_a_set_whose_key_directory_is_removed_as_it_makes_its_part_directory_starts_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The remover of a key's last part directory removes the key's directory too: a set of
+    # the same key that has just made that directory (not yet its own part directory in it)
+    # then meets ENOENT, and must start over rather than fail or lose its value.
+    with mmstore.Cache(tmp_path / "c") as cache, mmstore.Cache(tmp_path / "c") as other:
+        other.set("k", workers.large_value(0))
+        key_directory = os.path.join(cache.path, _key_directory_of(cache, "k"))
+        mkdir = os.mkdir
+        raced: list[str] = []
+
+        def mkdir_after_the_key_directory_went(target: Any, *args: Any, **kwargs: Any) -> None:
+            if os.path.dirname(str(target)) == key_directory and not raced:
+                raced.append(str(target))
+                assert other.delete("k")  # its part directory was the last: the key's goes too
+                assert not os.path.exists(key_directory)
+            mkdir(target, *args, **kwargs)
+
+        # (os.makedirs finds the key's directory there and makes only the part directory in it)
+        monkeypatch.setattr(os, "mkdir", mkdir_after_the_key_directory_went)
+        cache.set("k", workers.large_value(1))
+        monkeypatch.undo()
+        assert raced, "the interleaving was not reached"
+        assert np.array_equal(other.get("k"), workers.large_value(1))
+        _check_part_directories(tmp_path / "c", cache)
+        assert _key_directories(tmp_path / "c") == [_key_directory_of(cache, "k")]
+
+
+def _set_and_delete_keys_with_parts(path: str, writer: int, rounds: int, barrier: Any, results: Any) -> None:
+    """Set, read and delete a few keys whose values have parts, as other processes do the
+    same keys: report (problems, errors) (a torn value; any exception)."""
+    problems, errors = 0, []
+    with mmstore.Cache(path) as cache:
+        barrier.wait(PROCESS_TIMEOUT)
+        for round_ in range(rounds):
+            key, seed = f"k{round_ % 3}", writer * 100_000 + round_
+            try:
+                cache.set(key, (np.full(3, seed), np.full(2, seed), "s"))
+                value = cache.get(key)
+                if value is not None and not (
+                    (value[0] == value[0][0]).all() and (value[1] == value[0][0]).all() and value[2] == "s"
+                ):
+                    problems += 1
+                if round_ % 4 == writer % 4:
+                    cache.delete(key)
+                if round_ % 50 == 49:
+                    cache.clear()
+            except Exception as exc:
+                errors.append(repr(exc))
+    results.put((problems, errors[:3]))
+
+
+@pytest.mark.slow
+def test_processes_setting_and_deleting_the_same_keys_with_parts_never_fail(tmp_path: Path, spawn: Any) -> None:
+    # Key directories now go with their last part directory: sets of the same keys in other
+    # processes race those removals (and the sweeps of clear()), and must never fail or tear.
+    path, count, rounds = str(tmp_path / "c"), 3, 140  # (the last clear() at round 99: keys are left)
+    mmstore.Cache(path).close()
+    barrier, results = spawn.Barrier(count), spawn.Queue()
+    processes = [
+        spawn.Process(target=_set_and_delete_keys_with_parts, args=(path, writer, rounds, barrier, results))
+        for writer in range(count)
+    ]
+    for process in processes:
+        process.start()
+    assert collect_results(processes, results) == [(0, [])] * count
+    with mmstore.Cache(path) as cache:
+        _check_part_directories(path, cache)
+        entries = len(cache)
+        assert entries >= 1 and len(_key_directories(path)) == len(_part_directories(path)) == entries
+        assert cache.clear() == entries and _key_directories(path) == []
+
+
+def test_a_late_deleter_whose_lock_creation_meets_a_vanishing_key_directory_finds_the_parts_gone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A late deleter of parts already deleted (a sweep, say) takes a part's lock, which
+    # recreates its directories; a remover of the key's directory may remove the key's
+    # directory between the two mkdirs: the lock's creation fails with ENOENT. The parts are
+    # gone all the same: that is no error of the user's delete.
+    from mmstore import _locks
+    from mmstore._cache_values import _delete_parts
+
+    with mmstore.Cache(tmp_path / "c") as cache, mmstore.Cache(tmp_path / "c") as other:
+        cache.set("k", (np.arange(3), np.arange(4)))
+        name, _slot = cache._locate("k")
+        parts = cache.store.attrs(name)["parts"]
+        assert cache._remove_entry(name) is not None
+        delete = other.store.delete
+        make_directories = _locks.make_directories
+        raced: list[str] = []
+
+        def delete_after_the_others(part: str) -> None:
+            if not raced:
+                _delete_parts(cache.store, parts)  # parts, part directory and key directory go
+            delete(part)
+
+        def make_directories_racing_a_remover(path: str, permissions: int | None = None) -> None:
+            raced.append(path)
+            make_directories(os.path.dirname(path), permissions)  # the key's directory
+            os.rmdir(os.path.dirname(path))  # a remover finds it empty
+            os.mkdir(path)  # FileNotFoundError, as os.makedirs would raise it
+
+        monkeypatch.setattr(other.store, "delete", delete_after_the_others)
+        monkeypatch.setattr(_locks, "make_directories", make_directories_racing_a_remover)
+        _delete_parts(other.store, parts)
+        monkeypatch.undo()
+        assert raced, "the interleaving was not reached"
+        assert _key_directories(tmp_path / "c") == [] and all(other.store.get(p, None) is None for p in parts)
+        cache.set("k", (np.arange(5), np.arange(6)))
+        assert other.get("k")[1].tolist() == list(range(6))
+        _check_part_directories(tmp_path / "c", cache)
+
+
+def test_a_failed_open_closes_the_store_it_opened(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The sweep at open (or the control file's check) raising left the Cache's store open,
+    # with its descriptors and locks, for as long as anything held the failed Cache.
+    from mmstore import _cache
+
+    path = tmp_path / "c"
+    mmstore.Cache(path).close()
+    opened: list[mmstore.Store] = []
+
+    class RecordingStore(mmstore.Store):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            opened.append(self)
+
+    def failing_sweep(store: mmstore.Store, thorough: bool = True) -> int:
+        raise PermissionError(13, "Permission denied", os.path.join(store.path, "p", "ab"))
+
+    monkeypatch.setattr(_cache, "Store", RecordingStore)
+    monkeypatch.setattr(_cache, "_sweep_part_sets", failing_sweep)
+    descriptors = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(PermissionError):
+        mmstore.Cache(path)
+    assert len(opened) == 1 and opened[0].closed
+    assert len(os.listdir("/proc/self/fd")) == descriptors  # (the control file's map too)
+    Path(path, ".mmstore-cache").write_bytes(b"not a cache")
+    monkeypatch.undo()
+    monkeypatch.setattr(_cache, "Store", RecordingStore)
+    with pytest.raises(mmstore.FormatError):
+        mmstore.Cache(path)
+    assert len(opened) == 2 and opened[1].closed
+    assert len(os.listdir("/proc/self/fd")) == descriptors
+
+
+def test_memoize_refuses_ndarray_subclasses_it_would_key_by_data_alone(cache: mmstore.Cache) -> None:
+    # A masked array was keyed by its data alone: a call with another mask (or a plain array,
+    # or another subclass with state or behaviour of its own) hit the first call's result.
+    calls: list[Any] = []
+
+    @cache.memoize
+    def total(x: np.ndarray) -> float:
+        calls.append(x)
+        return float(np.sum(x * x))
+
+    values = np.array([[1.0, 2.0]])
+    with pytest.raises(mmstore.ArgumentTypeError, match="MaskedArray"):
+        total(np.ma.array(values, mask=[[False, True]]))
+    with pytest.raises(mmstore.ArgumentTypeError, match="recarray"):
+        total(values.view(np.recarray))
+    assert calls == []
+    assert total(values) == 5.0 and total(np.ma.getdata(np.ma.array(values, mask=[[True, False]]))) == 5.0
+    memmap = np.memmap(cache.path + "/../m.bin", dtype="f8", mode="w+", shape=(1, 2))
+    memmap[:] = values
+    assert total(memmap) == 5.0 and len(calls) == 1  # a memmap is keyed by its data, as a plain array
+
+
+def test_python_values_kept_beside_the_arrays_count_toward_max_bytes(tmp_path: Path) -> None:
+    # A str result (or a tuple's strs and numbers) is kept in the entry's attrs: it counted
+    # 0 bytes, so a cache of such results grew past max_bytes without ever evicting.
+    path = str(tmp_path / "c")
+    with mmstore.Cache(path, max_bytes=10_000) as cache:
+        for k in range(30):
+            cache.set(f"s{k}", f"{k:04d}" + "x" * 996)
+            cache.set(f"t{k}", (np.zeros(1), "y" * 500, k))
+        stats = cache.stats()
+        assert stats["evictions"] > 0 and 0 < stats["bytes"] == _committed_bytes(path) <= 10_000
+        assert cache.get("s29") == "0029" + "x" * 996 and cache.get("s0") is None
+        assert cache.get("t29")[1:] == ("y" * 500, 29)
+        with pytest.raises(mmstore.InvalidArgumentError, match="cannot fit"):
+            cache.set("huge", "z" * 20_000)
+
+        @cache.memoize
+        def text(n: int) -> str:
+            return "z" * n
+
+        assert text(20_000) == "z" * 20_000 and "huge" not in cache  # returned uncached
+        assert cache.stats()["bytes"] == _committed_bytes(path) <= 10_000
+
+
+def test_close_lets_go_of_the_control_file_and_later_calls_raise_closed_error(tmp_path: Path) -> None:
+    # close() left the control file's map (and its descriptor) open for as long as the
+    # Cache object lived (a decorated function refers to it), and a get of a key this
+    # handle had read before raised ValueError (a released memoryview), not ClosedError.
+    path = tmp_path / "c"
+    with mmstore.Cache(path) as cache:
+        cache.set("k", np.arange(3))
+        assert cache.get("k").tolist() == [0, 1, 2] and cache.get("k").tolist() == [0, 1, 2]  # (now hot)
+    descriptors = len(os.listdir("/proc/self/fd"))
+    closed = [mmstore.Cache(path) for _ in range(20)]
+    for other in closed:
+        other.close()
+    assert len(os.listdir("/proc/self/fd")) == descriptors
+    for call in (
+        lambda: cache.get("k"),
+        lambda: cache.get("missing"),
+        lambda: cache.set("k", np.arange(4)),
+        lambda: cache.delete("k"),
+        lambda: "k" in cache,
+        lambda: cache.stats(),
+        lambda: cache.memoize(lambda x: x)(1),
+    ):
+        with pytest.raises(mmstore.ClosedError):
+            call()
+    with mmstore.Cache(path) as reopened:
+        assert reopened.get("k").tolist() == [0, 1, 2] and reopened.stats()["bytes"] == 24
