@@ -5,11 +5,13 @@ Layout inside the cache directory (itself a store):
     e/<h2>/<h>                 one entry: the array, or an empty marker whose attrs
                                list the parts of a tuple/list/dict result or of an
                                array larger than _DIRECT_MAX_BYTES (kind "large")
-    e/<h2>/.<h>.lock           the entry's lock file (the store's): it stays after the
-                               entry goes, one per key ever stored. Lock files are never
-                               unlinked (docs/FORMAT.md), and a store's reader trusts the
-                               change counter of the one it opened: unlinking it could make
-                               a reader serve a replaced entry
+    e/<h2>/..shared.lock       the lock file (writer lock and change counter) that all
+                               entries of e/<h2> share: at most 256, however many keys
+                               were ever stored (docs/FORMAT.md, "Shared lock files").
+                               Caches made before (control-file version 2) keep a
+                               .<h>.lock per key: lock files are never unlinked, and a
+                               store's reader trusts the change counter of the one it
+                               opened, so they stay after their entry goes
     p/<h2>/<h>/<token>/<i>     the parts of such a result (written before the marker)
     p/<h2>/<h>/<token>/.writing  held (flock) by the set writing those parts until its
                                marker is committed: see _cache_values.py
@@ -59,9 +61,13 @@ from ._cache_control import (
     _HITS,
     _MISSES,
     _RESERVED,
+    _SHARED_LOCKS_SINCE,
     _SLOTS,
+    _VERSION_SLOT,
+    ENTRY_GROUP,
     _entry_of,
     _open_control,
+    shared_lock_groups,
 )
 from ._cache_eviction import CacheEviction
 from ._cache_values import (
@@ -135,7 +141,13 @@ class Cache(CacheEviction):
             raise InvalidArgumentError(f"max_bytes must be positive, not {max_bytes!r}")
         _check_ttl(ttl)
         self.lock_timeout = _as_timeout(lock_timeout, "lock_timeout")
-        self.store = Store(path, "a", timeout=timeout, permissions=permissions)
+        # Entries share their directory's lock file unless an older cache is there (one
+        # made now gets a control file of this version; _open_control checks below).
+        groups = shared_lock_groups(os.path.abspath(os.fspath(path)))
+        self.store = Store(
+            path, "a", timeout=timeout, permissions=permissions,
+            _shared_lock_groups=(ENTRY_GROUP,) if groups is None else groups,
+        )  # fmt: skip
         self.path = self.store.path
         # What the open made is closed again if a later step fails (a control file that
         # is not a cache's, a sweep that meets an unreadable directory ...): the store's
@@ -145,6 +157,9 @@ class Cache(CacheEviction):
             self.ttl = ttl
             self._control = _open_control(self.path, self.store.permissions)
             self._header = np.frombuffer(self._control, dtype="<u8", count=8)
+            if (int(self._header[_VERSION_SLOT]) >= _SHARED_LOCKS_SINCE) != bool(self.store._shared_lock_groups):
+                # (an older mmstore made the control file between our look and its creation)
+                raise FormatError(f"cache {self.path!r}: an older mmstore made it just now; open it again")
             self._access = np.frombuffer(self._control, dtype="<u8", count=_SLOTS, offset=_HEADER_BYTES)
             # The hit path writes through a memoryview (cheaper than a NumPy scalar store)
             # and counts hits and misses locally, adding them to the shared counters in batches.

@@ -28,7 +28,32 @@ _SLOTS = 65536  # access-time slots (u64 milliseconds); keys share a slot by has
 # Every bump is made under the cache lock: a read-then-write by two processes at
 # once could lose one and bring the counter back to a value a reader has seen.
 _RESERVED, _HITS, _MISSES, _EVICTIONS, _VERSION_SLOT = 1, 2, 3, 4, 7  # u64 fields of the header
-_VERSION = 2
+# Version 3: the entries of one e/<h2> directory share its lock file (SHARED_LOCK_FILE), so
+# a cache holds at most 256 entry lock files, however many keys it has ever seen. Version 2
+# caches keep a lock file per key ever stored, and are still written that way.
+_VERSION = 3
+_SHARED_LOCKS_SINCE = 3
+ENTRY_GROUP = "e/"  # (entries are e/<h2>/<h>: see _entry_of)
+
+
+def shared_lock_groups(root: str) -> tuple[str, ...] | None:
+    """The groups whose datasets share their directory's lock file in the cache at
+    ``root``: (ENTRY_GROUP,) for a cache of version 3 or later, () for an older one,
+    None if ``root`` holds no cache control file (a plain store, or a cache being made).
+    Every handle on a cache directory, a Store's too, must lock entries alike."""
+    try:
+        fd = os.open(os.path.join(root, _CONTROL_NAME), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        raw = os.pread(fd, 8, 8 * _VERSION_SLOT)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if len(raw) != 8:
+        return None
+    return (ENTRY_GROUP,) if struct.unpack("<Q", raw)[0] >= _SHARED_LOCKS_SINCE else ()
 
 
 def _entry_of(raw: bytes) -> tuple[str, int]:

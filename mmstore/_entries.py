@@ -46,9 +46,13 @@ def _descriptor_budget() -> int:
 class _Location:
     """Where one (validated) dataset name lives on disk, and its writer lock."""
 
-    __slots__ = ("_lock", "directory", "groups", "inside", "leaf", "name", "permissions", "root", "sidecar")
+    __slots__ = (
+        "_lock", "directory", "groups", "inside", "leaf", "lock_file", "name", "permissions", "root", "sidecar",
+    )  # fmt: skip
 
-    def __init__(self, root: str, name: str, permissions: int | None = None) -> None:
+    def __init__(self, root: str, name: str, permissions: int | None = None, shared_lock: bool = False) -> None:
+        """``shared_lock``: the dataset's writer lock and change counter are its directory's
+        shared lock file (_names.SHARED_LOCK_FILE), not a file of its own."""
         self.name = name
         self.permissions = permissions
         self.inside = False  # checked that no group directory on the way is a symlink
@@ -60,21 +64,20 @@ class _Location:
             self.groups = []
             self.directory, self.leaf = root, name
         self.sidecar = self.directory + "/" + self.leaf + ".json"
+        self.lock_file = _names.SHARED_LOCK_FILE if shared_lock else _names.lock_file_name(self.leaf)
         self._lock: DatasetLock | None = None  # made on first use: readers never lock
 
     @property
     def lock(self) -> DatasetLock:
         if self._lock is None:
-            self._lock = DatasetLock(
-                self.directory + "/" + _names.lock_file_name(self.leaf), f"dataset {self.name!r}", self.permissions
-            )
+            self._lock = DatasetLock(self.directory + "/" + self.lock_file, f"dataset {self.name!r}", self.permissions)
         return self._lock
 
     def open_counter(self) -> int:
         """A read-only descriptor of the lock file, for its change counter; -1 if there is
         no regular file to read (a store not written by mmstore, another user's file)."""
         try:
-            fd = self.open_file(_names.lock_file_name(self.leaf), _durable.READ_FLAGS)
+            fd = self.open_file(self.lock_file, _durable.READ_FLAGS)
         except (OSError, FormatError):
             return -1
         try:

@@ -138,6 +138,12 @@ def lock_file_name(leaf: str) -> str:
     return f".{leaf}.lock"
 
 
+# The lock file that all datasets of one directory share, in a store whose owner asks for
+# it (a cache's entries, docs/FORMAT.md "Shared lock files"): its "leaf" starts with ".",
+# which no dataset's may, so it can never be a dataset's own lock file.
+SHARED_LOCK_FILE = "..shared.lock"
+
+
 def new_token() -> str:
     # random (not os.urandom) saves a system call per file; it is reseeded in a
     # forked child, and O_EXCL turns the rare collision into a retry, not a clash.

@@ -59,6 +59,7 @@ class StoreReads:
     _locations: dict[str, _Location]
     _locations_guard: threading.Lock
     _parse_sidecar: Callable[[str, bytes], Header]
+    _shared_lock_groups: tuple[str, ...]  # datasets under these share their directory's lock file
 
     def _locate(self, name: str) -> _Location:
         """The location of a dataset name, validating the name on first use."""
@@ -71,7 +72,8 @@ class StoreReads:
                 with self._locations_guard:
                     self._forget_idle_locations()
             # setdefault is atomic: threads racing on a new name all get the one stored.
-            location = self._locations.setdefault(name, _Location(self.path, name, self.permissions))
+            shared = bool(self._shared_lock_groups) and name.startswith(self._shared_lock_groups)
+            location = self._locations.setdefault(name, _Location(self.path, name, self.permissions, shared))
             if self._closed:  # close() ran meanwhile: it would not see this location's lock
                 self._locations.pop(name, None)
                 self._check_open()

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 
 from . import _durable, _names
+from ._cache_control import shared_lock_groups
 from ._entries import _collect_names, _descriptor_budget, _Entry, _first_symlink, _Location, _read_fd, _with_parents
 from ._errors import (
     AccessDeniedError,
@@ -118,6 +119,7 @@ class Store(StoreWrites):
         timeout: float | None = 10.0,
         permissions: int | None = None,
         pack_small: bool = False,
+        _shared_lock_groups: tuple[str, ...] | None = None,
     ) -> None:
         if isinstance(mode, int) and not isinstance(mode, bool):
             if permissions is not None and permissions != mode:
@@ -134,6 +136,12 @@ class Store(StoreWrites):
         self.timeout = _as_timeout(timeout, "timeout")
         self.readonly = mode == "r"
         self.pack_small = bool(pack_small)
+        # Datasets whose names start with one of these share their directory's lock file
+        # (a cache's entries: docs/FORMAT.md, "Shared lock files"), as the cache control
+        # file in the root says; a Cache opening (or making) its store passes them.
+        if _shared_lock_groups is None:
+            _shared_lock_groups = shared_lock_groups(self.path) or ()
+        self._shared_lock_groups = _shared_lock_groups
         self._closed = False
         self._pid = os.getpid()
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first

@@ -1153,14 +1153,19 @@ def test_a_late_deleter_whose_lock_creation_meets_a_vanishing_key_directory_find
         name, _slot = cache._locate("k")
         parts = cache.store.attrs(name)["parts"]
         assert cache._remove_entry(name) is not None
-        delete = other.store.delete
+        lexists = os.path.lexists
         make_directories = _locks.make_directories
         raced: list[str] = []
+        overtaken: list[str] = []
 
-        def delete_after_the_others(part: str) -> None:
-            if not raced:
+        def found_then_overtaken(path: str) -> bool:
+            # The late deleter finds a part's sidecar (so it goes on to take the part's
+            # lock), and the other deleter then removes everything before it locks.
+            found = lexists(path)
+            if found and not overtaken and "/p/" in path and path.endswith(".json"):
+                overtaken.append(path)
                 _delete_parts(cache.store, parts)  # parts, part directory and key directory go
-            delete(part)
+            return found
 
         def make_directories_racing_a_remover(path: str, permissions: int | None = None) -> None:
             raced.append(path)
@@ -1168,11 +1173,11 @@ def test_a_late_deleter_whose_lock_creation_meets_a_vanishing_key_directory_find
             os.rmdir(os.path.dirname(path))  # a remover finds it empty
             os.mkdir(path)  # FileNotFoundError, as os.makedirs would raise it
 
-        monkeypatch.setattr(other.store, "delete", delete_after_the_others)
+        monkeypatch.setattr(os.path, "lexists", found_then_overtaken)
         monkeypatch.setattr(_locks, "make_directories", make_directories_racing_a_remover)
         _delete_parts(other.store, parts)
         monkeypatch.undo()
-        assert raced, "the interleaving was not reached"
+        assert overtaken and raced, "the interleaving was not reached"
         assert _key_directories(tmp_path / "c") == [] and all(other.store.get(p, None) is None for p in parts)
         cache.set("k", (np.arange(5), np.arange(6)))
         assert other.get("k")[1].tolist() == list(range(6))
@@ -1283,3 +1288,74 @@ def test_close_lets_go_of_the_control_file_and_later_calls_raise_closed_error(tm
             call()
     with mmstore.Cache(path) as reopened:
         assert reopened.get("k").tolist() == [0, 1, 2] and reopened.stats()["bytes"] == 24
+
+
+def _entry_lock_files(path: str | Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in Path(path, "e").glob("*/.*.lock"))
+
+
+def _set_distinct_keys(path: str, first: int, count: int, barrier: Any, results: Any) -> None:
+    """Set keys first..first+count-1 (each with an array entry of its own), then check them all."""
+    try:
+        with mmstore.Cache(path) as cache:
+            barrier.wait(PROCESS_TIMEOUT)
+            for key in range(first, first + count):
+                cache.set(f"k{key}", np.full(4, key))
+            wrong = [k for k in range(first, first + count) if cache.get(f"k{k}").tolist() != [k] * 4]
+        results.put((0, wrong))
+    except BaseException as exc:  # reported to the test, which fails on it
+        results.put((1, repr(exc)))
+
+
+def test_entries_of_one_directory_share_its_lock_file(tmp_path: Path) -> None:
+    """A cache locks each entry through its e/<h2> directory's one lock file, so distinct
+    keys, however many, leave at most 256 lock files (each takes a disk block) instead of
+    one per key ever stored, even once their entries are evicted. Two processes setting
+    600 keys each at once, in the same directories, lose none; every handle on the
+    directory (a plain Store's too) locks and counts through the same files."""
+    import multiprocessing
+
+    path = str(tmp_path / "c")
+    mmstore.Cache(path).close()
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(2), context.Queue()
+    processes = [
+        context.Process(target=_set_distinct_keys, args=(path, first, 600, barrier, results)) for first in (0, 600)
+    ]
+    for process in processes:
+        process.start()
+    assert collect_results(processes, results) == [(0, [])] * 2
+    locks = _entry_lock_files(path)
+    assert 0 < len(locks) <= 256 and all(name.endswith("/..shared.lock") for name in locks)
+    with mmstore.Cache(path, max_bytes=64 * 32) as cache:
+        assert len(cache) == 1200
+        cache.set("one more", np.zeros(4))  # evicts all but a few entries
+        assert len(cache) <= 64
+    assert _entry_lock_files(path) == locks
+    with mmstore.Store(path) as store:  # a plain handle finds out from the control file
+        name = next(n for n in store if n.startswith("e/"))
+        assert store._locate(name).lock.path.endswith("/..shared.lock")
+
+
+def test_a_cache_made_by_an_older_version_keeps_its_lock_file_per_entry(tmp_path: Path) -> None:
+    """Caches of control-file version 2 lock every entry through a file of its own: an
+    older mmstore still writing one would not see a shared file's locks or counters, so
+    they are written as before (and their handles lock alike)."""
+    from mmstore import _cache_control
+
+    path = tmp_path / "c"
+    mmstore.Cache(path).close()
+    fd = os.open(path / _cache_control._CONTROL_NAME, os.O_WRONLY)
+    try:
+        os.pwrite(fd, (2).to_bytes(8, "little"), 8 * _cache_control._VERSION_SLOT)  # as version 2 made it
+    finally:
+        os.close(fd)
+    with mmstore.Cache(path) as cache:
+        cache.set("a", np.arange(3))
+    with mmstore.Cache(path) as cache:
+        cache.set("b", np.arange(4))
+        assert cache.get("a").tolist() == [0, 1, 2] and cache.get("b").tolist() == [0, 1, 2, 3]
+    locks = _entry_lock_files(path)
+    assert len(locks) == 2 and not any(name.endswith("..shared.lock") for name in locks)
+    with mmstore.Store(path) as store:
+        assert store._shared_lock_groups == ()
