@@ -259,6 +259,8 @@ def write_output(array: np.ndarray, output: Path) -> None:
                     break
                 except FileExistsError:  # (a token collision: draw another)
                     temp = _partial_name(output)
+                except OSError as exc:  # (a missing directory, say: the user named the output, not our temp)
+                    raise OSError(exc.errno, exc.strerror, str(output)) from None
             with progress(f"writing {output}", array.nbytes) as update:
                 if suffix == ".npy":
                     with os.fdopen(fd, "wb") as stream:
@@ -268,7 +270,10 @@ def write_output(array: np.ndarray, output: Path) -> None:
                     with os.fdopen(fd, "w", encoding="utf-8") as stream:
                         _textio.write_text(stream, array, delimiter, label=str(output))
                 update(array.nbytes)
-            os.replace(temp, output)
+            try:
+                os.replace(temp, output)
+            except OSError as exc:  # (the output is a directory, say)
+                raise OSError(exc.errno, exc.strerror, str(output)) from None
         except BaseException:
             with contextlib.suppress(FileNotFoundError):  # (gone if the signal came after the rename)
                 os.unlink(temp)

@@ -56,7 +56,7 @@ from ._maps import (
     _Mapped,
     validate_length,
 )
-from ._rows import as_rows, converted
+from ._rows import as_rows, check_spread, converted
 
 if TYPE_CHECKING:
     from ._entries import _Location
@@ -74,6 +74,18 @@ def _allocate(fd: int, size: int, name: str) -> None:
         os.posix_fallocate(fd, 0, size)
     except OSError as exc:
         raise _durable.io_error(exc, f"dataset {name!r}: reserving {size} bytes") from None
+
+
+def _edited_dtype(dtype: np.dtype[Any], index: Any) -> tuple[np.dtype[Any], str]:
+    """The dtype of what ``index`` picks from records of ``dtype`` (a field's for a name,
+    several fields' for a list of names, the records' own for rows), and the words that
+    say what a refusal refused."""
+    if isinstance(index, str) or (isinstance(index, list) and index and all(isinstance(i, str) for i in index)):
+        try:
+            return dtype[index], f"store values (field {index!r})"
+        except (KeyError, ValueError) as exc:
+            raise InvalidArgumentError(f"no field {index!r} in dtype {dtype}: {exc}") from None
+    return dtype, "store values"
 
 
 class Writer:
@@ -165,12 +177,18 @@ class Writer:
             if not (type(value) is np.ndarray and value.dtype == self.dtype):
                 value = converted(value, self.dtype, self.name, "store values")
         elif isinstance(value, (np.ndarray, np.void)) and value.dtype.names not in (None, names):
-            # (Other record edits are left to NumPy: an index may pick a field, and a value
-            # may be a scalar spread over rows. But NumPy assigns records by position.)
+            # (NumPy assigns records by position.)
             raise InvalidArgumentError(
                 f"cannot store records with fields {value.dtype.names} in dataset {self.name!r} with fields {names} "
                 "(records match by field name, in order)"
             )
+        else:  # the checks append makes, of what the index picks: records, one field or several
+            target, what = _edited_dtype(self.dtype, index)
+            spread = target.names is not None and not isinstance(value, (tuple, list, np.void))
+            if spread and not (isinstance(value, np.ndarray) and value.dtype.names is not None):
+                check_spread(value, target, self.name, what)  # NumPy stores each value into every field
+            elif not (type(value) is np.ndarray and value.dtype == target):
+                value = converted(value, target.base, self.name, what)
         with self._use_guard:
             self._check_open()  # (again: close() may have run while the value was converted)
             self._note_edit()

@@ -9,6 +9,7 @@ string longer than its field. Each refusal is an InvalidArgumentError naming the
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -77,7 +78,15 @@ def converted(values: Any, target: np.dtype[Any], name: str, what: str) -> np.nd
             )
         # A record (np.void) keeps its own fields, which are checked below: converted, its
         # fields would be taken by position.
-        block = np.asarray(values) if isinstance(values, np.void) else _parsed(values, target, target, name)
+        if isinstance(values, np.void):
+            block = np.asarray(values)
+        elif _plain_record(values, target):  # one row whose cells plainly fit: a producer's usual append
+            return _parsed(values, target, target, name)
+        else:
+            with np.errstate(over="ignore", invalid="ignore"):  # (overflows are refused just below)
+                block = _parsed(values, target, target, name)
+            _check_record_values(values, block.ndim, target, name, what)
+            return block
     elif kind in _NUMERIC_KINDS:
         block = _parsed(values, None, target, name)  # its own dtype first: checked below
         if block.dtype.kind == "O" and kind in "fc":
@@ -123,6 +132,109 @@ def converted(values: Any, target: np.dtype[Any], name: str, what: str) -> np.nd
     if kind in "fcSU":
         _check_narrowed(block, target, name, what)
     return block
+
+
+def check_spread(value: Any, target: np.dtype[Any], name: str, what: str) -> None:
+    """InvalidArgumentError unless ``value`` (one scalar, which NumPy stores into every
+    field of a record) converts to each field of ``target`` without loss."""
+    if target.names is None:
+        converted(value, target.base, name, what)
+        return
+    for field in target.names:
+        check_spread(value, target.fields[field][0], name, f"{what} (field {field!r})")  # type: ignore[index]
+
+
+def _check_record_values(values: Any, depth: int, target: np.dtype[Any], name: str, what: str) -> None:
+    """InvalidArgumentError unless every record in ``values`` (tuples, records or scalars
+    nested ``depth`` sequences deep, which NumPy converts field by field, silently cutting
+    floats to integers, text to its width and finite floats to infinity) converts without
+    loss: each field's values pass the checks converted() makes of plain values."""
+    names = target.names or ()
+    records = values if depth == 1 and type(values) is list else list(_nested_records(values, depth))
+    if not records:
+        return
+    if all(type(record) is tuple for record in records):  # (NumPy refused tuples of another length)
+        for field, cells in zip(names, zip(*records, strict=True), strict=True):
+            into = target.fields[field][0]  # type: ignore[index]
+            converted(list(cells), into.base, name, f"{what} (field {field!r})")  # (a tuple would be one record)
+        return
+    for position, field in enumerate(names):
+        into = target.fields[field][0]  # type: ignore[index]
+        column: list[Any] = []
+        for record in records:
+            if isinstance(record, np.void) and record.dtype.names is not None:
+                if record.dtype.names != target.names:
+                    raise InvalidArgumentError(
+                        f"cannot {what} with fields {record.dtype.names} in dataset {name!r} with fields "
+                        f"{target.names} (records match by field name, in order)"
+                    )
+                column.append(record[field])
+            elif isinstance(record, (tuple, np.void)):
+                column.append(record[position])
+            else:  # a scalar spread over every field
+                column.append(record)
+        if column:
+            converted(column, into.base, name, f"{what} (field {field!r})")
+
+
+def _plain_record(values: Any, target: np.dtype[Any]) -> bool:
+    """True if ``values`` is one record, a tuple of Python numbers and strings that plainly
+    fit their fields: checked here in about a microsecond, where converted() would take
+    several per field (a producer appending tuples one at a time pays it on every row).
+    False leaves the decision to the full checks."""
+    if type(values) is not tuple:
+        return False
+    rules = _PLAIN_RULES.get(target)
+    if rules is None:
+        rules = _PLAIN_RULES[target] = _plain_rules(target)
+    if len(values) != len(rules):
+        return False
+    for cell, (kind, low, high) in zip(values, rules, strict=True):
+        cell_type = type(cell)
+        if cell_type is int:
+            fits = kind in ("i", "u", "f", "c") and low <= cell <= high
+        elif cell_type is float:
+            fits = kind in ("f", "c") and (cell != cell or low <= cell <= high)  # (NaN converts; infinity: full checks)
+        elif cell_type is bytes:
+            fits = kind == "S" and len(cell) <= high
+        elif cell_type is str:
+            fits = kind == "U" and len(cell) <= high
+        else:
+            fits = cell_type is bool and kind == "b"
+        if not fits:
+            return False
+    return True
+
+
+_PLAIN_RULES: dict[np.dtype[Any], tuple[tuple[str, Any, Any], ...]] = {}
+
+
+def _plain_rules(target: np.dtype[Any]) -> tuple[tuple[str, Any, Any], ...]:
+    """(kind, lowest, highest value or length) of each field of ``target``, for _plain_record;
+    kind "" for a field it leaves to the full checks (sub-arrays, records, dates ...)."""
+    rules: list[tuple[str, Any, Any]] = []
+    for field in target.names or ():
+        into = target.fields[field][0]  # type: ignore[index]
+        kind = into.kind if into.subdtype is None and into.names is None else ""
+        if kind in ("i", "u"):
+            rules.append((kind, *_integer_limits(into)))
+        elif kind in ("f", "c"):
+            largest = float(np.finfo(into).max)
+            rules.append((kind, -largest, largest))
+        elif kind in ("S", "U"):
+            rules.append((kind, 0, into.itemsize // (4 if kind == "U" else 1)))
+        else:
+            rules.append((kind if kind == "b" else "", 0, 0))
+    return tuple(rules)
+
+
+def _nested_records(values: Any, depth: int) -> Iterator[Any]:
+    """The items ``depth`` sequences deep in ``values``: its records, as NumPy reads them."""
+    if depth == 0:
+        yield values
+        return
+    for item in values:
+        yield from _nested_records(item, depth - 1)
 
 
 def _check_narrowed(values: np.ndarray, target: np.dtype[Any], name: str, what: str) -> None:

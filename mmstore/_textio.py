@@ -199,14 +199,19 @@ def _locate_error(
         for column, cell in enumerate(cells, start=1):
             kind = leaves[column - 1][2] if names else dtype
             try:
-                _loadtxt([cell], dtype=kind, ndmin=1, encoding=None, converters=_bool_converters(kind))
+                # (with the table's delimiter: under the default, whitespace, a cell "1 2" parses)
+                _loadtxt(
+                    [cell], dtype=kind, delimiter=delimiter, ndmin=1, encoding=None, converters=_bool_converters(kind)
+                )
             except (ValueError, TypeError):
                 field = f" ({names[column - 1]!r})" if names else ""
                 return TextFormatError(
                     f"{label} line {number}, column {column}{field}: cannot parse {cell.strip()!r} as {kind}"
                 )
     match = re.search(r"row (\d+)", str(exc))
-    where = f" line {first + int(match.group(1)) - 1}" if match else ""
+    # (NumPy counts rows from 0 in a cell it cannot convert, from 1 in a change of column count.)
+    from_one = not str(exc).startswith("could not convert")
+    where = f" line {first + int(match.group(1)) - from_one}" if match else ""
     return TextFormatError(f"{label}{where}: {exc}")
 
 

@@ -154,6 +154,8 @@ def put(
     """Store an array from a file or stdin (atomically: readers see all of it or none)."""
     with _errors_to_exit():
         attrs = _parse_attrs(attr)
+        if delimiter is not None and len(delimiter) != 1:  # (NumPy's text reader splits on one character)
+            raise UsageError(f"--delimiter takes one character, got {delimiter!r}")
         try:
             parsed_dtype = _textio.parse_dtype(dtype) if dtype else None
         except ValueError as exc:
@@ -350,12 +352,16 @@ def tail(
             if len(reader) > start:
                 print("\n".join(_textio.text_lines(reader.array[start:], " ")), flush=True)
             return
-        initial_end = position = len(reader)
+        # --count counts rows past those committed when tail began; one flush may commit more
+        # than are still wanted, so a block is cut to them.
+        stop = None if count is None else len(reader) + count
         position = start
         for block in reader.follow(start=start, idle_timeout=idle_timeout):
+            if stop is not None:
+                block = block[: stop - position]
             print("\n".join(_textio.text_lines(block, " ")), flush=True)  # (the lines of `get -o x.txt`)
             position += len(block)
-            if count is not None and position - initial_end >= count:
+            if stop is not None and position >= stop:
                 return
 
 
