@@ -47,7 +47,7 @@ class _Location:
     """Where one (validated) dataset name lives on disk, and its writer lock."""
 
     __slots__ = (
-        "_lock", "directory", "groups", "inside", "leaf", "lock_file", "name", "permissions", "root", "sidecar",
+        "_lock", "directory", "groups", "inside", "leaf", "name", "permissions", "root", "shared_lock", "sidecar",
     )  # fmt: skip
 
     def __init__(self, root: str, name: str, permissions: int | None = None, shared_lock: bool = False) -> None:
@@ -64,7 +64,7 @@ class _Location:
             self.groups = []
             self.directory, self.leaf = root, name
         self.sidecar = self.directory + "/" + self.leaf + ".json"
-        self.lock_file = _names.SHARED_LOCK_FILE if shared_lock else _names.lock_file_name(self.leaf)
+        self.shared_lock = shared_lock
         self._lock: DatasetLock | None = None  # made on first use: readers never lock
 
     @property
@@ -72,6 +72,12 @@ class _Location:
         if self._lock is None:
             self._lock = DatasetLock(self.directory + "/" + self.lock_file, f"dataset {self.name!r}", self.permissions)
         return self._lock
+
+    @property
+    def lock_file(self) -> str:
+        """The name of the dataset's lock file in its directory (named when first needed:
+        every dataset's first read makes a location, and readers seldom need it)."""
+        return _names.SHARED_LOCK_FILE if self.shared_lock else _names.lock_file_name(self.leaf)
 
     def open_counter(self) -> int:
         """A read-only descriptor of the lock file, for its change counter; -1 if there is
