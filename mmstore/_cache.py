@@ -143,7 +143,10 @@ class Cache(CacheEviction):
         self.lock_timeout = _as_timeout(lock_timeout, "lock_timeout")
         # Entries share their directory's lock file unless an older cache is there (one
         # made now gets a control file of this version; _open_control checks below).
-        groups = shared_lock_groups(os.path.abspath(os.fspath(path)))
+        try:
+            groups = shared_lock_groups(os.path.abspath(os.fspath(path)))
+        except OSError as exc:
+            raise FormatError(f"cache {os.fspath(path)!r}: cannot read {_CONTROL_NAME}: {exc.strerror}") from None
         self.store = Store(
             path, "a", timeout=timeout, permissions=permissions,
             _shared_lock_groups=(ENTRY_GROUP,) if groups is None else groups,

@@ -40,15 +40,15 @@ def shared_lock_groups(root: str) -> tuple[str, ...] | None:
     """The groups whose datasets share their directory's lock file in the cache at
     ``root``: (ENTRY_GROUP,) for a cache of version 3 or later, () for an older one,
     None if ``root`` holds no cache control file (a plain store, or a cache being made).
-    Every handle on a cache directory, a Store's too, must lock entries alike."""
+    Every handle on a cache directory, a Store's too, must lock entries alike: a control
+    file that is there but cannot be read raises (OSError), rather than let a writer lock
+    and count through files other handles do not read."""
     try:
         fd = os.open(os.path.join(root, _CONTROL_NAME), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     try:
         raw = os.pread(fd, 8, 8 * _VERSION_SLOT)
-    except OSError:
-        return None
     finally:
         os.close(fd)
     if len(raw) != 8:

@@ -34,7 +34,9 @@ from ._errors import (
     MmstoreError,
     ReadOnlyError,
     StoreExistsError,
+    StoreIOError,
     StoreNotFoundError,
+    access_denied,
 )
 from ._format import MANIFEST_NAME, Header, manifest_bytes, parse_header, parse_manifest
 from ._growable import Writer
@@ -140,7 +142,14 @@ class Store(StoreWrites):
         # (a cache's entries: docs/FORMAT.md, "Shared lock files"), as the cache control
         # file in the root says; a Cache opening (or making) its store passes them.
         if _shared_lock_groups is None:
-            _shared_lock_groups = shared_lock_groups(self.path) or ()
+            try:
+                _shared_lock_groups = shared_lock_groups(self.path) or ()
+            except OSError as exc:
+                if not self.readonly:  # (a writer must lock as the cache's other handles do)
+                    error = AccessDeniedError if isinstance(exc, PermissionError) else StoreIOError
+                    problem = f"store {self.path!r}: cannot read its cache control file: {exc.strerror}"
+                    raise error(exc.errno, problem) from None
+                _shared_lock_groups = ()  # (readers finding no counter file check sidecars: never stale)
         self._shared_lock_groups = _shared_lock_groups
         self._closed = False
         self._pid = os.getpid()
@@ -445,9 +454,13 @@ class Store(StoreWrites):
         """Remove dataset ``name``; arrays already returned by ``get`` stay valid."""
         self._check_writable()
         location = self._locate_for_writing(name)
-        if not os.path.lexists(location.sidecar):
+        try:
             # Before locking: taking the lock would create the lock file (and its groups).
-            raise self._missing(name)
+            os.lstat(location.sidecar)
+        except (FileNotFoundError, NotADirectoryError):
+            raise self._missing(name) from None
+        except PermissionError:  # (a group this process may not search: not "missing")
+            raise access_denied(name, "its sidecar", location.sidecar) from None
         lock = location.lock
         lock.acquire(self.timeout)
         try:

@@ -1359,3 +1359,25 @@ def test_a_cache_made_by_an_older_version_keeps_its_lock_file_per_entry(tmp_path
     assert len(locks) == 2 and not any(name.endswith("..shared.lock") for name in locks)
     with mmstore.Store(path) as store:
         assert store._shared_lock_groups == ()
+
+
+def test_a_writable_store_refuses_a_cache_control_file_it_cannot_read(tmp_path: Path) -> None:
+    """A writable handle on a cache directory must lock entries as the cache's handles do,
+    which the control file says: one it cannot read is an error, not "no cache" (that
+    handle would lock and count through files no other handle reads). A read-only handle
+    opens all the same (a reader without a counter checks sidecars: never stale)."""
+    from mmstore import _cache_control
+
+    path = tmp_path / "c"
+    with mmstore.Cache(path) as cache:
+        cache.set("k", np.arange(3))
+    control = path / _cache_control._CONTROL_NAME
+    control.unlink()
+    control.mkdir()  # (reading it fails with EISDIR, as root reads everything else)
+    with pytest.raises(mmstore.StoreIOError, match="cache control file"):
+        mmstore.Store(path, "a")
+    with pytest.raises(mmstore.FormatError, match="cannot read"):
+        mmstore.Cache(path)
+    with mmstore.Store(path, "r") as reader:
+        (name,) = [n for n in reader if n.startswith("e/")]
+        assert reader.get(name).tolist() == [0, 1, 2]

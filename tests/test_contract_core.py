@@ -369,6 +369,14 @@ for name, call in [
     except BaseException as exc:
         print(name, "->", type(exc).__name__, exc)
 assert store.get("ok").tolist() == [0, 1, 2]  # what may be read still reads
+writable = mmstore.Store(path + "/store", "a")  # (its root is writable; group g is not searchable)
+try:
+    writable.delete("g/b")
+    print("delete through an unsearchable group -> no error")
+except mmstore.AccessDeniedError as exc:
+    print("delete through an unsearchable group -> AccessDeniedError:", exc)
+except BaseException as exc:
+    print("delete through an unsearchable group ->", type(exc).__name__, exc)
 print("OK")
 """
 
@@ -387,6 +395,7 @@ def test_a_read_the_file_system_refuses_is_an_access_denied_error() -> None:
             data_file = Path(store.info("c")["data_file"])
         mmstore.Store(top / "locked-out").close()
         (top / "locked-out" / "mmstore.json").chmod(0o600)
+        (top / "store").chmod(0o777)
         (top / "store" / "a.json").chmod(0o600)
         (top / "store" / "g").chmod(0o700)
         data_file.chmod(0o600)
@@ -395,9 +404,10 @@ def test_a_read_the_file_system_refuses_is_an_access_denied_error() -> None:
         )
         assert done.returncode == 0, done.stderr[-2000:]
         lines = done.stdout.splitlines()
-        assert lines[-1] == "OK" and len(lines) == 7, done.stdout
+        assert lines[-1] == "OK" and len(lines) == 8, done.stdout
+        assert "-> AccessDeniedError:" in lines[-2] and "'g/b'" in lines[-2], lines[-2]  # (not a KeyError)
         assert lines[0].startswith("open -> AccessDeniedError:") and "locked-out" in lines[0]
-        for line, named in zip(lines[1:-1], ["'a'", "'a'", "'g/b'", "'c'", "g"], strict=True):
+        for line, named in zip(lines[1:-2], ["'a'", "'a'", "'g/b'", "'c'", "g"], strict=True):
             assert "-> AccessDeniedError:" in line and named in line.partition("AccessDeniedError:")[2], line
     finally:
         for directory, _dirs, _files in os.walk(top):
