@@ -1153,16 +1153,16 @@ def test_a_late_deleter_whose_lock_creation_meets_a_vanishing_key_directory_find
         name, _slot = cache._locate("k")
         parts = cache.store.attrs(name)["parts"]
         assert cache._remove_entry(name) is not None
-        lexists = os.path.lexists
+        lstat = os.lstat
         make_directories = _locks.make_directories
         raced: list[str] = []
         overtaken: list[str] = []
 
-        def found_then_overtaken(path: str) -> bool:
+        def found_then_overtaken(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
             # The late deleter finds a part's sidecar (so it goes on to take the part's
             # lock), and the other deleter then removes everything before it locks.
-            found = lexists(path)
-            if found and not overtaken and "/p/" in path and path.endswith(".json"):
+            found = lstat(path, *args, **kwargs)
+            if not overtaken and isinstance(path, str) and "/p/" in path and path.endswith(".json"):
                 overtaken.append(path)
                 _delete_parts(cache.store, parts)  # parts, part directory and key directory go
             return found
@@ -1173,7 +1173,7 @@ def test_a_late_deleter_whose_lock_creation_meets_a_vanishing_key_directory_find
             os.rmdir(os.path.dirname(path))  # a remover finds it empty
             os.mkdir(path)  # FileNotFoundError, as os.makedirs would raise it
 
-        monkeypatch.setattr(os.path, "lexists", found_then_overtaken)
+        monkeypatch.setattr(os, "lstat", found_then_overtaken)
         monkeypatch.setattr(_locks, "make_directories", make_directories_racing_a_remover)
         _delete_parts(other.store, parts)
         monkeypatch.undo()
