@@ -43,6 +43,10 @@ def create_dataset(
 ) -> Writer:
     """Store.create: make the data file, commit its sidecar, return the writer (holding the lock)."""
     name = location.name
+    for flag, value in (("growable", growable), ("exist_ok", exist_ok)):
+        if not isinstance(value, (bool, np.bool_)):  # ("no" or "false" would read as true)
+            raise InvalidArgumentError(f"dataset {name!r}: {flag} must be True or False, not {value!r}")
+    growable, exist_ok = bool(growable), bool(exist_ok)
     dtype = as_dtype(dtype, f"dataset {name!r}")
     encode_dtype(dtype)
     shape = _as_shape(shape, name)

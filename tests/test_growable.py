@@ -1227,6 +1227,18 @@ def test_create_refuses_bad_capacities_and_sizes_with_invalid_argument(
     np.testing.assert_array_equal(store.get("g"), np.arange(3))
 
 
+@pytest.mark.parametrize("flag", ["growable", "exist_ok"])
+@pytest.mark.parametrize("value", ["no", "false", 0, 1, None])
+def test_create_takes_only_booleans_as_flags(store: mmstore.Store, flag: str, value: Any) -> None:
+    """A flag given as a string ("no" reads as true) or a number is refused, naming it."""
+    with pytest.raises(mmstore.InvalidArgumentError, match=f"{flag} must be True or False"):
+        store.create("g", np.int32, (0,), **{flag: value})
+    assert "g" not in store
+    with store.create("g", np.int32, (0,), **{flag: np.bool_(True)}):  # (NumPy's bool is a bool)
+        pass
+    assert "g" in store
+
+
 def test_storing_a_row_of_the_wrong_shape_is_an_invalid_argument(store: mmstore.Store) -> None:
     with store.create("g", np.float64, (0, 2), growable=True) as writer:
         writer.append([[1, 2], [3, 4]])
