@@ -149,30 +149,41 @@ def test_a_dtype_whose_field_titles_are_not_strings_is_refused_as_unsupported(
 
 # --- writes refused by the file system ---------------------------------------------------
 
-UNWRITABLE_CHECK = """
+# What the two checks below run first, as an unprivileged user: report(calls, expected)
+# prints one line per call, "<name> -> <error class>: <message>" (or "-> no error").
+AS_ANOTHER_USER = """
 import os, sys, numpy as np, mmstore
 if os.geteuid() == 0:
     os.setgid(65534); os.setuid(65534)  # chmod does not bind root
+
+def report(calls, expected):
+    for name, call in calls:
+        try:
+            call()
+            print(name, "-> no error")
+        except expected as exc:
+            assert isinstance(exc, PermissionError) and "\\n" not in str(exc), exc
+            print(name, "->", expected.__name__ + ":", exc)
+        except BaseException as exc:
+            print(name, "->", type(exc).__name__, exc)
+"""
+
+UNWRITABLE_CHECK = (
+    AS_ANOTHER_USER
+    + """
 store = mmstore.Store(sys.argv[1], "a")
-for name, call in [
+report([
     ("put through a group without write permission", lambda: store.put("g/new", np.arange(2))),
     ("replace a dataset whose group has no write permission", lambda: store.put("g/x", np.arange(2))),
     ("put to a dataset whose lock file has no write permission", lambda: store.put("y", np.arange(2))),
     ("delete a dataset whose lock file has no write permission", lambda: store.delete("y")),
-]:
-    try:
-        call()
-        print(name, "-> no error")
-    except mmstore.ReadOnlyError as exc:
-        assert isinstance(exc, PermissionError) and "\\n" not in str(exc), exc
-        print(name, "-> ReadOnlyError:", exc)
-    except BaseException as exc:
-        print(name, "->", type(exc).__name__, exc)
+], mmstore.ReadOnlyError)
 store.put("z", np.arange(3))  # what the file system allows still works
 assert store.get("z").tolist() == [0, 1, 2]
 assert store.get("g/x").tolist() == [0, 1, 2] and store.get("y").tolist() == [0, 1]
 print("OK")
 """
+)
 
 
 def test_a_write_the_file_system_refuses_is_a_read_only_error() -> None:
@@ -343,42 +354,25 @@ def test_deleting_a_missing_dataset_is_a_key_error_that_changes_nothing(store: m
 
 # --- reads refused by the file system ----------------------------------------------------
 
-UNREADABLE_CHECK = """
-import os, sys, mmstore
-if os.geteuid() == 0:
-    os.setgid(65534); os.setuid(65534)  # chmod does not bind root
+UNREADABLE_CHECK = (
+    AS_ANOTHER_USER
+    + """
 path = sys.argv[1]
-try:
-    mmstore.Store(path + "/locked-out", "r")
-except mmstore.AccessDeniedError as exc:
-    print("open -> AccessDeniedError:", exc)
+report([("open", lambda: mmstore.Store(path + "/locked-out", "r"))], mmstore.AccessDeniedError)
 store = mmstore.Store(path + "/store", "r")
-for name, call in [
+report([
     ("get of an unreadable sidecar", lambda: store.get("a")),
     ("info of an unreadable sidecar", lambda: store.info("a")),
     ("get through an unsearchable group", lambda: store.get("g/b")),
     ("get of an unreadable data file", lambda: store.get("c")),
     ("listing with an unreadable group", lambda: list(store)),
-]:
-    try:
-        call()
-        print(name, "-> no error")
-    except mmstore.AccessDeniedError as exc:
-        assert isinstance(exc, PermissionError) and "\\n" not in str(exc), exc
-        print(name, "-> AccessDeniedError:", exc)
-    except BaseException as exc:
-        print(name, "->", type(exc).__name__, exc)
+], mmstore.AccessDeniedError)
 assert store.get("ok").tolist() == [0, 1, 2]  # what may be read still reads
 writable = mmstore.Store(path + "/store", "a")  # (its root is writable; group g is not searchable)
-try:
-    writable.delete("g/b")
-    print("delete through an unsearchable group -> no error")
-except mmstore.AccessDeniedError as exc:
-    print("delete through an unsearchable group -> AccessDeniedError:", exc)
-except BaseException as exc:
-    print("delete through an unsearchable group ->", type(exc).__name__, exc)
+report([("delete through an unsearchable group", lambda: writable.delete("g/b"))], mmstore.AccessDeniedError)
 print("OK")
 """
+)
 
 
 def test_a_read_the_file_system_refuses_is_an_access_denied_error() -> None:
