@@ -49,6 +49,8 @@ ATTRS_ATTR = "mmstore.attrs"
 VERSION_ATTR = "mmstore.format_version"
 # Blocks of ~4 MiB: measured faster into h5py than 16 MiB ones.
 _BLOCK_BYTES = 4 * 2**20
+# The largest chunk an explicit chunk shape may give (docs/HDF5.md "Options").
+_MAX_CHUNK_BYTES = 16 * 2**20
 _PAGE = mmap.PAGESIZE
 
 Progress = Callable[[str, int, int], None]  # (dataset name, bytes done, bytes total)
@@ -176,7 +178,8 @@ def export_hdf5(
 
     ``compression`` is ``"gzip"``, ``"lzf"`` or None; ``chunks`` is None
     (contiguous unless compressed), True (h5py's choice) or a chunk shape,
-    fitted to each dataset by ``fit_chunks``; 0-d and empty datasets are
+    fitted to each dataset by ``fit_chunks`` and cut to at most 16 MiB a
+    chunk; 0-d and empty datasets are
     always contiguous. Returns the exported names. ``path`` appears only when
     complete. ``store`` is a Store or a store path (opened read-only).
     """
@@ -317,7 +320,10 @@ def _write_dataset(
     # HDF5 cannot chunk (or so compress) a scalar, and an empty dataset has nothing to
     # chunk or compress: both stay contiguous.
     if h5_shape and 0 not in h5_shape and (compression or chunks):
-        options["chunks"] = (*fit_chunks(chunks, shape), *extra) if isinstance(chunks, tuple) else True
+        if isinstance(chunks, tuple):
+            options["chunks"] = _cap_chunks((*fit_chunks(chunks, shape), *extra), stored.itemsize, len(extra))
+        else:
+            options["chunks"] = True
         if compression:
             options["compression"] = compression
     try:
@@ -346,25 +352,31 @@ def _write_dataset(
         if progress is not None:
             progress(name, nbytes, nbytes)
         return
-    row_bytes = nbytes // shape[0]
-    rows_per_block = max(1, _BLOCK_BYTES // max(row_bytes, 1))
-    # Blocks are handed to h5py straight from a private read-only map of the data file
-    # (no copy into a buffer); each block's pages are dropped from the map once written
+    chunk_shape = dataset.chunks[: len(shape)] if dataset.chunks else None
+    tile = _tile_shape(shape, dtype.itemsize, chunk_shape)
+    # Blocks are handed to h5py straight from a read-only map of the data file (no copy
+    # unless a tile is strided); each block's pages are dropped from the map once written
     # (MADV_DONTNEED on a clean file mapping), so the RSS stays at about one block.
     mapped = mmap.mmap(fd, offset + nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
     try:
-        dropped = 0
-        for start in range(0, shape[0], rows_per_block):
-            stop = min(start + rows_per_block, shape[0])
-            block = np.frombuffer(mapped, dtype, (stop - start) * math.prod(shape[1:]), offset + start * row_bytes)
-            dataset[start:stop] = block.view(stored).reshape((stop - start, *h5_shape[1:]))
+        whole = np.frombuffer(mapped, dtype, math.prod(shape), offset).reshape(shape)
+        done = 0
+        grid = tuple(-(-extent // size) for extent, size in zip(shape, tile, strict=True))
+        for index in np.ndindex(*grid):
+            starts = [i * size for i, size in zip(index, tile, strict=True)]
+            stops = [min(start + size, extent) for start, size, extent in zip(starts, tile, shape, strict=True)]
+            where = tuple(slice(start, stop) for start, stop in zip(starts, stops, strict=True))
+            block = np.ascontiguousarray(whole[where])
+            dataset[where] = block.view(stored).reshape((*block.shape, *extra))
+            done += block.nbytes
             del block
-            done = (offset + stop * row_bytes) // _PAGE * _PAGE
-            if done > dropped:
-                mapped.madvise(mmap.MADV_DONTNEED, dropped, done - dropped)
-                dropped = done
+            first = offset + int(np.ravel_multi_index(starts, shape)) * dtype.itemsize
+            last = offset + (int(np.ravel_multi_index([stop - 1 for stop in stops], shape)) + 1) * dtype.itemsize
+            begin = first // _PAGE * _PAGE
+            mapped.madvise(mmap.MADV_DONTNEED, begin, min(-(-last // _PAGE) * _PAGE, len(mapped)) - begin)
             if progress is not None:
-                progress(name, stop * row_bytes, nbytes)
+                progress(name, done, nbytes)
+        del whole
     finally:
         try:
             mapped.close()
@@ -372,6 +384,36 @@ def _write_dataset(
             # An error in flight (h5py's ENOSPC, say) still holds the block viewing the map in
             # its traceback; closing must not replace that error. The map goes with the block.
             pass
+
+
+def _tile_shape(shape: tuple[int, ...], itemsize: int, chunks: tuple[int, ...] | None) -> tuple[int, ...]:
+    """The shape of the blocks an export writes: whole chunks only (a partly written
+    compressed chunk is read back, inflated and compressed again at every later write to
+    it), about _BLOCK_BYTES (at least one chunk), trailing axes whole where they fit. Rows
+    larger than a block are cut along later axes, so no block is ever a whole huge row."""
+    unit = list(chunks) if chunks else [1] * len(shape)
+    budget = max(_BLOCK_BYTES, math.prod(unit) * itemsize)
+    tile = list(unit)
+    for axis in reversed(range(len(shape))):
+        per_index = math.prod(tile) // tile[axis] * itemsize
+        fits = budget // per_index
+        if fits >= shape[axis]:
+            tile[axis] = shape[axis]
+            continue
+        tile[axis] = max(unit[axis], fits // unit[axis] * unit[axis])
+        break
+    return tuple(tile)
+
+
+def _cap_chunks(chunks: tuple[int, ...], itemsize: int, keep: int) -> tuple[int, ...]:
+    """Cut a chunk shape, leading axes first (the last ``keep`` axes never), to at most
+    _MAX_CHUNK_BYTES: HDF5 holds a whole chunk in memory to compress it (and refuses
+    chunks over 4 GiB), so a bounded export needs bounded chunks."""
+    capped = list(chunks)
+    for axis in range(len(capped) - keep):
+        others = math.prod(capped) // capped[axis] * itemsize
+        capped[axis] = max(1, min(capped[axis], _MAX_CHUNK_BYTES // max(others, 1)))
+    return tuple(capped)
 
 
 def import_hdf5(

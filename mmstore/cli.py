@@ -397,7 +397,8 @@ def compact(
         str | None,
         typer.Option(
             help="'auto' (h5py's choice) or a chunk shape like 1000,64: upper bounds for each dataset's leading "
-            "axes, cut to its extents; later axes are whole. 0-d and empty datasets are never chunked."
+            "axes, cut to its extents (and to 16 MiB a chunk); later axes are whole. 0-d and empty datasets are "
+            "never chunked."
         ),
     ] = None,
 ) -> None:
