@@ -35,7 +35,14 @@ import numpy as np
 
 from . import _durable, _names
 from ._dtypes import decode_dtype, encode_dtype
-from ._errors import DatasetNotFoundError, InvalidArgumentError, InvalidNameError, MmstoreError, UnsupportedDtypeError
+from ._errors import (
+    ArgumentTypeError,
+    DatasetNotFoundError,
+    InvalidArgumentError,
+    InvalidNameError,
+    MmstoreError,
+    UnsupportedDtypeError,
+)
 from ._format import FORMAT_VERSION
 from ._locks import hold_new_file, remove_if_writer_gone
 from ._mapping import RowSource
@@ -126,7 +133,12 @@ def fit_chunks(requested: tuple[int, ...], shape: tuple[int, ...]) -> tuple[int,
 def _check_chunks(chunks: bool | tuple[int, ...] | None) -> bool | tuple[int, ...] | None:
     if chunks is None or isinstance(chunks, bool):
         return chunks
-    sizes = tuple(chunks)
+    try:
+        sizes = tuple(chunks)
+    except TypeError:  # (chunks=1000: a number, not a shape)
+        raise ArgumentTypeError(
+            f"chunks must be None, True or a tuple of positive sizes such as (1000,), not {chunks!r}"
+        ) from None
     if not sizes or not all(isinstance(size, (int, np.integer)) and size > 0 for size in sizes):
         raise InvalidArgumentError(f"chunks must be None, True or a tuple of positive sizes, not {chunks!r}")
     return tuple(int(size) for size in sizes)
@@ -192,6 +204,8 @@ def export_hdf5(
         raise InvalidArgumentError(f"compression must be 'gzip', 'lzf' or None, not {compression!r}")
     chunks = _check_chunks(chunks)
     names = selected_names(store, only)
+    if only and not names:  # (a typo must not write an empty file and succeed)
+        raise DatasetNotFoundError(f"nothing to export: no dataset or group {only!r} in the store")
     _check_tree(names)
     exported: list[str] = []
     target = os.path.abspath(os.fspath(path))
@@ -434,18 +448,19 @@ def import_hdf5(
             return import_hdf5(path, opened, only=only, progress=progress)
     import h5py
 
-    found: list[tuple[str, Any]] = []
     with h5py.File(os.fspath(path), "r") as h5:
-        h5.visititems(lambda key, obj: found.append((key, obj)) if isinstance(obj, h5py.Dataset) else None)
+        found, links = _walk(h5)
         prefix = only.strip("/")
+
+        def wanted(name: str) -> bool:
+            return not prefix or name == prefix or name.startswith(prefix + "/")
+
         imported: list[str] = []
-        skipped: dict[str, str] = {}
-        for name, reason in _links(h5).items():
-            if not prefix or name == prefix or name.startswith(prefix + "/"):
-                skipped[name] = reason
-        for name, dataset in found:
-            if prefix and not (name == prefix or name.startswith(prefix + "/")):
-                continue
+        skipped = {name: reason for name, reason in links.items() if wanted(name)}
+        selected = [(name, dataset) for name, dataset in found if wanted(name)]
+        if prefix and not selected and not skipped:
+            raise DatasetNotFoundError(f"nothing to import: no dataset or group {only!r} in {os.fspath(path)}")
+        for name, dataset in selected:
             try:
                 _names.validate_name(name)
                 source, attrs = _import_source(name, dataset)
@@ -459,27 +474,47 @@ def import_hdf5(
     return imported, skipped
 
 
-def _links(h5: Any) -> dict[str, str]:
-    """{name: why it is skipped} of the file's soft and external links (visititems follows
-    neither, and a link is not a dataset of its own: its target, if in the file, is
-    imported under the target's name)."""
+def _walk(h5: Any) -> tuple[list[tuple[str, Any]], dict[str, str]]:
+    """([(name, dataset)] under every name, in name order; {name: why it is skipped}).
+
+    Walks links rather than objects: visititems() visits an object once, so a dataset (or
+    a group) reachable through two hard links would be imported under one name only. A
+    soft or external link is skipped (a soft link's target, if in the file, is imported
+    under the target's own name); so is a hard link to a group that holds it (a cycle).
+    """
     import h5py
 
-    links: dict[str, str] = {}
+    found: list[tuple[str, Any]] = []
+    skipped: dict[str, str] = {}
 
-    def note(name: str, link: Any) -> None:
-        if isinstance(link, h5py.SoftLink):
-            links[name] = f"a soft link to {link.path!r}: links are not imported (their target is, under its own name)"
-        elif isinstance(link, h5py.ExternalLink):
-            links[name] = f"an external link to {link.filename}:{link.path}: links to other files are not imported"
+    def visit(group: Any, prefix: str, ancestors: list[Any]) -> None:
+        for key in group:
+            name = prefix + key
+            link = group.get(key, getlink=True)
+            if isinstance(link, h5py.SoftLink):
+                skipped[name] = (
+                    f"a soft link to {link.path!r}: links are not imported (their target is, under its own name)"
+                )
+                continue
+            if isinstance(link, h5py.ExternalLink):
+                skipped[name] = (
+                    f"an external link to {link.filename}:{link.path}: links to other files are not imported"
+                )
+                continue
+            if not isinstance(link, h5py.HardLink):
+                skipped[name] = f"a {type(link).__name__}: only datasets and groups are imported"
+                continue
+            target = group.get(key)
+            if isinstance(target, h5py.Dataset):
+                found.append((name, target))
+            elif isinstance(target, h5py.Group):
+                if any(target == ancestor for ancestor in ancestors):
+                    skipped[name] = "a hard link to a group that holds it: not followed (it would never end)"
+                else:
+                    visit(target, name + "/", [*ancestors, target])
 
-    visit = getattr(h5, "visititems_links", None)  # (h5py >= 3.11)
-    if visit is not None:
-        visit(note)
-    else:  # pragma: no cover - older h5py: links of the root group only
-        for key in h5:
-            note(key, h5.get(key, getlink=True))
-    return links
+    visit(h5, "", [h5])
+    return found, skipped
 
 
 def _import_source(name: str, dataset: Any) -> tuple[RowSource, dict[str, Any]]:
@@ -501,15 +536,23 @@ def _import_source(name: str, dataset: Any) -> tuple[RowSource, dict[str, Any]]:
     else:
         attrs = {}
         for key, value in dataset.attrs.items():
-            converted = value.tolist() if isinstance(value, (np.ndarray, np.generic)) else value
-            if isinstance(converted, bytes):
-                converted = converted.decode("utf-8", "replace")
+            converted = _json_value(value.tolist() if isinstance(value, (np.ndarray, np.generic)) else value)
             try:
-                json.dumps(converted)
+                # allow_nan=False: NaN and infinities are not JSON, and mmstore's attrs are JSON.
+                json.dumps(converted, allow_nan=False)
             except (TypeError, ValueError):
-                continue
+                continue  # (docs/HDF5.md: an attribute JSON cannot hold is left out, not the dataset)
             attrs[key] = converted
     return source, attrs
+
+
+def _json_value(value: Any) -> Any:
+    """An attribute value with byte strings (at any depth of a list) decoded as text."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, list):
+        return [_json_value(item) for item in value]
+    return value
 
 
 def _store_class() -> type[Store]:

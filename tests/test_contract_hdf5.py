@@ -17,6 +17,7 @@ import pytest
 
 import mmstore
 from tests.conftest import PROCESS_TIMEOUT
+from tests.test_cli import mmstore_cli, one_line_error
 
 # --- streaming: bounded blocks, whole chunks ------------------------------------------
 
@@ -155,3 +156,73 @@ def test_a_store_its_user_may_not_write_exports() -> None:
         for directory, _dirs, _files in os.walk(top):
             os.chmod(directory, 0o755)
         shutil.rmtree(top)
+
+
+# --- import of HDF5 files that compact did not write ----------------------------------
+
+
+def test_import_keeps_every_name_of_a_hard_linked_dataset_or_group(tmp_path: Path) -> None:
+    # visititems() visits an object once, under its first name: 'g/b' (a second hard link
+    # to the dataset 'a') and 'grp/d' (reached first through the group's other name 'alias')
+    # were silently missing from the store, neither imported nor listed as skipped.
+    with h5py.File(tmp_path / "in.h5", "w") as h5:
+        h5["a"] = np.arange(3)
+        h5["g/b"] = h5["a"]
+        h5["grp/d"] = np.arange(2.0)
+        h5["alias"] = h5["grp"]
+        h5["grp/loop"] = h5["grp"]  # a group that holds itself
+    with mmstore.Store(tmp_path / "s") as store:
+        imported, skipped = mmstore.import_hdf5(tmp_path / "in.h5", store)
+        assert imported == ["a", "alias/d", "g/b", "grp/d"]
+        assert set(skipped) == {"alias/loop", "grp/loop"}
+        assert all("hard link to a group that holds it" in reason for reason in skipped.values())
+        assert store.get("g/b").tolist() == [0, 1, 2] and store.get("grp/d").tolist() == [0.0, 1.0]
+
+
+def test_an_attribute_json_cannot_hold_does_not_cost_the_dataset(tmp_path: Path) -> None:
+    # netCDF-style files carry NaN fill values: the whole dataset was skipped ("attrs must
+    # be JSON-serialisable: Out of range float values ..."). Now only that attribute is left
+    # out (docs/HDF5.md), and byte strings in lists come back as text like single ones.
+    with h5py.File(tmp_path / "in.h5", "w") as h5:
+        h5["t"] = np.arange(4.0)
+        h5["t"].attrs["_FillValue"] = np.nan
+        h5["t"].attrs["limits"] = np.array([0.0, np.inf])
+        h5["t"].attrs["units"] = "K"
+        h5["t"].attrs["flags"] = np.array([b"ok", b"bad"])
+        h5["t"].attrs["ref"] = h5["t"].ref
+    with mmstore.Store(tmp_path / "s") as store:
+        assert mmstore.import_hdf5(tmp_path / "in.h5", store) == (["t"], {})
+        assert store.attrs("t") == {"units": "K", "flags": ["ok", "bad"]}
+        assert store.get("t").tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+# --- options --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunks", [1000, np.int64(4), 2.5], ids=repr)
+def test_a_chunk_option_that_is_not_a_shape_is_a_clear_error(tmp_path: Path, chunks: Any) -> None:
+    # chunks=1000 raised a bare "TypeError: 'int' object is not iterable".
+    with mmstore.Store(tmp_path / "s") as store:
+        store.put("x", np.arange(10))
+        with pytest.raises(mmstore.MmstoreError, match=r"chunks must be None, True or a tuple.*\(1000,\)"):
+            mmstore.export_hdf5(store, tmp_path / "out.h5", chunks=chunks)
+    assert os.listdir(tmp_path) == ["s"]
+
+
+def test_only_that_selects_nothing_is_an_error_not_an_empty_file(tmp_path: Path) -> None:
+    # A typo in --only wrote an empty out.h5 and said "wrote 0 datasets", exit 0.
+    with mmstore.Store(tmp_path / "s") as store:
+        store.put("genome/a", np.arange(3))
+        with pytest.raises(mmstore.DatasetNotFoundError, match="'genme'"):
+            mmstore.export_hdf5(store, tmp_path / "out.h5", only="genme")
+        assert mmstore.export_hdf5(tmp_path / "s", tmp_path / "all.h5") == ["genome/a"]
+    assert sorted(os.listdir(tmp_path)) == ["all.h5", "s"]
+    result = mmstore_cli("compact", str(tmp_path / "s"), str(tmp_path / "out.h5"), "--only", "genme", check=False)
+    assert result.returncode == 1 and "'genme'" in one_line_error(result)
+    assert not (tmp_path / "out.h5").exists()
+    with mmstore.Store(tmp_path / "back") as back, pytest.raises(mmstore.DatasetNotFoundError, match="'genme'"):
+        mmstore.import_hdf5(tmp_path / "all.h5", back, only="genme")
+    result = mmstore_cli("import", str(tmp_path / "all.h5"), str(tmp_path / "back"), "--only", "genme", check=False)
+    assert result.returncode == 1 and "'genme'" in one_line_error(result)
+    with mmstore.Store(tmp_path / "back", "r") as back:
+        assert back.keys() == []
