@@ -449,29 +449,50 @@ def import_hdf5(
     import h5py
 
     with h5py.File(os.fspath(path), "r") as h5:
-        found, links = _walk(h5)
-        prefix = only.strip("/")
-
-        def wanted(name: str) -> bool:
-            return not prefix or name == prefix or name.startswith(prefix + "/")
-
-        imported: list[str] = []
-        skipped = {name: reason for name, reason in links.items() if wanted(name)}
-        selected = [(name, dataset) for name, dataset in found if wanted(name)]
-        if prefix and not selected and not skipped:
+        selected, skipped = import_selection(h5, only)
+        if only.strip("/") and not selected and not skipped:
             raise DatasetNotFoundError(f"nothing to import: no dataset or group {only!r} in {os.fspath(path)}")
+        imported: list[str] = []
         for name, dataset in selected:
             try:
                 _names.validate_name(name)
-                source, attrs = _import_source(name, dataset)
+                source, attrs = _import_source(name, dataset, progress)
                 store.put(name, source, attrs=attrs)
             except (InvalidNameError, UnsupportedDtypeError, ValueError, TypeError) as exc:
                 skipped[name] = str(exc)
                 continue
             imported.append(name)
-            if progress is not None:
-                progress(name, source.nbytes, source.nbytes)
+            if progress is not None and source.nbytes == 0:
+                progress(name, 0, 0)  # (no block was read to report it)
     return imported, skipped
+
+
+def import_selection(h5: Any, only: str = "") -> tuple[list[tuple[str, Any]], dict[str, str]]:
+    """([(name, dataset)], {skipped link: reason}) of an open HDF5 file under ``only``."""
+    found, links = _walk(h5)
+    prefix = only.strip("/")
+
+    def wanted(name: str) -> bool:
+        return not prefix or name == prefix or name.startswith(prefix + "/")
+
+    return [(name, dataset) for name, dataset in found if wanted(name)], {
+        name: reason for name, reason in links.items() if wanted(name)
+    }
+
+
+class _ReportingSource(RowSource):
+    """A RowSource that reports each block read, so a long import's progress moves
+    within a dataset, not only after it."""
+
+    def __init__(self, source: Any, view: np.dtype[Any] | None, name: str, progress: Progress) -> None:
+        super().__init__(source, view=view)
+        self.name, self.progress, self.done = name, progress, 0
+
+    def block(self, start: int, stop: int) -> np.ndarray:
+        rows = super().block(start, stop)
+        self.done += rows.nbytes
+        self.progress(self.name, self.done, self.nbytes)
+        return rows
 
 
 def _walk(h5: Any) -> tuple[list[tuple[str, Any]], dict[str, str]]:
@@ -517,19 +538,17 @@ def _walk(h5: Any) -> tuple[list[tuple[str, Any]], dict[str, str]]:
     return found, skipped
 
 
-def _import_source(name: str, dataset: Any) -> tuple[RowSource, dict[str, Any]]:
+def _import_source(name: str, dataset: Any, progress: Progress | None) -> tuple[RowSource, dict[str, Any]]:
     raw_dtype = dataset.attrs.get(DTYPE_ATTR)
+    view: np.dtype[Any] | None = None
     if raw_dtype is not None:
         try:
             view = decode_dtype(json.loads(raw_dtype))
         except ValueError as exc:
             raise UnsupportedDtypeError(f"dataset {name!r}: bad {DTYPE_ATTR} attribute: {exc}") from None
-        source = RowSource(dataset, view=view)
-    else:
-        dtype = np.dtype(dataset.dtype)
-        if dtype.hasobject:
-            raise UnsupportedDtypeError(f"dataset {name!r}: variable-length data ({dataset.dtype}) has no fixed size")
-        source = RowSource(dataset)
+    elif np.dtype(dataset.dtype).hasobject:
+        raise UnsupportedDtypeError(f"dataset {name!r}: variable-length data ({dataset.dtype}) has no fixed size")
+    source = RowSource(dataset, view=view) if progress is None else _ReportingSource(dataset, view, name, progress)
     raw_attrs = dataset.attrs.get(ATTRS_ATTR)
     if raw_attrs is not None:
         attrs = json.loads(raw_attrs)

@@ -40,7 +40,7 @@ from ._cli_io import (
     write_output,
 )
 from ._dtypes import encode_dtype
-from ._hdf5 import selected_names
+from ._hdf5 import import_selection, selected_names
 
 app = typer.Typer(
     name="mmstore",
@@ -438,14 +438,21 @@ def import_(
 
         if source.is_file() and not h5py.is_hdf5(source):
             raise mmstore.InvalidArgumentError(f"{source}: not an HDF5 file")
+        with h5py.File(source, "r") as h5:  # (the bar's total: the bytes to import, not the file's size)
+            total = sum(
+                dataset.nbytes
+                for _name, dataset in import_selection(h5, only)[0]
+                if dataset.shape is not None and not dataset.dtype.hasobject
+            )
     with _errors_to_exit(), _open(store, "a") as opened:
-        done = 0
-        with progress(f"importing {source}", source.stat().st_size) as update:
+        finished = 0
+        with progress(f"importing {source}", total) as update:
 
-            def step(_name: str, size: int, _total: int) -> None:
-                nonlocal done
-                done += size
-                update(done)
+            def step(_name: str, done: int, size: int) -> None:
+                nonlocal finished
+                update(finished + done)
+                if done == size:
+                    finished += size
 
             imported, skipped = mmstore.import_hdf5(source, opened, only=only, progress=step)
         for name, reason in skipped.items():

@@ -226,3 +226,43 @@ def test_only_that_selects_nothing_is_an_error_not_an_empty_file(tmp_path: Path)
     assert result.returncode == 1 and "'genme'" in one_line_error(result)
     with mmstore.Store(tmp_path / "back", "r") as back:
         assert back.keys() == []
+
+
+def test_import_reports_progress_within_a_large_dataset(tmp_path: Path) -> None:
+    # Progress was reported once per dataset, after it was stored: `mmstore import` of one
+    # large dataset showed a bar that did not move until the end (and whose total was the
+    # file's size, which compression makes smaller than the bytes imported).
+    rows = np.arange(10 * 2**20, dtype=np.float64)  # 80 MiB: three of import's 32 MiB blocks
+    with h5py.File(tmp_path / "in.h5", "w") as h5:
+        h5["big"] = rows
+        h5["empty"] = np.zeros(0)
+    calls: list[tuple[str, int, int]] = []
+    with mmstore.Store(tmp_path / "s") as store:
+        mmstore.import_hdf5(tmp_path / "in.h5", store, progress=lambda *call: calls.append(call))
+        assert store.get("big").tobytes() == rows.tobytes()
+    big = [(done, total) for name, done, total in calls if name == "big"]
+    assert len(big) >= 3 and all(total == rows.nbytes for _done, total in big)
+    assert [done for done, _total in big] == sorted({done for done, _total in big})  # growing
+    assert big[0][0] < rows.nbytes and big[-1][0] == rows.nbytes
+    assert ("empty", 0, 0) in calls
+
+
+# --- what docs/HDF5.md says of existing outputs and datasets ----------------------------
+
+
+def test_compact_replaces_an_existing_output_and_import_replaces_same_named_datasets(tmp_path: Path) -> None:
+    store_path, out = tmp_path / "s", tmp_path / "out.h5"
+    with mmstore.Store(store_path) as store:
+        store.put("x", np.arange(3), attrs={"v": 1})
+    out.write_bytes(b"an older export")
+    mmstore_cli("compact", str(store_path), str(out))
+    with h5py.File(out, "r") as h5:
+        assert h5["x"][...].tolist() == [0, 1, 2]
+    with mmstore.Store(tmp_path / "back") as back:
+        back.put("x", np.zeros(5), attrs={"v": 0})
+        back.put("kept", np.ones(2))
+    mmstore_cli("import", str(out), str(tmp_path / "back"))
+    with mmstore.Store(tmp_path / "back", "r") as back:
+        assert back.keys() == ["kept", "x"]
+        assert back.get("x").tolist() == [0, 1, 2] and back.attrs("x") == {"v": 1}
+    assert sorted(os.listdir(tmp_path)) == ["back", "out.h5", "s"]
