@@ -217,6 +217,9 @@ class Writer:
         self._header = self._header._replace(modified=timestamp_now(), **changes)
         self._store._write_sidecar_locked(self._location, self._header, durable=False)
         self._store._mark_dirty(self._location)  # Store.flush() makes it durable
+        # And so does this writer's next durable flush: the sidecar it synced is replaced (one
+        # with a checksum that the edit made untrue would come back after a power loss).
+        self._sidecar_durable = False
 
     def append(self, rows: Any) -> None:
         """Append one row or a block of rows; they become visible to readers at flush()."""

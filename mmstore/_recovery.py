@@ -18,6 +18,7 @@ file. A dataset whose sidecar exists but cannot be parsed is left alone here;
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from collections import defaultdict
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import _durable, _names
-from ._errors import DatasetNotFoundError, FormatError, InvalidNameError, MmstoreError
+from ._errors import DatasetNotFoundError, FormatError, InvalidNameError, MmstoreError, StoreIOError
 from ._format import MANIFEST_NAME, parse_header
 from ._locks import remove_if_writer_gone, writer_is_gone
 from ._mapping import crc32_file, file_digest
@@ -39,24 +40,31 @@ if TYPE_CHECKING:
 _MANIFEST_TEMP_GRACE_SECONDS = 60.0
 
 
-def recover_on_open(store: Store) -> int:
-    """Remove the leftovers of dead writers; return how many files were removed."""
-    removed = 0
+def recover_on_open(store: Store) -> list[str]:
+    """Remove the leftovers of dead writers; return the files removed (relative to the
+    store's root, so that ``recover()`` can tell the user)."""
+    removed: list[str] = []
     for directory, _dirs, files, _links in _walk(store.path):
         removed += _recover_directory(store, directory, files)
-    return removed
+    return [os.path.relpath(path, store.path) for path in removed]
 
 
-def _walk(root: str) -> list[tuple[str, list[str], list[str], list[str]]]:
+def _walk(root: str, unlistable: list[str] | None = None) -> list[tuple[str, list[str], list[str], list[str]]]:
     """(directory, subdirectories, regular files, others) for every real directory of the
-    store; others are symlinks and special files (a symlinked directory is never entered)."""
+    store; others are symlinks and special files (a symlinked directory is never entered).
+    Directories this process may not list are skipped, and added to ``unlistable`` if given
+    (verify reports them: skipping them silently would hide their datasets)."""
     found = []
     pending = [root]
     while pending:
         directory = pending.pop()
         try:
             entries = list(os.scandir(directory))
-        except (FileNotFoundError, NotADirectoryError, PermissionError):
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except PermissionError:
+            if unlistable is not None:
+                unlistable.append(directory)
             continue
         dirs, files, links = [], [], []
         for entry in entries:
@@ -100,10 +108,10 @@ def _recovery_looks_at(leaf: str, grouped: _LeafFiles) -> bool:
     return leaf not in sidecars or len(data_files.get(leaf, ())) > 1 or bool(temp_files.get(leaf))
 
 
-def _recover_directory(store: Store, directory: str, files: list[str]) -> int:
+def _recover_directory(store: Store, directory: str, files: list[str]) -> list[str]:
     grouped = _files_by_leaf(files)
     data_files, temp_files, _sidecars = grouped
-    removed = 0
+    removed: list[str] = []
     prefix = "" if directory == store.path else directory[len(store.path) + 1 :] + "/"
     if not prefix:
         removed += _remove_stale_manifest_temps(directory, temp_files.pop("mmstore", []))
@@ -121,26 +129,27 @@ def _recover_directory(store: Store, directory: str, files: list[str]) -> int:
 
 def _recover_dataset(
     store: Store, name: str, directory: str, leaf: str, data_files: list[str], temp_files: list[str]
-) -> int:
+) -> list[str]:
+    """The files of dataset ``name`` that dead writers left, removed: their paths."""
     lock = store._lock(name)
     if not lock.try_acquire():
-        return 0  # a live writer holds it; its leftovers (if any) wait for next time
-    removed = 0
+        return []  # a live writer holds it; its leftovers (if any) wait for next time
+    removed: list[str] = []
     try:
         referenced = _referenced_data_file(name, os.path.join(directory, leaf + ".json"))
         if referenced is _UNREADABLE:
-            return 0
+            return []
         for file_name in temp_files:
             # Temp sidecars only exist while their writer holds the lock we now hold. A file
             # of the same shape with a live liveness lock is someone else's (an HDF5 export
             # written into the store's directory): keep it.
             if remove_if_writer_gone(os.path.join(directory, file_name)):
-                removed += 1
+                removed.append(os.path.join(directory, file_name))
         for file_name in data_files:
             path = os.path.join(directory, file_name)
             if file_name != referenced and writer_is_gone(path):
                 _durable.unlink_quietly(path)
-                removed += 1
+                removed.append(path)
     finally:
         lock.release()
     return removed
@@ -167,17 +176,17 @@ def _referenced_data_file(name: str, sidecar: str) -> object:
         os.close(fd)
 
 
-def _remove_stale_manifest_temps(directory: str, temp_files: list[str]) -> int:
+def _remove_stale_manifest_temps(directory: str, temp_files: list[str]) -> list[str]:
     if not os.path.exists(os.path.join(directory, MANIFEST_NAME)):
-        return 0
-    removed = 0
+        return []
+    removed: list[str] = []
     now = time.time()
     for file_name in temp_files:
         path = os.path.join(directory, file_name)
         try:
             if now - os.lstat(path).st_mtime > _MANIFEST_TEMP_GRACE_SECONDS:
                 os.unlink(path)
-                removed += 1
+                removed.append(path)
         except FileNotFoundError:
             continue
     return removed
@@ -188,32 +197,51 @@ def _remove_stale_manifest_temps(directory: str, temp_files: list[str]) -> int:
 
 @dataclass
 class VerifyReport:
-    """What ``Store.verify`` found. ``ok`` is True when every dataset is readable and
-    every known checksum matches; leftovers of dead writers are listed but are not
-    problems (the next writable open removes them). The files of a dataset whose sidecar
-    cannot be read are not leftovers (recovery keeps them): its problem names them."""
+    """What ``Store.verify`` found (and ``Store.recover`` did). ``ok`` is True when every
+    dataset is readable and every known checksum matches; leftovers of dead writers are
+    listed but are not problems (the next writable open removes them). The files of a
+    dataset whose sidecar cannot be read are not leftovers (recovery keeps them): its
+    problem names them. A problem under a name ending in ``/`` is a group directory
+    (a symlink, or one this process may not list), which recover() leaves alone.
+
+    ``removed`` (recover() only) lists the leftovers that recovery removed, those of the
+    writable open of the store handle included; ``quarantined`` maps each dataset moved
+    to the quarantine to where it went."""
 
     checked: int = 0
     problems: dict[str, str] = field(default_factory=dict)
     leftovers: list[str] = field(default_factory=list)
     quarantined: dict[str, str] = field(default_factory=dict)
+    removed: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
+    @property
+    def unrepaired(self) -> list[str]:
+        """Problems that recover() left where they are (not quarantined)."""
+        return sorted(set(self.problems) - set(self.quarantined))
+
     def __str__(self) -> str:
         lines = [f"{self.checked} datasets checked, {len(self.problems)} with problems"]
         lines += [f"  {name}: {problem}" for name, problem in sorted(self.problems.items())]
         if self.leftovers:
-            lines.append(f"{len(self.leftovers)} leftover files of dead writers (removed by the next writable open)")
+            lines.append(
+                f"{len(self.leftovers)} leftover files (removed by the next writable open unless their writer is "
+                "still at work)"
+            )
+        if self.removed:
+            lines.append(f"removed {len(self.removed)} leftover files of dead writers:")
+            lines += [f"  removed {path}" for path in sorted(self.removed)]
         lines += [f"  quarantined {name} -> {where}" for name, where in sorted(self.quarantined.items())]
         return "\n".join(lines)
 
 
 def verify_store(store: Store, progress: Callable[[str], None] | None = None) -> VerifyReport:
     report = VerifyReport()
-    for directory, _dirs, files, links in _walk(store.path):
+    unlistable: list[str] = []
+    for directory, _dirs, files, links in _walk(store.path, unlistable):
         prefix = "" if directory == store.path else directory[len(store.path) + 1 :] + "/"
         referenced = set()
         unreadable: dict[str, str] = {}  # leaf -> name, for datasets whose sidecar could not be read
@@ -280,14 +308,35 @@ def verify_store(store: Store, progress: Callable[[str], None] | None = None) ->
                 # with its broken dataset, which recover() quarantines with it.
                 kept[prefix + leaf].append(file_name)
             elif _names.TEMP_FILE_RE.match(file_name) or (
-                _names.DATA_FILE_RE.match(file_name)
+                leaf is not None
+                and _names.DATA_FILE_RE.match(file_name)
                 and file_name not in referenced
-                and os.path.exists(os.path.join(directory, file_name[: file_name.rfind(".", 0, -4)] + ".json"))
+                and _removed_at_open(prefix + leaf, os.path.join(directory, leaf + ".json"))
             ):
                 report.leftovers.append(os.path.join(directory, file_name)[len(store.path) + 1 :])
         for name, file_names in kept.items():
             report.problems[name] += f" (its files are kept with it: {', '.join(file_names)})"
+    for directory in unlistable:
+        # Its datasets cannot even be listed: a verify that skipped them would call the store healthy.
+        group = os.path.relpath(directory, store.path)
+        report.problems["./" if group == "." else group + "/"] = (
+            "permission denied listing this directory; its datasets are not checked"
+        )
     return report
+
+
+def _removed_at_open(name: str, sidecar: str) -> bool:
+    """Whether a writable open removes an unreferenced data file of ``name`` (once its
+    writer is gone): beside a sidecar, or alone if ``name`` is one a writer can use."""
+    if os.path.exists(sidecar):
+        return True
+    if os.path.lexists(sidecar):
+        return False  # a symlinked sidecar: a corrupt dataset, whose files recovery keeps
+    try:
+        _names.validate_name(name)
+    except MmstoreError:
+        return False  # not a file of ours: recovery leaves it
+    return True
 
 
 def _check_data(store: Store, name: str, header: Any) -> str | None:
@@ -350,19 +399,23 @@ def _still_a_problem(store: Store, name: str) -> bool:
 
 def recover_store(store: Store) -> VerifyReport:
     """Remove dead writers' leftovers, then quarantine (never delete) unreadable datasets."""
-    recover_on_open(store)
+    # What this handle's writable open removed is reported too (the CLI's recover is such
+    # an open), once: a second recover() that finds nothing to do says so.
+    removed, store._removed_at_open = store._removed_at_open, []
+    removed += recover_on_open(store)
     report = verify_store(store)
+    report.removed = removed
     if not report.problems:
         return report
-    quarantine = os.path.join(store.path, ".quarantine", time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}")
+    quarantine = _QuarantineDirectory(store.path)
     for name in sorted(report.problems):
         if name.endswith("/"):
-            continue  # a symlinked group directory: not ours to move (its target is outside)
+            continue  # a symlinked or unlistable group directory: not ours to move
         try:
             location = store._locate(name)
         except InvalidNameError:
             # A sidecar planted under a name no writer can use (so no lock to take): move it alone.
-            target = os.path.join(quarantine, name)
+            target = os.path.join(quarantine.path(), name)
             os.makedirs(os.path.dirname(target), exist_ok=True)
             os.rename(os.path.join(store.path, name + ".json"), target + ".json")
             report.quarantined[name] = os.path.relpath(target, store.path)
@@ -372,7 +425,7 @@ def recover_store(store: Store) -> VerifyReport:
             if not _still_a_problem(store, name):
                 del report.problems[name]  # deleted or replaced by a writer since it was checked
                 continue
-            target = os.path.join(quarantine, name)
+            target = os.path.join(quarantine.path(), name)
             os.makedirs(os.path.dirname(target), exist_ok=True)
             moved = []
             for file_name in sorted(os.listdir(location.directory)):
@@ -398,3 +451,29 @@ def recover_store(store: Store) -> VerifyReport:
             location.lock.release()
     _durable.fsync_dir(store.path)
     return report
+
+
+class _QuarantineDirectory:
+    """``.quarantine/<time>-<pid>[-n]``, made at its first use and never one that exists
+    already: moving into an earlier recover()'s directory (same second, same process)
+    would rename a dataset's sidecar over the one quarantined there, deleting it."""
+
+    def __init__(self, root: str) -> None:
+        self._parent = os.path.join(root, ".quarantine")
+        self._path: str | None = None
+
+    def path(self) -> str:
+        if self._path is None:
+            os.makedirs(self._parent, exist_ok=True)
+            stamp = time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
+            for attempt in range(1000):
+                candidate = os.path.join(self._parent, stamp if attempt == 0 else f"{stamp}-{attempt}")
+                try:
+                    os.mkdir(candidate)
+                except FileExistsError:
+                    continue
+                self._path = candidate
+                break
+            else:
+                raise StoreIOError(errno.EEXIST, f"cannot make a new quarantine directory in {self._parent!r}")
+        return self._path

@@ -164,6 +164,7 @@ class Store(StoreWrites):
         self._readers: weakref.WeakSet[Reader] = weakref.WeakSet()  # (close() closes them)
         self._fsync_failure: FsyncError | None = None
         self._parse_sidecar = parse_header  # (_warm_up swaps it for a moment)
+        self._removed_at_open: list[str] = []  # leftovers the recovery below removed, for recover()'s report
         self._open_manifest()
         self._warm_up()
         if not self.readonly:
@@ -171,7 +172,7 @@ class Store(StoreWrites):
             from ._recovery import recover_on_open
 
             warn_if_unsafe(self.path)
-            recover_on_open(self)
+            self._removed_at_open = recover_on_open(self)
         _live_stores[id(self)] = weakref.ref(self)
 
     # --- opening --------------------------------------------------------------
