@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import _durable, _names
-from ._errors import DatasetNotFoundError, FormatError, InvalidNameError, MmstoreError, StoreIOError
+from ._errors import DatasetNotFoundError, FormatError, InvalidNameError, LockTimeout, MmstoreError, StoreIOError
 from ._format import MANIFEST_NAME, parse_header
 from ._locks import remove_if_writer_gone, writer_is_gone
 from ._mapping import crc32_file, file_digest
@@ -408,6 +408,7 @@ def recover_store(store: Store) -> VerifyReport:
     if not report.problems:
         return report
     quarantine = _QuarantineDirectory(store.path)
+    touched: set[str] = set()  # directories files moved out of or into: synced at the end
     for name in sorted(report.problems):
         if name.endswith("/"):
             continue  # a symlinked or unlistable group directory: not ours to move
@@ -418,9 +419,16 @@ def recover_store(store: Store) -> VerifyReport:
             target = os.path.join(quarantine.path(), name)
             os.makedirs(os.path.dirname(target), exist_ok=True)
             os.rename(os.path.join(store.path, name + ".json"), target + ".json")
+            touched.update((os.path.dirname(os.path.join(store.path, name)), os.path.dirname(target)))
             report.quarantined[name] = os.path.relpath(target, store.path)
             continue
-        location.lock.acquire(store.timeout)
+        try:
+            location.lock.acquire(store.timeout)
+        except LockTimeout:
+            # A live writer holds it (one that keeps a writer handle open on a dataset whose
+            # header broke): leave it, say so, and go on with the others.
+            report.problems[name] += " (not quarantined: a live writer holds its lock; run recover again later)"
+            continue
         try:
             if not _still_a_problem(store, name):
                 del report.problems[name]  # deleted or replaced by a writer since it was checked
@@ -445,11 +453,24 @@ def recover_store(store: Store) -> VerifyReport:
                     moved.append(file_name)
             # The sidecar goes last: until it moves, the dataset still "exists" for readers.
             os.rename(location.sidecar, target + ".json")
+            touched.update((location.directory, os.path.dirname(target)))
             store._drop_entry(name)
             report.quarantined[name] = os.path.relpath(target, store.path)
         finally:
             location.lock.release()
-    _durable.fsync_dir(store.path)
+    # The moves are durable once both ends' directory entries are: the group directories
+    # the files left, and the quarantine directories (new, so their parents' entries too).
+    chains = {store.path}
+    for directory in touched:
+        while directory.startswith(store.path + os.sep) and directory not in chains:
+            chains.add(directory)
+            directory = os.path.dirname(directory)
+    for directory in sorted(chains, key=len, reverse=True):  # deepest first, each once
+        try:
+            _durable.fsync_dir(directory)
+        except FileNotFoundError:
+            if directory == store.path:
+                raise  # (a group directory removed since: nothing in it to make durable)
     return report
 
 

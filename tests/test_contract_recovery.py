@@ -442,3 +442,72 @@ def test_a_forked_child_neither_shares_nor_breaks_the_parents_writer(store_path:
     assert store.get("b").tolist() == [1.0, 1.0, 1.0]
     assert store.verify().ok
     store.close()
+
+
+def hold_writer(path: str, name: str, started: Any, release: Any) -> None:
+    """Hold dataset ``name``'s writer lock (an open writer handle) until ``release`` is set."""
+    store = mmstore.Store(path)
+    writer = store.open_writer(name)  # (held by this name until the process ends)
+    assert not writer.closed
+    started.set()
+    if not release.wait(PROCESS_TIMEOUT):
+        raise TimeoutError("never released")
+    os._exit(0)  # (its header was broken under it: nothing of it is to be written back)
+
+
+def test_recover_skips_a_corrupt_dataset_a_live_writer_holds_and_quarantines_the_rest(store_path: Path, spawn) -> None:
+    """A broken dataset whose lock a live writer holds made the whole recover() fail with
+    LockTimeout, quarantining nothing; now it is reported and left, and the others go."""
+    with mmstore.Store(store_path) as store:
+        with store.create("held", "<i8", (0,), growable=True) as writer:
+            writer.append(np.arange(10))
+        store.put("bad", np.arange(10.0))
+        store.put("ok", np.arange(10.0))
+    started, release = spawn.Event(), spawn.Event()
+    holder = spawn.Process(target=hold_writer, args=(str(store_path), "held", started, release))
+    holder.start()
+    try:
+        assert started.wait(PROCESS_TIMEOUT)
+        (store_path / "held.json").write_text("{not json")
+        (store_path / "bad.json").write_text("{not json")
+        with mmstore.Store(store_path, timeout=0.2) as store:  # (how long recover waits for the held lock)
+            report = store.recover()
+        assert set(report.quarantined) == {"bad"}
+        assert "live writer holds its lock" in report.problems["held"]
+        assert report.unrepaired == ["held"]
+        assert (store_path / "held.json").read_text() == "{not json"  # left where it was
+        assert not (store_path / "bad.json").exists()
+    finally:
+        release.set()
+        holder.join(PROCESS_TIMEOUT)
+    assert holder.exitcode == 0
+    with mmstore.Store(store_path) as store:  # the writer is gone: now it can be moved
+        assert set(store.recover().quarantined) == {"held"}
+        assert store.get("ok").tolist() == list(np.arange(10.0))
+
+
+def test_recover_syncs_the_directories_it_moved_files_between(
+    store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The moves into the quarantine are durable only once the group directory they left,
+    the new quarantine directories and their parents are synced; it synced the root only."""
+    from mmstore import _durable
+
+    with mmstore.Store(store_path) as store:
+        store.put("grp/sub/bad", np.arange(10.0))
+        store.put("grp/ok", np.arange(10.0))
+    (store_path / "grp" / "sub" / "bad.json").write_text("{not json")
+    synced: list[str] = []
+    real = _durable.fsync_dir
+    monkeypatch.setattr(
+        _durable, "fsync_dir", lambda path: (synced.append(os.path.relpath(path, store_path)), real(path))[1]
+    )
+    with mmstore.Store(store_path) as store:
+        synced.clear()  # (what the open synced is not recover()'s)
+        report = store.recover()
+    target = Path(report.quarantined["grp/sub/bad"])  # .quarantine/<stamp>/grp/sub/bad
+    assert target.parts[0] == ".quarantine"
+    expected = {"grp/sub", "grp", "."} | {str(Path(*target.parts[:depth])) for depth in range(1, len(target.parts))}
+    assert expected <= set(synced)
+    assert len(synced) == len(set(synced))  # each once
+    assert synced[-1] == "."  # the root last: deeper entries first
