@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 import time
 import zlib
 from typing import Any, NamedTuple
@@ -189,9 +190,22 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _double_range_int(text: str) -> int:
+    value = int(text)
+    if not -_DOUBLE_MAX <= value <= _DOUBLE_MAX:  # (exact: an int compares with a float by value)
+        raise ValueError(f"integer {text[:20]}... is beyond a double's range")
+    return value
+
+
+_DOUBLE_MAX = sys.float_info.max
+
 # Sidecars are strict JSON: Python's json module also takes NaN, Infinity and numbers that
-# overflow to inf, which Header.to_json (allow_nan=False) could then not write back.
-_decode_json = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float).decode
+# overflow to inf, which Header.to_json (allow_nan=False) could then not write back, and
+# integers of any size, which a reader that holds numbers as doubles (C, JavaScript) reads
+# as infinity.
+_decode_json = json.JSONDecoder(
+    parse_constant=_refuse_constant, parse_float=_finite_float, parse_int=_double_range_int
+).decode
 
 
 # The sidecar exactly as Header.to_json writes it, for plain names, file names and simple
@@ -403,9 +417,10 @@ def encode_attrs(attrs: Any) -> dict[str, Any]:
     try:
         # Round-trip through JSON so what we store is exactly what we return later.
         text = json.dumps(result, default=_json_default, allow_nan=False)
+        # (read back as readers do: what they would refuse, an integer beyond a double's range, is refused now)
+        decoded: dict[str, Any] = _decode_json(text)
     except (TypeError, ValueError) as exc:
         raise InvalidArgumentError(f"attrs must be JSON-serialisable: {exc}") from None
-    decoded: dict[str, Any] = json.loads(text)
     return decoded
 
 

@@ -226,13 +226,18 @@ class Store(StoreWrites):
                 raise
             raise ReadOnlyError(f"cannot create store {self.path!r}: {exc.strerror or exc}") from None
         if self.mode == "a" and os.path.exists(manifest):
-            self.format_version = self._read_manifest(manifest)
-            if not os.access(self.path, os.W_OK):
-                raise ReadOnlyError(f"store {self.path!r} is not writable; open it with mode='r'")
+            self._open_existing(manifest)
             return
-        if os.path.lexists(manifest):
-            raise StoreExistsError(f"store {self.path!r} already exists (mode 'w-' creates a new one)")
-        if any(not entry.startswith(".") for entry in os.listdir(self.path)):
+        # The listing comes before the last look for a manifest: another process creating
+        # this store at the same time writes its manifest before anything else visible, so
+        # an entry seen here with no manifest after it is not a store's.
+        visible = any(not entry.startswith(".") for entry in os.listdir(self.path))
+        if os.path.lexists(manifest):  # (made by another process since the first look, in mode "a")
+            if self.mode != "a":
+                raise StoreExistsError(f"store {self.path!r} already exists (mode 'w-' creates a new one)")
+            self._open_existing(manifest)
+            return
+        if visible:
             raise StoreNotFoundError(
                 f"{self.path!r} is a non-empty directory without {MANIFEST_NAME}; refusing to turn it into a store"
             )
@@ -243,6 +248,11 @@ class Store(StoreWrites):
                 raise
             raise ReadOnlyError(f"cannot create store {self.path!r}: {exc.strerror or exc}") from None
         self.format_version = self._read_manifest(manifest)
+
+    def _open_existing(self, manifest: str) -> None:
+        self.format_version = self._read_manifest(manifest)
+        if not os.access(self.path, os.W_OK):
+            raise ReadOnlyError(f"store {self.path!r} is not writable; open it with mode='r'")
 
     def _create_manifest(self, manifest: str) -> None:
         temp = os.path.join(self.path, _names.temp_file_name("mmstore", _names.new_token()))

@@ -86,6 +86,10 @@ def text_blocks(
     lines count for no row, so a block short of rows means the stream has ended.
     """
     converters = _bool_converters(dtype)
+    # Parsed as a wider dtype, then checked and narrowed: np.loadtxt itself cuts a string
+    # longer than its field and turns a number too large for a float32 into inf, silently.
+    wide = _widened(dtype)
+    rows_before = 0
     read = [0]  # lines read from the stream so far
     for _ in range(skip_rows):
         if not stream.readline():
@@ -116,7 +120,7 @@ def text_blocks(
         try:
             block = _loadtxt(
                 source,
-                dtype=dtype,
+                dtype=wide,
                 delimiter=delimiter,
                 ndmin=2 if plain else 1,
                 comments="#",
@@ -129,12 +133,100 @@ def text_blocks(
             block_lines = [(number, line) for number, line in recent if number >= first]
             raise _locate_error(block_lines, first, label, dtype, delimiter, exc) from None
         rows = block.shape[0]
+        if wide != dtype:
+            block_lines = [(number, line) for number, line in recent if number >= first]
+            block = _narrowed(block, dtype, label, delimiter, block_lines, first, rows_before)
+        rows_before += rows
         if rows:
             most_rows = max(1, min(BLOCK_LINES, BLOCK_BYTES // max(block.nbytes // rows, 1)))
             yield block[:, 0] if plain and block.shape[1] == 1 else block
         if rows < block_rows:
             return
         block_rows *= 2
+
+
+def _widened(dtype: np.dtype[Any]) -> np.dtype[Any]:
+    """``dtype`` with every string field one character wider and every float or complex
+    narrower than 64 (128) bits at 64 (128): what text is parsed as, so that what the
+    requested dtype would lose shows (``dtype`` itself if nothing is widened)."""
+    if dtype.subdtype is not None:
+        base, shape = dtype.subdtype
+        wide_base = _widened(base)
+        return dtype if wide_base == base else np.dtype((wide_base, shape))
+    if dtype.names is not None:
+        fields = [(name, _widened(dtype.fields[name][0])) for name in dtype.names]  # type: ignore[index]
+        if all(kind == dtype.fields[name][0] for name, kind in fields):  # type: ignore[index]
+            return dtype
+        return np.dtype(fields)
+    if dtype.kind in "SU":
+        return np.dtype(f"{dtype.kind}{dtype.itemsize // (4 if dtype.kind == 'U' else 1) + 1}")
+    if dtype.kind == "f" and dtype.itemsize < 8:
+        return np.dtype("f8")
+    if dtype.kind == "c" and dtype.itemsize < 16:
+        return np.dtype("c16")
+    return dtype
+
+
+def _narrowed(
+    block: np.ndarray,
+    dtype: np.dtype[Any],
+    label: str,
+    delimiter: str | None,
+    lines: list[tuple[int, str]],
+    first: int,
+    rows_before: int,
+) -> np.ndarray:
+    """``block`` (parsed as _widened(dtype)) as ``dtype``; TextFormatError naming the line
+    and column of the first cell that does not fit: a string longer than its field, a
+    finite number beyond the float's range (as the writers' appends refuse them)."""
+    structured = dtype.names is not None
+    targets = [kind for _label, _path, kind in column_leaves(dtype)] if structured else None
+    for column, (name, path, kind) in enumerate(column_leaves(block[:0] if structured else block), start=1):
+        target = targets[column - 1] if targets is not None else dtype.subdtype[0] if dtype.subdtype else dtype
+        if kind == target:
+            continue
+        values = _leaf_column(block, path)
+        if target.kind in "SU":
+            width = target.itemsize // (4 if target.kind == "U" else 1)
+            bad = np.char.str_len(values) > width
+            why = f"longer than the {width} characters of {target}"
+        else:
+            with np.errstate(over="ignore", invalid="ignore"):
+                bad = np.isfinite(values) & ~np.isfinite(values.astype(target))
+            why = f"beyond the range of {target} (largest {np.finfo(target).max})"
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            found = _row_line(lines, first, row)
+            if found is None:  # (not among the lines kept: say which row, and what was read of it)
+                value = values[row]
+                where = f" row {rows_before + row + 1}"
+                cell = (value.decode("latin-1") if isinstance(value, bytes) else str(value)) + "..." * (
+                    target.kind in "SU"
+                )
+            else:
+                number, line = found
+                where = f" line {number}"
+                cells = line.split("#", 1)[0].strip()
+                cells_list = cells.split(delimiter) if delimiter else cells.split()
+                cell = cells_list[column - 1].strip() if column <= len(cells_list) else str(values[row])
+            field = f" ({name!r})" if structured else ""
+            raise TextFormatError(
+                f"{label}{where}, column {column}{field}: {cell!r} is {why} (it would lose information)"
+            )
+    return block.astype(dtype)
+
+
+def _row_line(lines: list[tuple[int, str]], first: int, row: int) -> tuple[int, str] | None:
+    """The numbered line that holds data row ``row`` of the block that starts at line
+    ``first`` (comment and blank lines hold none), if ``lines`` still hold all of it."""
+    if not lines or lines[0][0] != first:
+        return None  # (the block's first lines are no longer kept: counting would go wrong)
+    for number, line in lines:
+        if line.split("#", 1)[0].strip():
+            if row == 0:
+                return number, line
+            row -= 1
+    return None
 
 
 def _loadtxt(lines: Iterable[str], **options: Any) -> np.ndarray:

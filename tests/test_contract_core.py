@@ -407,3 +407,55 @@ def test_a_read_the_file_system_refuses_is_an_access_denied_error() -> None:
         for directory, _dirs, _files in os.walk(top):
             os.chmod(directory, 0o755)
         shutil.rmtree(top)
+
+
+def _open_new_store_at_once(path: str, barrier: object, index: int, results: object) -> None:
+    import mmstore as fresh
+
+    barrier.wait()  # type: ignore[attr-defined]
+    try:
+        with fresh.Store(path, "a") as opened:
+            opened.put(f"group/part{index}", np.full(4, index))
+        results.put(None)  # type: ignore[attr-defined]
+    except Exception as exc:  # (reported to the parent, which asserts there is none)
+        results.put(f"{type(exc).__name__}: {exc}")  # type: ignore[attr-defined]
+
+
+def test_processes_creating_one_new_store_at_once_all_open_it(tmp_path: Path) -> None:
+    """Mode "a" on a path that is not a store yet, from 4 processes at the same instant:
+    one saw the manifest appear between its checks (StoreExistsError in mode "a") or saw
+    another's first dataset before the manifest check ("a non-empty directory without
+    mmstore.json"), in about 1 trial of 25."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")  # (children import nothing new: a fork is quick)
+    for trial in range(60):
+        path = str(tmp_path / f"store{trial}")
+        barrier, results = context.Barrier(4), context.Queue()
+        children = [context.Process(target=_open_new_store_at_once, args=(path, barrier, i, results)) for i in range(4)]
+        for child in children:
+            child.start()
+        outcomes = [results.get(timeout=PROCESS_TIMEOUT) for _ in children]
+        for child in children:
+            child.join(PROCESS_TIMEOUT)
+        assert outcomes == [None] * 4, f"trial {trial}: {outcomes}"
+        with mmstore.Store(path, "r") as store:
+            assert sorted(store) == [f"group/part{i}" for i in range(4)]
+
+
+def test_a_sidecar_integer_beyond_a_doubles_range_is_a_format_error(store: mmstore.Store, store_path: Path) -> None:
+    """FORMAT.md: sidecars hold no number beyond a double's range (a C or JavaScript reader
+    would read it as infinity). put() refuses such attrs; a sidecar that holds one anyway
+    (written by hand) is a FormatError for its dataset only, as 1e400 already was."""
+    with pytest.raises(mmstore.InvalidArgumentError, match="beyond a double's range"):
+        store.put("x", np.zeros(1), attrs={"n": -(10**309)})
+    assert "x" not in store
+    store.put("x", np.zeros(1), attrs={"n": 2**1023})  # (within range: kept exactly)
+    assert store.attrs("x") == {"n": 2**1023}
+    store.put("y", np.ones(1))
+    sidecar = store_path / "x.json"
+    sidecar.write_text(sidecar.read_text().replace(str(2**1023), "1" + "0" * 400))
+    with mmstore.Store(store_path, "r") as reader:
+        with pytest.raises(mmstore.FormatError, match="'x'"):
+            reader.get("x")
+        assert reader.get("y").tolist() == [1.0]

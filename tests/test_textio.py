@@ -31,17 +31,21 @@ def parse(text: str, delimiter: str | None, block_lines: int) -> Any:
 
 
 def parse_whole(text: str, delimiter: str | None) -> Any:
-    """The rows of ``text`` parsed by one np.loadtxt call, or ValueError."""
+    """The rows of ``text`` parsed by one np.loadtxt call, or ValueError (also for a cell
+    longer than its field, which np.loadtxt would cut and text_blocks refuses)."""
+    wider = np.dtype([("a", "U13"), ("b", "U13")])
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # ("input contained no data")
             rows = np.loadtxt(
-                text.splitlines(keepends=True), dtype=TWO_TEXTS, delimiter=delimiter, ndmin=1,
+                text.splitlines(keepends=True), dtype=wider, delimiter=delimiter, ndmin=1,
                 comments="#", encoding=None, quotechar='"',
             )  # fmt: skip
     except ValueError:
         return ValueError
-    return rows.tolist()
+    if any(len(cell) > 12 for row in rows.tolist() for cell in row):
+        return ValueError
+    return rows.astype(TWO_TEXTS).tolist()
 
 
 def test_a_quoted_line_break_on_a_block_boundary_is_read_back() -> None:
@@ -132,3 +136,42 @@ def test_a_bad_cell_is_named_by_its_line_across_blocks() -> None:
     text = "".join(f"{i},{i}\n" for i in range(100)) + "# note\n" + "5,oops\n"
     with pytest.raises(TextFormatError, match=r"t line 102, column 2: cannot parse 'oops'"):
         list(text_blocks(io.StringIO(text), "t", np.dtype("i8"), ",", 0))
+
+
+@pytest.mark.parametrize(
+    ("text", "dtype", "where"),
+    [
+        ("ab 1\nabcdefg 2\n", "n:S4,x:i4", "line 2, column 1 ('n'): 'abcdefg' is longer than the 4 characters"),
+        ("# c\n\nab,1\nabc,70000\n", "n:U4,x:f2", "line 4, column 2 ('x'): '70000' is beyond the range of float16"),
+        ("1 2 3\n4 5e40 6\n", "f4", "line 2, column 2: '5e40' is beyond the range of float32"),
+        ("1 2\n3 1e39j\n", "c8", "line 2, column 2: '1e39j' is beyond the range of complex64"),
+        ("1 2 3 4\n5 6 7 abcde\n", "x:(3,)f4,n:S4", "line 2, column 4 ('n'): 'abcde'"),
+        ("0.5 1 2\n0.5 1e39 2\n", "a:f8,v:(2,)f4", "line 2, column 2 ('v[0]'): '1e39'"),
+    ],
+)
+def test_a_cell_its_dtype_would_cut_or_overflow_is_refused_by_line_and_column(
+    text: str, dtype: str, where: str
+) -> None:
+    """np.loadtxt cuts a string longer than its field and turns a finite number too large
+    for a narrow float into inf, silently; text_blocks refuses both (as writers' appends do)."""
+    with pytest.raises(TextFormatError) as caught:
+        list(text_blocks(io.StringIO(text), "t", _textio.parse_dtype(dtype), "," if "," in text else None, 0))
+    assert f"t {where}" in str(caught.value)
+
+
+def test_cells_that_fit_exactly_are_read_as_they_are() -> None:
+    text = "abcd 3.4e38 inf nan 65504\n"
+    dtype = _textio.parse_dtype("n:S4,x:f4,y:f4,z:f4,h:f2")
+    (block,) = text_blocks(io.StringIO(text), "t", dtype, None, 0)
+    assert block.dtype == dtype
+    assert block["n"].tolist() == [b"abcd"]
+    assert block["x"][0] == np.float32(3.4e38) and np.isinf(block["y"][0]) and np.isnan(block["z"][0])
+    assert block["h"][0] == np.float16(65504)
+
+
+def test_a_cut_cell_past_the_kept_lines_is_named_by_its_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_textio, "_RECENT_LINES", 4)  # (the lines of a block kept for messages)
+    # The second block is rows 17-22: its first two lines are no longer kept when it is checked.
+    text = "".join(f"r{i}\n" for i in range(20)) + "much_too_long\nr\n"
+    with pytest.raises(TextFormatError, match=r"t row 21, column 1: 'much_\.\.\.' is longer than the 4"):
+        list(text_blocks(io.StringIO(text), "t", np.dtype("S4"), None, 0))
