@@ -12,7 +12,7 @@ import contextlib
 import datetime
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -388,6 +388,20 @@ def _parse_chunks(text: str | None) -> bool | tuple[int, ...] | None:
     return chunks
 
 
+def _per_dataset(update: Callable[[int], None]) -> Callable[[str, int, int], None]:
+    """A progress callback of export_hdf5/import_hdf5 ``(name, bytes done of it, its size)``
+    that moves one bar over all datasets (``update`` takes the bytes done in all)."""
+    finished = 0
+
+    def step(_name: str, done: int, size: int) -> None:
+        nonlocal finished
+        update(finished + done)
+        if done == size:
+            finished += size
+
+    return step
+
+
 @app.command()
 def compact(
     store: StoreArg,
@@ -415,17 +429,14 @@ def compact(
         chunk_option = _parse_chunks(chunks)
         with _open(store) as opened:
             total = sum(opened.info(name)["nbytes"] for name in selected_names(opened, only))
-            finished = 0
             with progress(f"compacting into {output}", total) as update:
-
-                def step(_name: str, done: int, size: int) -> None:
-                    nonlocal finished
-                    update(finished + done)
-                    if done == size:
-                        finished += size
-
                 names = mmstore.export_hdf5(
-                    opened, output, only=only, compression=compression, chunks=chunk_option, progress=step
+                    opened,
+                    output,
+                    only=only,
+                    compression=compression,
+                    chunks=chunk_option,
+                    progress=_per_dataset(update),
                 )
         if not options["quiet"]:
             err.print(Text(f"wrote {len(names)} datasets ({_human(total)}) to {output}"))
@@ -451,16 +462,8 @@ def import_(
                 if dataset.shape is not None and not dataset.dtype.hasobject
             )
     with _errors_to_exit(), _open(store, "a") as opened:
-        finished = 0
         with progress(f"importing {source}", total) as update:
-
-            def step(_name: str, done: int, size: int) -> None:
-                nonlocal finished
-                update(finished + done)
-                if done == size:
-                    finished += size
-
-            imported, skipped = mmstore.import_hdf5(source, opened, only=only, progress=step)
+            imported, skipped = mmstore.import_hdf5(source, opened, only=only, progress=_per_dataset(update))
         for name, reason in skipped.items():
             print(f"mmstore: skipped {name}: {reason}", file=sys.stderr)
         if not options["quiet"]:
