@@ -49,15 +49,17 @@ class Child:
         """
     )
 
-    def __init__(self, code: str, *args: str, preexec_fn=None, env=None, python=PY):
-        src = self.PRELUDE + textwrap.dedent(code)
+    def __init__(self, code: str, *args: str, as_user: int | None = None, env=None, python=PY):
+        # as_user: the child imports as this process's user, then switches to ``as_user``
+        # (this interpreter and its packages may lie where that user cannot read).
+        drop = f"os.setgroups([]); os.setgid({as_user}); os.setuid({as_user})\n" if as_user is not None else ""
+        src = self.PRELUDE + drop + textwrap.dedent(code)
         self.p = subprocess.Popen(
             [python, "-c", src, *map(str, args)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             bufsize=0,
-            preexec_fn=preexec_fn,
             env=env,
             cwd="/",
         )
@@ -1387,29 +1389,12 @@ def test_planted_leftovers_of_dead_writer_cleaned_by_writable_open_only(spath):
 # --------------------------------------------------------------------------- read-only store, other uid
 
 NOBODY = 65534
-# The venv's interpreter links into /root (mode 0700), which uid 65534 cannot enter: run the
-# unprivileged children with the system's python of the same version and the venv's packages.
-_SYS_PY = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
-_SITE = [p for p in sys.path if p.endswith("site-packages") and p.startswith(sys.prefix)]
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(mmstore.__file__)))
-NOBODY_PY = {
-    "python": _SYS_PY,
-    "env": {"PATH": "/usr/bin:/bin", "PYTHONPATH": os.pathsep.join([*_SITE, _REPO])},
-}
-
-
-def _as_nobody():
-    os.setgroups([])
-    os.setgid(NOBODY)
-    os.setuid(NOBODY)
 
 
 @pytest.fixture
 def ro_dir():
     if os.geteuid() != 0:
         pytest.skip("needs root to switch to uid 65534")
-    if not os.access(_SYS_PY, os.X_OK):
-        pytest.skip(f"needs {_SYS_PY} for the unprivileged child")
     d = tempfile.mkdtemp(prefix="mmstore-bb-ro-", dir="/tmp")
     os.chmod(d, 0o755)
     yield d
@@ -1465,8 +1450,7 @@ def test_reader_as_other_user_on_unwritable_store(ro_dir, children):
         say("END")
         """,
         spath,
-        preexec_fn=_as_nobody,
-        **NOBODY_PY,
+        as_user=NOBODY,
     )
     assert c.expect("X") == f"4950.0 1 {['g', 'grp/y', 'x']} 3 True {(3,)}"
     assert c.expect("Y") == str(dt.descr)
@@ -1503,8 +1487,7 @@ def test_unprivileged_follower_of_root_writer(ro_dir, children):
             say("DONE", len(a), bool((a[:1000] == np.arange(1000)).all()))
             """,
             spath,
-            preexec_fn=_as_nobody,
-            **NOBODY_PY,
+            as_user=NOBODY,
         )
         assert c.expect("LEN") == "5"
         for i in range(5, 1000, 50):
@@ -1841,8 +1824,7 @@ def test_other_user_cannot_write_and_gets_permission_errors(ro_dir, children):
         say("X", s.get("x").tolist())
         """,
         spath,
-        preexec_fn=_as_nobody,
-        **NOBODY_PY,
+        as_user=NOBODY,
     )
     put = c.expect("PUT").split()
     assert put[1:] == ["True", "True"], put
