@@ -206,9 +206,8 @@ def _narrowed(
             else:
                 number, line = found
                 where = f" line {number}"
-                cells = line.split("#", 1)[0].strip()
-                cells_list = cells.split(delimiter) if delimiter else cells.split()
-                cell = cells_list[column - 1].strip() if column <= len(cells_list) else str(values[row])
+                cells = _line_cells(line, delimiter)
+                cell = cells[column - 1].strip() if column <= len(cells) else str(values[row])
             field = f" ({name!r})" if structured else ""
             raise TextFormatError(
                 f"{label}{where}, column {column}{field}: {cell!r} is {why} (it would lose information)"
@@ -222,7 +221,7 @@ def _row_line(lines: list[tuple[int, str]], first: int, row: int) -> tuple[int, 
     if not lines or lines[0][0] != first:
         return None  # (the block's first lines are no longer kept: counting would go wrong)
     for number, line in lines:
-        if line.split("#", 1)[0].strip():
+        if _line_cells(line, delimiter=None):
             if row == 0:
                 return number, line
             row -= 1
@@ -258,6 +257,14 @@ def _parse_bool(text: str) -> bool:
         raise ValueError(f"could not convert string {text!r} to bool") from None
 
 
+def _line_cells(line: str, delimiter: str | None) -> list[str]:
+    """The cells of one line of a table, comments cut off; [] for a line with no data."""
+    data = line.split("#", 1)[0].strip()
+    if not data:
+        return []
+    return data.split(delimiter) if delimiter else data.split()
+
+
 def _locate_error(
     lines: list[tuple[int, str]], first: int, label: str, dtype: np.dtype[Any], delimiter: str | None, exc: Exception
 ) -> TextFormatError:
@@ -267,10 +274,9 @@ def _locate_error(
     names = [label for label, _path, _kind in leaves]
     expected: tuple[int, int] | None = None  # (columns, line) of the first row, for plain dtypes
     for number, line in lines:
-        stripped = line.split("#", 1)[0].strip()
-        if not stripped:
+        cells = _line_cells(line, delimiter)
+        if not cells:
             continue
-        cells = stripped.split(delimiter) if delimiter else stripped.split()
         if names and len(cells) != len(names):
             return TextFormatError(
                 f"{label} line {number}: {len(cells)} columns, expected {len(names)} ({', '.join(names)})"
